@@ -1,0 +1,140 @@
+"""Version shims between fairseq 0.12.x and current PyTorch.
+
+Safe checkpoint loading
+-----------------------
+Since PyTorch 2.6 ``torch.load`` defaults to ``weights_only=True``: it only
+unpickles tensors, containers and primitive types, plus classes explicitly
+allowlisted with ``torch.serialization.add_safe_globals``.  fairseq 0.12 calls
+``torch.load(f, map_location=...)`` without ``weights_only``, and its
+checkpoints hold a few non-primitive objects, so ``fairseq-generate``,
+``fairseq-interactive`` and ``--restore-file`` all fail on checkpoints that
+``fairseq-train`` itself wrote.
+
+We do NOT switch ``weights_only`` off (that would let any checkpoint run
+arbitrary code).  Instead, on import of the plugin, we allowlist exactly the
+classes a fairseq checkpoint contains:
+
+* ``argparse.Namespace`` -- legacy ``args`` and the ``model`` section of
+  ``cfg`` for models registered with argparse-style arguments (``lstm``,
+  ``transformer``).  Unpickling one only sets attributes on a namespace.
+* numpy scalars (``numpy.core.multiarray.scalar`` with their dtype classes) --
+  ``extra_state["best"]``/``["val_loss"]`` hold a ``numpy.float64`` when the
+  best-checkpoint metric is computed with numpy (``--eval-bleu``).  The
+  reconstructor only builds a scalar from raw bytes and a dtype.
+* ``fairseq.distributed.utils._TensorPlaceholder`` -- used when a checkpoint
+  is broadcast from rank 0 to the other ranks (multi-GPU resume); a frozen
+  dataclass holding one int.
+
+Anything else (a ``__reduce__`` calling ``os.system``, ``eval``, ...) is still
+refused by the weights-only unpickler; ``tests/test_compat.py`` checks that.
+
+The last batch of an epoch (fairseq-fixed)
+------------------------------------------
+``fairseq-fixed`` 0.12.3.1 added to ``data_utils.batch_by_size``::
+
+    if bsz_mult > 1 and len(b[-1]) % bsz_mult != 0:
+        b = b[:-1]
+
+which silently drops the whole last batch whenever its size is not a multiple
+of ``--required-batch-size-multiple`` (8 by default): ``fairseq-generate``
+then translates only part of the test set and validation skips sentences.
+Upstream fairseq 0.12.2 keeps that batch.  When the installed fairseq shows
+the behaviour (probed on a tiny input, so a fixed release is left alone) we
+restore the upstream semantics.
+"""
+
+import argparse
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _numpy_scalar_globals():
+    """The globals numpy uses to pickle a scalar such as ``np.float64(1.5)``."""
+    try:
+        import numpy as np
+    except ImportError:  # numpy is a fairseq dependency, but stay importable
+        return []
+    try:  # numpy >= 2 moved the reconstructor to numpy._core
+        from numpy._core.multiarray import scalar
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import scalar
+    dtype_classes = [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    return [scalar, np.dtype, *dtype_classes]
+
+
+def fairseq_checkpoint_globals():
+    """The exact list of non-primitive globals found in fairseq checkpoints."""
+    allowed = [argparse.Namespace, *_numpy_scalar_globals()]
+    try:
+        from fairseq.distributed.utils import _TensorPlaceholder
+
+        allowed.append(_TensorPlaceholder)
+    except ImportError:  # pragma: no cover - fairseq forks without it
+        pass
+    return allowed
+
+
+def allow_fairseq_checkpoints():
+    """Allowlist fairseq checkpoint classes for ``torch.load(weights_only=True)``.
+
+    Idempotent; a no-op on PyTorch without ``add_safe_globals`` (< 2.4), where
+    ``torch.load`` still unpickles anything by default.
+    """
+    add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
+    if add_safe_globals is None:
+        return False
+    add_safe_globals(fairseq_checkpoint_globals())
+    return True
+
+
+def _drops_last_batch(batch_by_size):
+    import numpy as np
+
+    batches = batch_by_size(np.arange(3, dtype=np.int64), lambda i: 1, max_tokens=100,
+                            required_batch_size_multiple=2)
+    return sum(len(b) for b in batches) != 3
+
+
+def keep_last_batch():
+    """Undo fairseq-fixed's dropping of the last batch (see module docstring).
+
+    Returns True if the installed fairseq needed the fix.
+    """
+    from fairseq.data import data_utils
+
+    original = data_utils.batch_by_size
+    if getattr(original, "_fairseq_seqlevel", False) or not _drops_last_batch(original):
+        return False
+
+    def batch_by_size(indices, num_tokens_fn, num_tokens_vec=None, max_tokens=None,
+                      max_sentences=None, required_batch_size_multiple=1, fixed_shapes=None):
+        if fixed_shapes is not None:  # that branch is unchanged upstream
+            return original(indices, num_tokens_fn, num_tokens_vec, max_tokens, max_sentences,
+                            required_batch_size_multiple, fixed_shapes)
+        import numpy as np
+        from fairseq.data.data_utils_fast import batch_by_size_fn, batch_by_size_vec
+
+        max_tokens = int(max_tokens) if max_tokens is not None else -1
+        max_sentences = max_sentences if max_sentences is not None else -1
+        if not isinstance(indices, np.ndarray):
+            indices = np.fromiter(indices, dtype=np.int64, count=-1)
+        if num_tokens_vec is None:
+            return batch_by_size_fn(indices, num_tokens_fn, max_tokens, max_sentences,
+                                    required_batch_size_multiple)
+        if not isinstance(num_tokens_vec, np.ndarray):
+            num_tokens_vec = np.fromiter(num_tokens_vec, dtype=np.int64, count=-1)
+        return batch_by_size_vec(indices, num_tokens_vec, max_tokens, max_sentences,
+                                 required_batch_size_multiple)
+
+    batch_by_size._fairseq_seqlevel = True
+    batch_by_size.__doc__ = original.__doc__
+    data_utils.batch_by_size = batch_by_size
+    logger.info("fairseq_seqlevel: restored upstream batch_by_size (keeps the last batch)")
+    return True
+
+
+allow_fairseq_checkpoints()
+keep_last_batch()

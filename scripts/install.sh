@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtualenv with everything the demo, the
+# tests and the benchmarks need.  Idempotent: a second run with nothing changed
+# only checks a stamp.  Offline except for the package registries.
+#
+#   FAIRSEQ_SEQLEVEL_VENV   where the venv lives (default: <repo>/.venv)
+#   FAIRSEQ_SEQLEVEL_TORCH  torch requirement (default: torch==2.13.0, the CPU
+#                           build; on a GPU machine use an existing CUDA env or
+#                           set e.g. "torch==2.5.1")
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${FAIRSEQ_SEQLEVEL_VENV:-$ROOT/.venv}"
+TORCH_REQ="${FAIRSEQ_SEQLEVEL_TORCH:-torch==2.13.0}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+
+STAMP="$VENV/.fairseq_seqlevel_stamp"
+WANT="$(cat "$ROOT/setup.py" "$ROOT/scripts/install.sh" | sha1sum | cut -d' ' -f1)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] \
+   && "$VENV/bin/python" -c "import fairseq, fairseq_seqlevel, sentencepiece" 2>/dev/null; then
+  exit 0
+fi
+
+log() { printf '[install] %s\n' "$*" >&2; }
+[ -x "$VENV/bin/python" ] || { log "creating venv $VENV"; "$PY" -m venv "$VENV"; }
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+
+# The registry mirrors here print a warning per missing local index; hide them.
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  log "installing $TORCH_REQ"
+  quiet "${PIP[@]}" "$TORCH_REQ"
+fi
+quiet "${PIP[@]}" "numpy" "cython" "setuptools" "wheel"
+if ! "$VENV/bin/python" -c "import fairseq" 2>/dev/null; then
+  # fairseq 0.12.2 does not import on Python 3.11; fairseq-fixed is the same
+  # module with that fixed.  --no-build-isolation: build against the torch
+  # above (isolation would fetch another torch); --no-deps: its torchaudio
+  # requirement would pull a torch of its own and nothing here uses audio.
+  log "building fairseq-fixed==0.12.3.1 (about 2.5 minutes the first time)"
+  quiet "${PIP[@]}" --no-build-isolation --no-deps "fairseq-fixed==0.12.3.1"
+  quiet "${PIP[@]}" "hydra-core==1.3.2" "omegaconf==2.3.0" regex tqdm bitarray \
+    scikit-learn packaging cffi
+fi
+quiet "${PIP[@]}" -e "$ROOT[test,bench]"
+"$VENV/bin/python" -c "import fairseq, fairseq_seqlevel, sentencepiece, sacrebleu"
+echo "$WANT" > "$STAMP"
+log "ready: $VENV"
