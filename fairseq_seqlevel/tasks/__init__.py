@@ -1,0 +1,1 @@
+from fairseq_seqlevel.tasks import seqlevel_translation  # noqa: F401

@@ -1,0 +1,258 @@
+"""``seqlevel_translation``: fairseq's translation task plus a sequence reward.
+
+What it adds to ``translation``:
+
+* ``--reward NAME`` builds one reward from :mod:`fairseq_seqlevel.rewards`
+  (``task.reward``), bound to the target dictionary's pad/eos and, with
+  ``--reward-level word``, to a subword -> word merger, so criterions call
+  ``task.reward(hyp, refs)`` on raw padded target-id tensors.
+* ``--extra-references kjv,...`` loads ``{split}.{src}-{tgt}.{name}`` beside
+  the usual files; batches then carry ``sample["references"]`` (B x R x T').
+* ``--eval-reward``: validation decodes greedily and logs the mean sentence
+  reward over all references (``reward``) and the multi-reference corpus
+  BLEU of those outputs on the reward's tokens (``greedy_bleu``).
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq import utils
+from fairseq.data import data_utils
+from fairseq.dataclass import ChoiceEnum
+from fairseq.logging import metrics
+from fairseq.tasks import register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from fairseq_seqlevel import rewards
+from fairseq_seqlevel.errors import ConfigError, check
+from fairseq_seqlevel.tasks.multi_reference_dataset import MultiReferenceDataset
+
+logger = logging.getLogger(__name__)
+
+REWARD_LEVELS = ChoiceEnum(["token", "word"])
+SUBWORD_STYLES = ChoiceEnum(["auto", "sentencepiece", "subword_nmt", "none"])
+
+
+@dataclass
+class SeqlevelTranslationConfig(TranslationConfig):
+    reward: str = field(
+        default="bleu",
+        metadata={"help": "sequence reward used by criterions and --eval-reward "
+                  "(see fairseq_seqlevel.rewards.available_rewards())"},
+    )
+    reward_level: REWARD_LEVELS = field(
+        default="token",
+        metadata={"help": "score target ids as they are (token) or merge subwords "
+                  "into words first (word), so BLEU on a sentencepiece vocabulary is word BLEU"},
+    )
+    subword_style: SUBWORD_STYLES = field(
+        default="auto",
+        metadata={"help": "how subwords form words for --reward-level word: "
+                  "sentencepiece ('▁' starts a word), subword_nmt ('@@' continues), "
+                  "none (every token is a word), auto (detect from the dictionary)"},
+    )
+    extra_references: Optional[str] = field(
+        default=None,
+        metadata={"help": "comma-separated extra reference sets, loaded from "
+                  "{split}.{src}-{tgt}.{name}.bin/.idx (binarized with the target dict)"},
+    )
+    eval_reward: bool = field(
+        default=False,
+        metadata={"help": "validation: greedy-decode and log the mean sentence reward "
+                  "(all references) as 'reward' and corpus BLEU as 'greedy_bleu'"},
+    )
+    eval_reward_max_len_b: int = field(
+        default=20, metadata={"help": "greedy validation decoding: max length = a*src_len + b (a=1.2)"}
+    )
+
+
+def detect_subword_style(symbols):
+    """Guess the subword convention of a dictionary from its symbols."""
+    if any(s.startswith("\u2581") for s in symbols):
+        return "sentencepiece"
+    if any(s.endswith("@@") for s in symbols):
+        return "subword_nmt"
+    return "none"
+
+
+class BoundReward:
+    """A registry reward bound to a dictionary: ``reward(hyp, refs)``.
+
+    ``hyp``: B x T target ids; ``refs``: B x T' or B x R x T' (with eos and
+    pad as in fairseq targets).  With a word merger, ids are first turned into
+    word ids on the same device; the pad id is kept so rewards can mask.
+    """
+
+    def __init__(self, reward, pad, eos, merger=None):
+        self.reward = reward
+        self.merger = merger
+        # After merging, words are padded with the merger's pad and carry no eos.
+        self.pad = pad if merger is None else merger.pad
+        self.eos = eos if merger is None else None
+
+    @property
+    def name(self):
+        return self.reward.name
+
+    @property
+    def higher_is_better(self):
+        return self.reward.higher_is_better
+
+    def _words(self, hyp, refs):
+        if self.merger is None:
+            return hyp, refs
+        shape = refs.shape
+        flat_refs = refs.reshape(-1, shape[-1]) if refs.dim() == 3 else refs
+        words_refs = self.merger(flat_refs)
+        if refs.dim() == 3:
+            words_refs = words_refs.reshape(shape[0], shape[1], -1)
+        return self.merger(hyp), words_refs
+
+    def __call__(self, hyp, refs):
+        hyp, refs = self._words(hyp, refs)
+        return self.reward(hyp, refs, self.pad, eos=self.eos)
+
+    def cost(self, hyp, refs):
+        hyp, refs = self._words(hyp, refs)
+        return self.reward.cost(hyp, refs, self.pad, eos=self.eos)
+
+    def prefix(self, hyp, refs):
+        check(self.merger is None,
+              "--reward-level word: rewards of every prefix need token-level scoring; "
+              "use --reward-level token with this criterion")
+        return self.reward.prefix(hyp, refs, self.pad, eos=self.eos)
+
+    def bleu_stats(self, hyp, refs):
+        """Corpus BLEU statistics of the batch on the reward's tokens, as one
+        flat vector [matches(4), totals(4), hyp_len, ref_len] (summable)."""
+        hyp, refs = self._words(hyp, refs)
+        stats = rewards.bleu_stats(hyp, refs, self.pad, eos=self.eos).sum()
+        return torch.cat([stats.matches, stats.totals, stats.hyp_len.view(1), stats.ref_len.view(1)])
+
+
+def bleu_from_flat_stats(flat):
+    """Corpus BLEU in [0, 100] from summed :meth:`BoundReward.bleu_stats` vectors."""
+    flat = torch.as_tensor(flat).long()
+    stats = rewards.BleuStats(flat[0:4], flat[4:8], flat[8], flat[9])
+    return 100.0 * float(rewards.corpus_bleu_from_stats(stats))
+
+
+def validate_reward_name(name, flag):
+    try:
+        rewards.get_reward(name)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from None
+
+
+def bind_reward(name, tgt_dict, reward_level="token", subword_style="auto", flag="--reward"):
+    """Build registry reward ``name`` bound to ``tgt_dict`` (pad, eos, word merging).
+
+    Criterions that take their own reward flag (``--raml-reward``) call this
+    too, with the task's reward level when the task has one, so they also work
+    inside the stock ``translation`` task.
+    """
+    validate_reward_name(name, flag)
+    reward = rewards.get_reward(name)
+    merger = None
+    if reward_level == "word":
+        style = detect_subword_style(tgt_dict.symbols) if subword_style == "auto" else subword_style
+        if style != "none":
+            merger = rewards.WordMerger.from_dictionary(tgt_dict, style)
+        logger.info(f"{flag} {name} at word level (subwords: {style})")
+    return BoundReward(reward, tgt_dict.pad(), tgt_dict.eos(), merger)
+
+
+def task_reward_level(task):
+    """(reward_level, subword_style) of a task; token level for stock tasks."""
+    cfg = getattr(task, "cfg", None)
+    return getattr(cfg, "reward_level", "token"), getattr(cfg, "subword_style", "auto")
+
+
+@register_task("seqlevel_translation", dataclass=SeqlevelTranslationConfig)
+class SeqlevelTranslationTask(TranslationTask):
+    """Translation with a sequence-level reward shared by criterions and validation."""
+
+    cfg: SeqlevelTranslationConfig
+
+    def __init__(self, cfg, src_dict, tgt_dict):
+        super().__init__(cfg, src_dict, tgt_dict)
+        self.reward = self.build_reward(cfg, tgt_dict)
+        self.extra_reference_names = [
+            n.strip() for n in (cfg.extra_references or "").split(",") if n.strip()
+        ]
+
+    @classmethod
+    def setup_task(cls, cfg, **kwargs):
+        paths = utils.split_paths(cfg.data) if cfg.data else []
+        check(len(paths) > 0, "DATA: no data directory given")
+        for path in paths:
+            check(os.path.isdir(path), f"DATA: data directory not found: {path}")
+        # Validate the reward before loading anything (fails at start-up).
+        validate_reward_name(cfg.reward, "--reward")
+        return super().setup_task(cfg, **kwargs)
+
+    @classmethod
+    def build_reward(cls, cfg, tgt_dict):
+        return bind_reward(cfg.reward, tgt_dict, cfg.reward_level, cfg.subword_style, flag="--reward")
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        paths = utils.split_paths(self.cfg.data)
+        data_path = paths[(epoch - 1) % len(paths)] if split == self.cfg.train_subset else paths[0]
+        src, tgt = self.cfg.source_lang, self.cfg.target_lang
+        extra = {}
+        for name in self.extra_reference_names:
+            prefix = os.path.join(data_path, f"{split}.{src}-{tgt}.{name}")
+            refs = data_utils.load_indexed_dataset(prefix, self.tgt_dict, self.cfg.dataset_impl)
+            if refs is None:
+                # Extra references are optional per split (e.g. only valid/test).
+                logger.warning(f"--extra-references: {prefix}.bin not found, split {split} has one reference")
+                continue
+            extra[name] = refs
+        self.datasets[split] = MultiReferenceDataset(self.datasets[split], extra, self.tgt_dict.pad())
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        if self.cfg.eval_reward:
+            from argparse import Namespace
+
+            self.greedy_generator = self.build_generator(
+                [model], Namespace(beam=1, max_len_a=1.2, max_len_b=self.cfg.eval_reward_max_len_b)
+            )
+        return model
+
+    def greedy_outputs(self, model, sample):
+        """Greedy (beam 1) outputs as a right-padded B x T tensor, eos kept."""
+        gen_out = self.inference_step(self.greedy_generator, [model], sample, prefix_tokens=None)
+        hyps = [out[0]["tokens"] for out in gen_out]
+        return data_utils.collate_tokens(hyps, self.tgt_dict.pad()).to(sample["target"].device)
+
+    def valid_step(self, sample, model, criterion):
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        if self.cfg.eval_reward:
+            refs = sample.get("references", sample["target"].unsqueeze(1))
+            hyps = self.greedy_outputs(model, sample)
+            logging_output["_reward_sum"] = self.reward(hyps, refs).sum().item()
+            logging_output["_reward_count"] = hyps.size(0)
+            logging_output["_gbleu_stats"] = self.reward.bleu_stats(hyps, refs).cpu()
+        return loss, sample_size, logging_output
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        if not self.cfg.eval_reward:
+            return
+        count = sum(log.get("_reward_count", 0) for log in logging_outputs)
+        if count == 0:
+            return
+        total = sum(log.get("_reward_sum", 0.0) for log in logging_outputs)
+        # Weighted by sentence count so the mean is exact across batches/workers.
+        metrics.log_scalar("reward", total / count, count, round=4)
+        stats = sum(log["_gbleu_stats"] for log in logging_outputs if "_gbleu_stats" in log)
+        metrics.log_scalar_sum("_gbleu_stats", stats)
+        metrics.log_derived(
+            "greedy_bleu",
+            lambda meters: round(bleu_from_flat_stats(meters["_gbleu_stats"].sum), 2),
+        )

@@ -1,0 +1,90 @@
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+USER_DIR = str(REPO / "fairseq_seqlevel")
+sys.path.insert(0, str(REPO))
+
+TINY_LSTM = [
+    "--arch", "lstm", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
+    "--encoder-hidden-size", "16", "--decoder-hidden-size", "16",
+    "--decoder-out-embed-dim", "16", "--decoder-attention", "True",
+]
+
+
+def run_cli(module, *args, check=True, input=None, cwd=None):
+    """Run a fairseq CLI (``fairseq_cli.<module>``) in a subprocess."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", f"fairseq_cli.{module}", *map(str, args)],
+        capture_output=True, text=True, env=env, input=input, cwd=cwd,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def write_toy_corpus(root, n_train=120, n_valid=12, seed=0, extra_ref=True):
+    """A word-reversal task: tiny, learnable, with a second reference set."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(12)]
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in [("train", n_train), ("valid", n_valid), ("test", n_valid)]:
+        src, tgt, ref2 = [], [], []
+        for _ in range(n):
+            s = [rng.choice(vocab) for _ in range(rng.randint(1, 7))]
+            src.append(" ".join(s))
+            tgt.append(" ".join(reversed(s)))
+            ref2.append(" ".join(reversed(s[1:] or s)))
+        (root / f"{split}.src").write_text("\n".join(src) + "\n")
+        (root / f"{split}.tgt").write_text("\n".join(tgt) + "\n")
+        if extra_ref:
+            (root / f"{split}.ref2").write_text("\n".join(ref2) + "\n")
+    return root
+
+
+def binarize_toy(raw, dest):
+    run_cli("preprocess", "--source-lang", "src", "--target-lang", "tgt",
+            "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
+            "--destdir", dest, "--joined-dictionary", "--workers", "1")
+    tmp = dest.parent / (dest.name + "_ref2")
+    run_cli("preprocess", "--source-lang", "ref2", "--only-source", "--srcdict", dest / "dict.tgt.txt",
+            "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
+            "--destdir", tmp, "--workers", "1")
+    for split in ("train", "valid", "test"):
+        for ext in ("bin", "idx"):
+            os.replace(tmp / f"{split}.ref2-None.ref2.{ext}", dest / f"{split}.src-tgt.ref2.{ext}")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    raw = write_toy_corpus(root / "raw")
+    return binarize_toy(raw, root / "bin")
+
+
+def build_training(argv):
+    """(cfg, task, model, criterion) from fairseq-train style arguments, in-process."""
+    import fairseq_seqlevel  # noqa: F401  (register the plugin)
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [str(a) for a in argv])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    return cfg, task, model, criterion
+
+
+def first_batch(task, split="train", n=16):
+    task.load_dataset(split)
+    dataset = task.dataset(split)
+    return dataset.collater([dataset[i] for i in range(min(n, len(dataset)))])
