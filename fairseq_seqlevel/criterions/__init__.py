@@ -1,0 +1,3 @@
+"""Criterions register themselves with fairseq on import; list each module here."""
+
+from fairseq_seqlevel.criterions import raml, token_smooth  # noqa: F401

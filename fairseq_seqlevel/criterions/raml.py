@@ -1,0 +1,248 @@
+"""``raml``: sequence-level loss smoothing (Norouzi et al. 2016; Elbayad et al. 2018 §3.2, §3.4).
+
+    ℓ = α·E_{y∼r(·|y*)}[ℓ(y)] + (1-α)·ℓ(y*)                      (eq. 15)
+
+with r(y|y*) ∝ exp(reward(y, y*)/τ), estimated with L samples per example:
+
+* drawn from r directly by a stratified sampler (``--raml-sampler hamming``
+  for the reward -Hamming; ``edit`` for -edit distance, approximate), weights
+  1/L; or
+* with ``--raml-reward NAME`` (e.g. bleu), drawn from the sampler as a
+  proposal q and weighted by self-normalized importance weights
+  ω_l ∝ exp(reward(y_l)/τ_r)/q(y_l) (eq. 11-12).
+
+ℓ(y) is the sequence NLL, or with ``--token-smooth-alpha`` > 0 the token-
+smoothed loss of eq. 16 (Tok-Seq, eq. 17).  Non-lazy: the reference and its L
+samples go through the decoder as one batch of B·(L+1) rows sharing one
+encoder pass.  ``--raml-lazy``: samples are scored with the reference's hidden
+states (eq. 19), one forward pass in all.
+
+Logged like fairseq's label_smoothed_cross_entropy (``loss`` base 2 per
+sample_size, ``nll_loss`` = NLL of the reference per token), so α = 0 logs
+exactly what MLE logs; plus ``raml_dist`` (mean applied distance) and, with
+importance sampling, ``raml_ess`` (mean effective sample size, in [1, L]).
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import ChoiceEnum
+from fairseq.logging import metrics
+
+from fairseq_seqlevel.criterions.token_smooth import (
+    TokenSmoothConfig,
+    build_token_targets,
+    check_token_smooth_config,
+    log_stock_metrics,
+    smoothed_sequence_loss,
+)
+from fairseq_seqlevel.errors import check
+from fairseq_seqlevel.sampling import raml as raml_sampling
+from fairseq_seqlevel.sampling import vocab as raml_vocab
+from fairseq_seqlevel.sampling.teacher_forcing import (
+    decoder_lprobs,
+    encode,
+    expand_encoder_out,
+    prev_output_tokens_from_target,
+)
+from fairseq_seqlevel.tasks.seqlevel_translation import bind_reward, task_reward_level
+
+SAMPLERS = {
+    "hamming": raml_sampling.hamming_sampler,
+    "edit": raml_sampling.edit_sampler,
+    "ngram": raml_sampling.ngram_sampler,
+}
+SAME_LENGTH_SAMPLERS = {"hamming", "ngram"}
+
+
+@dataclass
+class RamlConfig(TokenSmoothConfig):
+    raml_sampler: ChoiceEnum(list(SAMPLERS)) = field(
+        default="hamming", metadata={"help": "how sequences around the reference are drawn"}
+    )
+    raml_vocab: ChoiceEnum(["full", "batch", "refs"]) = field(
+        default="batch",
+        metadata={"help": "substitution vocabulary: whole dictionary (V), target tokens of "
+                  "the mini-batch (V_batch) or of this example's references (V_refs)"},
+    )
+    raml_reward: Optional[str] = field(
+        default=None,
+        metadata={"help": "importance-sample r ∝ exp(reward/τ) with the sampler as proposal "
+                  "(e.g. bleu); unset: sample r directly (reward = -distance of the sampler)"},
+    )
+    raml_samples: int = field(default=5, metadata={"help": "L: samples per example"})
+    raml_temperature: float = field(
+        default=0.15,
+        metadata={"help": "τ of r ∝ exp(-d/τ) (the sampler's prior; p(d) ∝ C(T,d)(|V_sub|-1)^d "
+                  "e^{-d/τ}, so τ must be below 1/ln(|V_sub|-1) for samples to stay near y*)"},
+    )
+    raml_reward_temperature: Optional[float] = field(
+        default=None, metadata={"help": "τ of exp(reward/τ) for --raml-reward (default: --raml-temperature)"}
+    )
+    raml_alpha: float = field(default=0.3, metadata={"help": "α of eq. 15 (0 = MLE)"})
+    raml_lazy: bool = field(
+        default=False,
+        metadata={"help": "score samples with the reference's hidden states (eq. 19); "
+                  "same-length samplers only"},
+    )
+    # Tok-Seq is off unless asked for (overrides token_smooth's default).
+    token_smooth_alpha: float = field(
+        default=0.0, metadata={"help": "Tok-Seq: α2 of eq. 17, token smoothing inside raml (0 = off)"}
+    )
+
+
+def check_raml_config(cfg):
+    check(cfg.raml_samples >= 1, f"--raml-samples must be >= 1, got {cfg.raml_samples}")
+    check(cfg.raml_temperature > 0, f"--raml-temperature must be > 0, got {cfg.raml_temperature}")
+    check(cfg.raml_reward_temperature is None or cfg.raml_reward_temperature > 0,
+          f"--raml-reward-temperature must be > 0, got {cfg.raml_reward_temperature}")
+    check(0.0 <= cfg.raml_alpha <= 1.0, f"--raml-alpha must be in [0, 1], got {cfg.raml_alpha}")
+    check(not cfg.raml_lazy or cfg.raml_sampler in SAME_LENGTH_SAMPLERS,
+          f"--raml-lazy needs a same-length sampler (--raml-sampler "
+          f"{' or '.join(sorted(SAME_LENGTH_SAMPLERS))}), got --raml-sampler {cfg.raml_sampler}")
+    check_token_smooth_config(cfg)
+
+
+def raml_loss(ref_loss, sample_loss, weights, alpha):
+    """Eq. 15 per example: (1-α)·ℓ(y*) + α·Σ_l ω_l ℓ(y_l).
+
+    ref_loss: [B]; sample_loss, weights: [B·L] (samples of example b at rows
+    b·L..b·L+L-1, weights summing to 1 per example).  Returns [B].
+    """
+    batch_size = ref_loss.size(0)
+    expected = (weights * sample_loss).view(batch_size, -1).sum(dim=1)
+    return (1.0 - alpha) * ref_loss + alpha * expected
+
+
+def references_of(sample):
+    """B x R x T references: the task's multi-reference tensor, else the target."""
+    refs = sample.get("references")
+    return refs if refs is not None else sample["target"].unsqueeze(1)
+
+
+def pad_right(tokens, length, pad):
+    if tokens.size(1) >= length:
+        return tokens
+    return torch.cat([tokens, tokens.new_full((tokens.size(0), length - tokens.size(1)), pad)], dim=1)
+
+
+def interleave_reference_and_samples(target, samples, num_samples, pad):
+    """Rows [y*_b, y_b1..y_bL] for each b: (B·(L+1)) x T', padded to a common length."""
+    length = max(target.size(1), samples.size(1))
+    target, samples = pad_right(target, length, pad), pad_right(samples, length, pad)
+    grouped = torch.cat([target.unsqueeze(1), samples.view(target.size(0), num_samples, length)], dim=1)
+    return grouped.view(-1, length)
+
+
+@register_criterion("raml", dataclass=RamlConfig)
+class RamlCriterion(FairseqCriterion):
+    def __init__(self, task, cfg: RamlConfig):
+        super().__init__(task)
+        check_raml_config(cfg)
+        self.cfg = cfg
+        self.sentence_avg = cfg.sentence_avg
+        dictionary = task.target_dictionary
+        self.eos = dictionary.eos()
+        self.num_tokens = len(dictionary)
+        # Ids a sample must never contain; fairseq pads dictionaries with
+        # "madeupword" fillers up to a multiple of 8.
+        self.special_ids = sorted(
+            {dictionary.bos(), dictionary.pad(), dictionary.eos(), dictionary.unk()}
+            | {i for i, s in enumerate(dictionary.symbols) if s.startswith("madeupword")}
+        )
+        self.sampler = SAMPLERS[cfg.raml_sampler]
+        self.reward = None
+        if cfg.raml_reward is not None:
+            level, style = task_reward_level(task)
+            self.reward = bind_reward(cfg.raml_reward, dictionary, level, style, flag="--raml-reward")
+        self.reward_temperature = cfg.raml_reward_temperature or cfg.raml_temperature
+        self.token_targets = build_token_targets(cfg, dictionary)
+
+    def substitution_vocab(self, target, refs):
+        if self.cfg.raml_vocab == "batch":
+            return raml_vocab.batch_vocab(target, self.special_ids)
+        if self.cfg.raml_vocab == "refs":
+            return raml_vocab.refs_vocab(refs, self.special_ids)
+        return raml_vocab.full_vocab(self.num_tokens, self.special_ids, target.size(0), target.device)
+
+    def draw_samples(self, sample):
+        """RAML samples of the batch and their weights [B·L]."""
+        target, refs = sample["target"], references_of(sample)
+        num_samples = self.cfg.raml_samples
+        vocab = self.substitution_vocab(target, refs)
+        drawn = self.sampler(target, self.padding_idx, self.eos, num_samples,
+                             self.cfg.raml_temperature, vocab)
+        if self.reward is None:
+            weights = torch.full_like(drawn.log_q, 1.0 / num_samples)
+            ess = None
+        else:
+            with torch.no_grad():
+                scores = self.reward(drawn.tokens, refs.repeat_interleave(num_samples, dim=0))
+            weights = raml_sampling.importance_weights(scores / self.reward_temperature, drawn.log_q, num_samples)
+            ess = raml_sampling.effective_sample_size(weights, num_samples)
+        return drawn, weights, ess
+
+    def sequence_losses(self, lprobs, target):
+        """Per-row loss [N] (eq. 16 or NLL) and NLL [N]."""
+        loss, nll = smoothed_sequence_loss(lprobs, target, self.padding_idx, self.token_targets,
+                                           self.cfg.token_smooth_alpha, self.cfg.token_smooth_temperature)
+        return loss.sum(dim=-1), nll.sum(dim=-1)
+
+    def forward(self, model, sample, reduce=True):
+        target = sample["target"]
+        batch_size, alpha, num_samples = target.size(0), self.cfg.raml_alpha, self.cfg.raml_samples
+        extra = {}
+        if alpha == 0:  # plain MLE (or token smoothing): no samples at all
+            net_output = model(**sample["net_input"])
+            lprobs = model.get_normalized_probs(net_output, log_probs=True)
+            per_example, ref_nll = self.sequence_losses(lprobs, target)
+        else:
+            drawn, weights, ess = self.draw_samples(sample)
+            if self.cfg.raml_lazy:
+                net_output = model(**sample["net_input"])
+                lprobs = model.get_normalized_probs(net_output, log_probs=True)
+                ref_loss, ref_nll = self.sequence_losses(lprobs, target)
+                # eq. 19: the reference's distributions read at the sampled
+                # tokens; expand is a view, so no B·L x T x V copy for the NLL
+                sample_lprobs = lprobs.unsqueeze(1).expand(-1, num_samples, -1, -1)
+                sample_loss, _ = self.sequence_losses(sample_lprobs, drawn.tokens.view(batch_size, num_samples, -1))
+                sample_loss = sample_loss.reshape(-1)
+            else:
+                encoder_out = encode(model, sample["net_input"])
+                rows = interleave_reference_and_samples(target, drawn.tokens, num_samples, self.padding_idx)
+                prev = prev_output_tokens_from_target(rows, self.padding_idx, self.eos)
+                lprobs, _ = decoder_lprobs(model, expand_encoder_out(model, encoder_out, num_samples + 1), prev)
+                loss_rows, nll_rows = self.sequence_losses(lprobs, rows)
+                loss_rows = loss_rows.view(batch_size, num_samples + 1)
+                ref_loss, ref_nll = loss_rows[:, 0], nll_rows.view(batch_size, -1)[:, 0]
+                sample_loss = loss_rows[:, 1:].reshape(-1)
+            per_example = raml_loss(ref_loss, sample_loss, weights, alpha)
+            extra["raml_dist_sum"] = drawn.distance.sum().float().data
+            extra["raml_nsamples"] = drawn.distance.numel()
+            if ess is not None:
+                extra["raml_ess_sum"] = ess.sum().data
+        loss = per_example.sum()
+        sample_size = batch_size if self.sentence_avg else sample["ntokens"]
+        logging_output = {
+            "loss": loss.data, "nll_loss": ref_nll.sum().data, "ntokens": sample["ntokens"],
+            "nsentences": batch_size, "sample_size": sample_size, **extra,
+        }
+        return loss, sample_size, logging_output
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        log_stock_metrics(logging_outputs)
+        nsamples = sum(log.get("raml_nsamples", 0) for log in logging_outputs)
+        if nsamples > 0:
+            dist = sum(log.get("raml_dist_sum", 0) for log in logging_outputs)
+            metrics.log_scalar("raml_dist", dist / nsamples, nsamples, round=3)
+        nsent = sum(log.get("nsentences", 0) for log in logging_outputs if "raml_ess_sum" in log)
+        if nsent > 0:
+            ess = sum(log.get("raml_ess_sum", 0) for log in logging_outputs)
+            metrics.log_scalar("raml_ess", ess / nsent, nsent, round=3)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True
