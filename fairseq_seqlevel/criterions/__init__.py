@@ -1,3 +1,4 @@
 """Criterions register themselves with fairseq on import; list each module here."""
 
 from fairseq_seqlevel.criterions import raml, token_smooth  # noqa: F401
+from fairseq_seqlevel.criterions import searnn  # noqa: F401

@@ -1,0 +1,568 @@
+"""``searnn_kl``: SeaRnn, learning-to-search losses for RNN training (Leblond et al. 2018).
+
+Algorithm 1 per batch:
+
+1. **Roll-in** (``--searnn-roll-in``): ``reference`` copies the target (teacher
+   forcing, Appendix A.2); ``learned`` decodes greedily with the model (eval
+   mode, no grad), capped at ``len(target) + --searnn-max-len-b`` tokens with
+   eos forced at the cap; ``mixed`` picks reference with probability
+   ``--searnn-mix-prob`` per sequence, learned otherwise.  Cells are the
+   roll-in positions 0..len(roll-in)-1, the eos position included.
+2. **Cells and tokens** (§5): ``--searnn-cells N`` cells per sequence drawn
+   uniformly without replacement (0: all); at each cell the ground-truth token
+   (the target token at that position; eos past the target's end) and
+   ``--searnn-tokens K`` tokens drawn without replacement (0: every token) by
+   ``--searnn-token-sampling``: ``uniform``; ``policy`` (the model's
+   distribution at the cell); ``biased`` (the policy mixed half-half with the
+   uniform distribution, which boosts low-probability tokens, §5); ``topk``
+   (the model's K best).  ``--searnn-neighbours w`` adds the ground-truth
+   tokens within ±w positions (Appendix C.2 samples top-15 plus 10 neighbours:
+   ``--searnn-tokens 15 --searnn-token-sampling topk --searnn-neighbours 5``).
+   Special symbols (bos, pad, unk, madeupword fillers) are never scored unless
+   they are the ground truth; duplicates are scored once.  eos is a candidate
+   like any token (``--searnn-eos-candidate always``; its roll-out is the
+   prefix + eos), or only where it is the ground truth (``gt``: the
+   fixed-length setting of the paper's OCR task, see below).
+3. **Roll-outs** (``--searnn-roll-out``, same three policies, drawn per
+   sequence): ``learned`` = greedy decoding from the cell with the token forced
+   (eval mode, no grad, same length cap).  ``reference``: copy the rest of the
+   ground truth, ``target[t+1:]`` (optimal for Hamming), or for BLEU rewards
+   the paper's heuristic (Appendix C.2): append the ground-truth suffix
+   ``target[j:]`` that maximizes BLEU-1 of the whole output
+   (``--searnn-ref-policy``; ``auto`` = best-suffix for ``bleu*`` rewards,
+   copy otherwise; ties go to the suffix starting closest to t+1).
+4. **Costs** from the reward library: ``reward.cost`` of every roll-out against
+   all references, i.e. 1 - BLEU, or edit / Hamming distance divided by the
+   reference length (as in the paper's experiments).  The reward is the
+   task's ``--reward``, or ``--searnn-reward NAME`` (default ``hamming`` in a
+   task without a reward, e.g. stock ``translation``).  Reference roll-outs
+   and the ``token`` cost unit use the sample's target (the first reference).
+5. **Loss** per cell, summed over cells (``--searnn-loss``): ``kl`` =
+   cross-entropy of the model to p_C = softmax(-α·c_t) (eq. 4, α =
+   ``--searnn-scale``); ``ll`` = -log p_M(a*) with a* the arg-min-cost token
+   (eq. 3; ties go to the ground truth, then to the earlier candidate).  With
+   K = 0 p_M is the model's softmax over the whole vocabulary; with K > 0 it
+   is renormalized over the scored tokens (sKL / sLL, §5).
+
+Cost units (``--searnn-cost-unit``).  α multiplies the cost vector, so its
+scale matters.  ``sentence`` (default) uses the library's normalized costs as
+they are, like the paper's experiments (edit distance / reference length for
+spelling; 1 - smoothed BLEU with α = 200 for NMT).  ``token`` multiplies them by
+the target length |y*| (tokens without eos), so Hamming and edit costs count
+token errors.  That is the form of Appendix C.1 ("KL and label smoothing"):
+with reference roll-in and roll-out under the Hamming loss "the vector of
+costs can be written as a vector with equal coordinates minus a one-hot
+vector" on the ground truth, so p_C puts 1/(1+(V'-1)e^{-α}) on the ground
+truth and e^{-α}/(1+(V'-1)e^{-α}) on each of the V'-1 other scored tokens:
+label smoothing with ε = (V'-1)e^{-α}/(1+(V'-1)e^{-α}).  With normalized
+costs the same holds with α/|y*| in place of α (ε then depends on the
+sentence length).  The argument assumes every wrong token costs one error: an
+eos before the end of the target costs the whole missing tail, so the exact
+equivalence needs ``--searnn-eos-candidate gt``.  Costs are shifted by their
+per-cell minimum (as the reference implementation does); softmax and arg-min
+do not change.
+
+Engine (:mod:`fairseq_seqlevel.sampling.rollouts`): the source is encoded once
+for the search; learned roll-ins are decoded greedily; then the roll-ins are
+replayed step by step with an incremental decoder state, and at each step t
+that has cells, the state is expanded to one row per (cell, token) roll-out
+of the whole batch (``reorder_incremental_state_scripting``, as fairseq's
+generator does for beams) and all of them are decoded together, dropping
+finished rows (a learned roll-in's own greedy token reuses the roll-in's
+continuation; reference roll-outs and eos need no decoding).  A Python loop
+over time steps, none over cells × tokens or sentences.  Cost: at most
+Σ_t (#roll-outs from step t) × (cap - t) decoder row-steps, plus one replay of
+the roll-ins.  The loss pass re-encodes and teacher-forces the roll-ins in the
+model's own (train) mode.
+
+Logging: ``loss`` in base 2 per sample_size = number of scored cells (the
+number of sentences with ``--sentence-avg``); with all cells and reference
+roll-in that is ntokens, so LL + Hamming logs exactly what MLE logs.
+``nll_loss`` = NLL of the ground-truth tokens at every roll-in cell per such
+cell (MLE's nll_loss with reference roll-in); ``searnn_rollin_cost`` = mean
+cost (library units) of the roll-in sequences; ``searnn_gt_best`` = fraction
+of scored cells whose min-cost token is the ground truth (ties count).
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
+
+import torch
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.logging import metrics
+from omegaconf import II
+from torch import Tensor
+
+from fairseq_seqlevel import rewards
+from fairseq_seqlevel.criterions.raml import references_of
+from fairseq_seqlevel.criterions.token_smooth import log_stock_metrics
+from fairseq_seqlevel.errors import check
+from fairseq_seqlevel.sampling import rollouts
+from fairseq_seqlevel.sampling.teacher_forcing import (
+    decoder_lprobs,
+    encode,
+    prev_output_tokens_from_target,
+    token_nll,
+)
+from fairseq_seqlevel.tasks.seqlevel_translation import bind_reward, task_reward_level
+
+POLICIES = ["reference", "learned", "mixed"]
+LOSSES = ["kl", "ll"]
+TOKEN_SAMPLINGS = ["uniform", "policy", "biased", "topk"]
+REFERENCE_POLICIES = ["auto", "copy", "best-suffix"]
+COST_UNITS = ["sentence", "token"]
+EOS_CANDIDATES = ["always", "gt"]
+#: weight of the uniform distribution in ``--searnn-token-sampling biased``.
+BIASED_UNIFORM_WEIGHT = 0.5
+
+
+@dataclass
+class SearnnConfig(FairseqDataclass):
+    searnn_loss: ChoiceEnum(LOSSES) = field(
+        default="kl", metadata={"help": "kl: cross-entropy to softmax(-α·cost) (eq. 4); "
+                                "ll: log-loss of the min-cost token (eq. 3)"}
+    )
+    searnn_scale: float = field(
+        default=200.0, metadata={"help": "α of eq. 4 (the paper uses 200 with 1 - BLEU costs)"}
+    )
+    searnn_roll_in: ChoiceEnum(POLICIES) = field(
+        default="learned", metadata={"help": "roll-in policy: reference (teacher forcing), learned (greedy), "
+                                     "mixed (per sequence)"}
+    )
+    searnn_roll_out: ChoiceEnum(POLICIES) = field(
+        default="mixed", metadata={"help": "roll-out policy: reference (see --searnn-ref-policy), "
+                                   "learned (greedy), mixed (per sequence)"}
+    )
+    searnn_mix_prob: float = field(
+        default=0.5, metadata={"help": "mixed roll-in/roll-out: probability of the reference policy "
+                               "for a sequence"}
+    )
+    searnn_cells: int = field(
+        default=0, metadata={"help": "N: cells scored per sequence, drawn uniformly (0 = all)"}
+    )
+    searnn_tokens: int = field(
+        default=0, metadata={"help": "K: tokens sampled per cell besides the ground truth "
+                             "(0 = the whole vocabulary); K > 0 restricts the softmax to them (sKL/sLL)"}
+    )
+    searnn_token_sampling: ChoiceEnum(TOKEN_SAMPLINGS) = field(
+        default="topk", metadata={"help": "how the K tokens are drawn: uniform, policy (model), "
+                                  "biased (policy mixed with uniform), topk (model's best)"}
+    )
+    searnn_neighbours: int = field(
+        default=0, metadata={"help": "w: also score the ground-truth tokens within ±w positions (K > 0)"}
+    )
+    searnn_max_len_b: int = field(
+        default=5, metadata={"help": "learned roll-ins and roll-outs stop at len(target) + b tokens "
+                             "(eos included, forced at the cap)"}
+    )
+    searnn_ref_policy: ChoiceEnum(REFERENCE_POLICIES) = field(
+        default="auto", metadata={"help": "reference roll-out: copy the rest of the target, or best-suffix "
+                                  "(append the target suffix maximizing BLEU-1, Appendix C.2); "
+                                  "auto: best-suffix for bleu rewards, copy otherwise"}
+    )
+    searnn_cost_unit: ChoiceEnum(COST_UNITS) = field(
+        default="sentence", metadata={"help": "sentence: the reward library's normalized cost; token: times "
+                                      "the target length (Hamming/edit count errors, Appendix C.1)"}
+    )
+    searnn_eos_candidate: ChoiceEnum(EOS_CANDIDATES) = field(
+        default="always", metadata={"help": "always: eos is scored at every cell; gt: only where it is "
+                                    "the ground truth (fixed-length setting)"}
+    )
+    searnn_reward: Optional[str] = field(
+        default=None, metadata={"help": "reward for the costs (default: the task's --reward; hamming in a "
+                                "task without one)"}
+    )
+    sentence_avg: bool = II("optimization.sentence_avg")
+
+
+def _check_choice(value, choices, flag):
+    check(str(value) in choices, f"{flag} must be one of {', '.join(choices)}, got {value}")
+
+
+def check_searnn_config(cfg):
+    _check_choice(cfg.searnn_loss, LOSSES, "--searnn-loss")
+    _check_choice(cfg.searnn_roll_in, POLICIES, "--searnn-roll-in")
+    _check_choice(cfg.searnn_roll_out, POLICIES, "--searnn-roll-out")
+    _check_choice(cfg.searnn_token_sampling, TOKEN_SAMPLINGS, "--searnn-token-sampling")
+    _check_choice(cfg.searnn_ref_policy, REFERENCE_POLICIES, "--searnn-ref-policy")
+    _check_choice(cfg.searnn_cost_unit, COST_UNITS, "--searnn-cost-unit")
+    _check_choice(cfg.searnn_eos_candidate, EOS_CANDIDATES, "--searnn-eos-candidate")
+    check(cfg.searnn_scale > 0, f"--searnn-scale must be > 0, got {cfg.searnn_scale}")
+    check(0.0 <= cfg.searnn_mix_prob <= 1.0, f"--searnn-mix-prob must be in [0, 1], got {cfg.searnn_mix_prob}")
+    check(cfg.searnn_cells >= 0, f"--searnn-cells must be >= 0 (0 = all cells), got {cfg.searnn_cells}")
+    check(cfg.searnn_tokens >= 0, f"--searnn-tokens must be >= 0 (0 = whole vocabulary), got {cfg.searnn_tokens}")
+    check(cfg.searnn_neighbours >= 0, f"--searnn-neighbours must be >= 0, got {cfg.searnn_neighbours}")
+    check(cfg.searnn_max_len_b >= 0, f"--searnn-max-len-b must be >= 0, got {cfg.searnn_max_len_b}")
+
+
+# ------------------------------------------------------------------ pure math
+
+
+def choose_reference(policy, batch_size, mix_prob, device):
+    """BoolTensor ``[B]``: which sequences follow the reference policy."""
+    if policy == "reference":
+        return torch.ones(batch_size, dtype=torch.bool, device=device)
+    if policy == "learned":
+        return torch.zeros(batch_size, dtype=torch.bool, device=device)
+    return torch.rand(batch_size, device=device) < mix_prob
+
+
+def select_cells(lengths: Tensor, num_cells: int, width: int) -> Tensor:
+    """BoolTensor ``[B, width]``: ``num_cells`` positions below ``lengths[b]``
+    drawn uniformly without replacement (all of them if 0 or too few)."""
+    positions = torch.arange(width, device=lengths.device).unsqueeze(0)
+    inside = positions < lengths.unsqueeze(1)
+    if num_cells == 0:
+        return inside
+    keys = torch.rand(inside.shape, device=lengths.device).masked_fill(~inside, 2.0)
+    rank = keys.argsort(dim=1).argsort(dim=1)
+    return inside & (rank < num_cells)
+
+
+def aligned_ground_truth(target: Tensor, rollin: Tensor, pad: int, eos: int) -> Tensor:
+    """``[B, L]`` ground-truth token of every roll-in cell: the target token at
+    that position, eos past the target's end, pad past the roll-in's end."""
+    width = rollin.size(1)
+    gt = torch.full_like(rollin, eos)
+    shared = min(width, target.size(1))
+    gt[:, :shared] = target[:, :shared]
+    gt = gt.masked_fill(gt.eq(pad), eos)
+    return gt.masked_fill(rollin.eq(pad), pad)
+
+
+def neighbour_tokens(target: Tensor, position: int, width: int, pad: int):
+    """Ground-truth tokens at positions ``position ± 1..width`` of each row of
+    ``target`` ``[m, T]``: (tokens ``[m, 2w]``, valid ``[m, 2w]``)."""
+    offsets = torch.cat([torch.arange(-width, 0), torch.arange(1, width + 1)]).to(target.device)
+    pos = position + offsets.unsqueeze(0).expand(target.size(0), -1)
+    tokens = target.gather(1, pos.clamp(0, target.size(1) - 1))
+    valid = (pos >= 0) & (pos < target.size(1)) & tokens.ne(pad)
+    return tokens, valid
+
+
+def _gumbel_like(x: Tensor) -> Tensor:
+    return -torch.empty_like(x).exponential_().log()
+
+
+def select_tokens(gt: Tensor, lprobs: Optional[Tensor], allowed: Tensor, k: int, strategy: str,
+                  neighbours: Optional[Tensor] = None, neighbours_valid: Optional[Tensor] = None):
+    """Tokens scored at ``m`` cells: (candidates ``[m, C]``, valid ``[m, C]``).
+
+    Column 0 is the ground truth ``gt`` ``[m]`` (always valid).  k = 0: every
+    ``allowed`` token (``[V]`` bool) after it.  k > 0: k allowed tokens other
+    than gt, without replacement (Gumbel-top-k): ``uniform``, ``policy``
+    (∝ exp(lprobs)), ``biased`` (∝ the policy mixed with uniform),
+    ``topk`` (the k most probable, in decreasing order); then the optional
+    ``neighbours`` ``[m, 2w]``.  Invalid columns (duplicates, tokens not
+    allowed, fewer than k tokens available) are marked in ``valid``.
+    """
+    m = gt.size(0)
+    first = gt.unsqueeze(1)
+    if k == 0:
+        ids = allowed.nonzero(as_tuple=False).squeeze(1)
+        cand = torch.cat([first, ids.unsqueeze(0).expand(m, -1)], dim=1)
+        valid = torch.cat([torch.ones_like(first, dtype=torch.bool), ids.unsqueeze(0) != first], dim=1)
+        return cand, valid
+    mask = allowed.unsqueeze(0).expand(m, -1).clone()
+    mask.scatter_(1, first, False)
+    if strategy == "uniform":
+        keys = _gumbel_like(mask.float())
+    else:
+        lp = lprobs.float().masked_fill(~allowed.unsqueeze(0), -math.inf)
+        lp = lp - torch.logsumexp(lp, dim=1, keepdim=True)
+        if strategy == "biased":
+            w = BIASED_UNIFORM_WEIGHT
+            uniform = -math.log(max(int(allowed.sum()), 1))
+            lp = torch.logaddexp(lp + math.log(1.0 - w), torch.full_like(lp, uniform + math.log(w)))
+        keys = lp if strategy == "topk" else lp + _gumbel_like(lp)
+    keys = keys.masked_fill(~mask, -math.inf)
+    top_keys, top_ids = keys.topk(min(k, keys.size(1)), dim=1)
+    cand = torch.cat([first, top_ids], dim=1)
+    valid = torch.cat([torch.ones_like(first, dtype=torch.bool), top_keys > -math.inf], dim=1)
+    if neighbours is not None and neighbours.size(1) > 0:
+        nvalid = neighbours_valid & allowed[neighbours]
+        same = neighbours.unsqueeze(2) == cand.unsqueeze(1)  # [m, 2w, C]
+        nvalid = nvalid & ~(same & valid.unsqueeze(1)).any(dim=2)
+        for j in range(1, neighbours.size(1)):  # 2w columns: earlier duplicates
+            earlier = (neighbours[:, :j] == neighbours[:, j:j + 1]) & nvalid[:, :j]
+            nvalid[:, j] &= ~earlier.any(dim=1)
+        cand = torch.cat([cand, neighbours], dim=1)
+        valid = torch.cat([valid, nvalid], dim=1)
+    return cand, valid
+
+
+def scale_costs(costs: Tensor, reference_length: Tensor, unit: str) -> Tensor:
+    """``--searnn-cost-unit``: library costs as they are (sentence) or times
+    ``max(|y*|, 1)`` (token), computed in double."""
+    if unit == "sentence":
+        return costs
+    return (costs.double() * reference_length.clamp(min=1).double().unsqueeze(1)).to(costs.dtype)
+
+
+def candidate_log_probs(lprobs: Tensor, cand: Tensor, valid: Tensor, restrict: bool) -> Tensor:
+    """log p_M of the candidates ``[M, C]`` (-inf where invalid): the model's
+    full-vocabulary softmax, or with ``restrict`` the softmax over the valid
+    candidates only (sKL / sLL)."""
+    lp = lprobs.gather(1, cand).masked_fill(~valid, -math.inf)
+    if restrict:
+        lp = lp - torch.logsumexp(lp, dim=1, keepdim=True)
+    return lp
+
+
+def cost_target(costs: Tensor, valid: Tensor, alpha: float) -> Tensor:
+    """p_C = softmax(-α c) over the valid candidates (eq. 4), 0 elsewhere."""
+    c = costs.masked_fill(~valid, math.inf)
+    c = c - c.min(dim=1, keepdim=True).values
+    return torch.softmax(-alpha * c, dim=1).masked_fill(~valid, 0.0)
+
+
+def kl_loss(cand_lprobs: Tensor, costs: Tensor, valid: Tensor, alpha: float) -> Tensor:
+    """Eq. 4 per cell ``[M]``: -Σ_a p_C(a) log p_M(a)."""
+    q = cost_target(costs, valid, alpha)
+    return -(q * cand_lprobs.masked_fill(~valid, 0.0)).sum(dim=1)
+
+
+def best_candidate(costs: Tensor, valid: Tensor) -> Tensor:
+    """Column ``[M]`` of the min-cost candidate; ties go to the earliest column
+    (column 0 is the ground truth)."""
+    return costs.masked_fill(~valid, math.inf).argmin(dim=1)
+
+
+def ll_loss(cand_lprobs: Tensor, costs: Tensor, valid: Tensor) -> Tensor:
+    """Eq. 3 per cell ``[M]``: -log p_M(a*), a* = arg-min cost."""
+    return -cand_lprobs.gather(1, best_candidate(costs, valid).unsqueeze(1)).squeeze(1)
+
+
+class SearchResult(NamedTuple):
+    """Roll-ins, scored cells and cost vectors of a batch (no gradient).
+
+    Attributes:
+        rollin: ``[B, L]`` roll-in tokens (right-padded, ending in eos).
+        gt: ``[B, L]`` ground-truth token of each roll-in cell (pad outside).
+        cell_rows, cell_pos: ``[M]`` sentence and position of each scored cell.
+        candidates, valid: ``[M, C]`` scored tokens (column 0: ground truth).
+        costs: ``[M, C]`` cost of each candidate's roll-out (inf if invalid),
+            in ``--searnn-cost-unit``.
+        rollin_cost: ``[B]`` library cost of each roll-in.
+        reference_in, reference_out: ``[B]`` policy drawn per sequence.
+        hyps: ``[P, W]`` the full output of every roll-out (prefix, token,
+            continuation), for candidate ``hyp_cells``, ``hyp_columns`` ``[P]``.
+        num_decoded: number of roll-outs decoded by the model.
+    """
+
+    rollin: Tensor
+    gt: Tensor
+    cell_rows: Tensor
+    cell_pos: Tensor
+    candidates: Tensor
+    valid: Tensor
+    costs: Tensor
+    rollin_cost: Tensor
+    reference_in: Tensor
+    reference_out: Tensor
+    hyps: Tensor
+    hyp_cells: Tensor
+    hyp_columns: Tensor
+    num_decoded: int
+
+
+def _pad_to(tokens: Tensor, width: int, pad: int) -> Tensor:
+    if tokens.size(1) >= width:
+        return tokens
+    return torch.cat([tokens, tokens.new_full((tokens.size(0), width - tokens.size(1)), pad)], dim=1)
+
+
+@register_criterion("searnn_kl", dataclass=SearnnConfig)
+class SearnnCriterion(FairseqCriterion):
+    def __init__(self, task, cfg: SearnnConfig):
+        super().__init__(task)
+        check_searnn_config(cfg)
+        self.cfg = cfg
+        self.sentence_avg = cfg.sentence_avg
+        dictionary = task.target_dictionary
+        self.eos = dictionary.eos()
+        special = {dictionary.bos(), dictionary.pad(), dictionary.unk()} | {
+            i for i, s in enumerate(dictionary.symbols) if s.startswith("madeupword")}
+        if cfg.searnn_eos_candidate == "gt":
+            special.add(self.eos)
+        allowed = torch.ones(len(dictionary), dtype=torch.bool)
+        allowed[sorted(special)] = False
+        self.register_buffer("allowed", allowed, persistent=False)
+        if cfg.searnn_reward is None and getattr(task, "reward", None) is not None:
+            self.reward = task.reward
+        else:
+            level, style = task_reward_level(task)
+            self.reward = bind_reward(cfg.searnn_reward or "hamming", dictionary, level, style,
+                                      flag="--searnn-reward")
+        policy = cfg.searnn_ref_policy
+        if policy == "auto":
+            policy = "best-suffix" if self.reward.name.startswith("bleu") else "copy"
+        self.best_suffix = policy == "best-suffix"
+
+    # -------------------------------------------------------------- search
+
+    def _bleu1(self, hyp, refs):
+        return rewards.sentence_bleu(hyp, refs, self.padding_idx, self.eos, max_order=1)
+
+    def _reference_suffix(self, prefix, target, position):
+        start = torch.full((prefix.size(0),), position + 1, dtype=torch.long, device=prefix.device)
+        if self.best_suffix:
+            start = rollouts.best_suffix_starts(prefix, target, self.padding_idx, self.eos, self._bleu1, start)
+        return rollouts.gather_suffix(target, start, self.padding_idx, self.eos)
+
+    def _rollin(self, model, encoder_out, target, caps, reference_in):
+        """Roll-in tokens ``[B, L]``: the target or the model's greedy output."""
+        pad, eos = self.padding_idx, self.eos
+        learned = (~reference_in).nonzero(as_tuple=False).squeeze(1)
+        rollin = target
+        if learned.numel() > 0:
+            enc = model.encoder.reorder_encoder_out(encoder_out, learned)
+            greedy = rollouts.greedy_rollin(model, enc, caps.index_select(0, learned), pad, eos)
+            width = max(target.size(1), greedy.size(1))
+            rollin = _pad_to(target, width, pad).index_copy(0, learned, _pad_to(greedy, width, pad))
+        used = int(rollin.ne(pad).sum(dim=1).max())
+        return rollin[:, :used]
+
+    @torch.no_grad()
+    def search(self, model, sample) -> SearchResult:
+        """Roll-ins, cells, tokens, roll-outs and costs (eval mode, no grad)."""
+        was_training = model.training
+        beam_size = getattr(model.decoder, "_beam_size", None)
+        model.eval()
+        if hasattr(model.decoder, "set_beam_size"):
+            model.decoder.set_beam_size(1)
+        try:
+            return self._search(model, sample)
+        finally:
+            model.train(was_training)
+            if beam_size is not None and beam_size != 1:
+                model.decoder.set_beam_size(beam_size)
+
+    def _search(self, model, sample) -> SearchResult:
+        cfg, pad, eos = self.cfg, self.padding_idx, self.eos
+        target, refs = sample["target"], references_of(sample)
+        batch_size, device = target.size(0), target.device
+        target_len = target.ne(pad).sum(dim=1)  # eos included
+        caps = (target_len + cfg.searnn_max_len_b).clamp(max=max(int(model.max_decoder_positions()), 1))
+        caps = torch.maximum(caps, target_len)
+        reference_in = choose_reference(cfg.searnn_roll_in, batch_size, cfg.searnn_mix_prob, device)
+        reference_out = choose_reference(cfg.searnn_roll_out, batch_size, cfg.searnn_mix_prob, device)
+        encoder_out = encode(model, sample["net_input"])
+
+        rollin = self._rollin(model, encoder_out, target, caps, reference_in)
+        lengths = rollin.ne(pad).sum(dim=1)
+        gt = aligned_ground_truth(target, rollin, pad, eos)
+        cells = select_cells(lengths, cfg.searnn_cells, rollin.size(1))
+        cell_rows, cell_pos = cells.nonzero(as_tuple=True)
+        num_cells = cell_rows.numel()
+        cell_id = torch.full(cells.shape, -1, dtype=torch.long, device=device)
+        cell_id[cell_rows, cell_pos] = torch.arange(num_cells, device=device)
+        allowed = self.allowed.to(device)
+
+        k, w = cfg.searnn_tokens, cfg.searnn_neighbours if cfg.searnn_tokens > 0 else 0
+        width = 1 + (int(allowed.sum()) if k == 0 else min(k, allowed.numel()) + 2 * w)
+        candidates = torch.full((num_cells, width), pad, dtype=torch.long, device=device)
+        valid = torch.zeros((num_cells, width), dtype=torch.bool, device=device)
+        blocks, num_decoded = [], 0
+        last = int(cell_pos.max()) if num_cells else -1
+        for t, lprobs, state in rollouts.replay(model, encoder_out, rollin, pad, eos):
+            if t > last:
+                break
+            rows = cells[:, t].nonzero(as_tuple=False).squeeze(1)
+            if rows.numel() == 0:
+                continue
+            ids = cell_id[rows, t]
+            nb = nb_valid = None
+            if w > 0:
+                nb, nb_valid = neighbour_tokens(target.index_select(0, rows), t, w, pad)
+            cand, ok = select_tokens(gt[rows, t], lprobs.index_select(0, rows), allowed, k,
+                                     cfg.searnn_token_sampling, nb, nb_valid)
+            candidates[ids], valid[ids] = cand, ok
+            pair, column = ok.nonzero(as_tuple=True)
+            pair_rows, tokens = rows[pair], cand[pair, column]
+            prefix = torch.cat([rollin[pair_rows, :t], tokens.unsqueeze(1)], dim=1)
+            go_on = tokens.ne(eos)
+            suffixes = []
+            by_reference = (go_on & reference_out[pair_rows]).nonzero(as_tuple=False).squeeze(1)
+            if by_reference.numel() > 0:
+                suffixes.append((by_reference, self._reference_suffix(
+                    prefix[by_reference], target[pair_rows[by_reference]], t)))
+            learned_out = go_on & ~reference_out[pair_rows]
+            # The greedy token of a learned roll-in continues as the roll-in did.
+            own = learned_out & ~reference_in[pair_rows] & tokens.eq(rollin[pair_rows, t])
+            if bool(own.any()):
+                by_rollin = own.nonzero(as_tuple=False).squeeze(1)
+                suffixes.append((by_rollin, rollin[pair_rows[by_rollin], t + 1:]))
+            by_model = (learned_out & ~own).nonzero(as_tuple=False).squeeze(1)
+            if by_model.numel() > 0:
+                model_rows = pair_rows[by_model]
+                num_decoded += model_rows.numel()
+                expanded = rollouts.expand_incremental_state(model, state, model_rows)
+                enc = model.encoder.reorder_encoder_out(encoder_out, model_rows)
+                start = torch.cat([prefix.new_full((model_rows.numel(), 1), eos), prefix[by_model]], dim=1)
+                suffixes.append((by_model, rollouts.greedy_continue(
+                    model, enc, start, expanded, caps[model_rows], pad, eos)))
+            cont_width = max([s.size(1) for _, s in suffixes], default=0)
+            cont = prefix.new_full((prefix.size(0), cont_width), pad)
+            for where, suffix in suffixes:
+                cont[where, :suffix.size(1)] = suffix
+            blocks.append((ids[pair], column, pair_rows, torch.cat([prefix, cont], dim=1)))
+
+        # Every sentence has a cell (its roll-in has at least eos): blocks is not empty.
+        hyp_width = max(b[3].size(1) for b in blocks)
+        hyp_cells, hyp_columns, hyp_rows, hyps = (torch.cat(x) for x in zip(
+            *[(i, c, r, _pad_to(h, hyp_width, pad)) for i, c, r, h in blocks]))
+        costs = torch.full((num_cells, width), math.inf, device=device)
+        costs[hyp_cells, hyp_columns] = self.reward.cost(hyps, refs.index_select(0, hyp_rows)).float()
+        costs = scale_costs(costs, (target_len - 1).index_select(0, cell_rows), cfg.searnn_cost_unit)
+        rollin_cost = self.reward.cost(rollin, refs).float()
+        return SearchResult(rollin, gt, cell_rows, cell_pos, candidates, valid, costs, rollin_cost,
+                            reference_in, reference_out, hyps, hyp_cells, hyp_columns, num_decoded)
+
+    # ---------------------------------------------------------------- loss
+
+    def forward(self, model, sample, reduce=True):
+        found = self.search(model, sample)
+        encoder_out = encode(model, sample["net_input"])
+        prev = prev_output_tokens_from_target(found.rollin, self.padding_idx, self.eos)
+        lprobs, _ = decoder_lprobs(model, encoder_out, prev)
+        cell_lprobs = lprobs[found.cell_rows, found.cell_pos]
+        cand_lprobs = candidate_log_probs(cell_lprobs, found.candidates, found.valid,
+                                          restrict=self.cfg.searnn_tokens > 0)
+        if self.cfg.searnn_loss == "kl":
+            per_cell = kl_loss(cand_lprobs, found.costs, found.valid, self.cfg.searnn_scale)
+        else:
+            per_cell = ll_loss(cand_lprobs, found.costs, found.valid)
+        loss = per_cell.sum()
+        nll = token_nll(lprobs, found.gt, self.padding_idx).sum()
+        gt_best = best_candidate(found.costs, found.valid).eq(0).sum()
+        batch_size, num_cells = sample["target"].size(0), found.cell_rows.numel()
+        sample_size = batch_size if self.sentence_avg else num_cells
+        logging_output = {
+            "loss": loss.data, "nll_loss": nll.data, "ntokens": sample["ntokens"],
+            "nsentences": batch_size, "sample_size": sample_size,
+            "searnn_nll_cells": int(found.gt.ne(self.padding_idx).sum()),
+            "searnn_cells": num_cells, "searnn_gt_best": gt_best.data,
+            "searnn_rollin_cost": found.rollin_cost.sum().data,
+        }
+        return loss, sample_size, logging_output
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        # nll_loss is per roll-in cell: that is per target token with reference roll-in.
+        log_stock_metrics([{**log, "ntokens": log.get("searnn_nll_cells", log.get("ntokens", 0))}
+                           for log in logging_outputs])
+        cells = sum(log.get("searnn_cells", 0) for log in logging_outputs)
+        if cells > 0:
+            best = sum(log.get("searnn_gt_best", 0) for log in logging_outputs)
+            metrics.log_scalar("searnn_gt_best", best / cells, cells, round=3)
+        nsent = sum(log.get("nsentences", 0) for log in logging_outputs)
+        if nsent > 0:
+            cost = sum(log.get("searnn_rollin_cost", 0) for log in logging_outputs)
+            metrics.log_scalar("searnn_rollin_cost", cost / nsent, nsent, round=3)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True
