@@ -1,0 +1,189 @@
+"""Speed of the batched torch rewards vs per-sentence sacrebleu / rapidfuzz loops.
+
+Usage: python benchmarks/reward_speed.py [--pairs 5000] [--repeats 5] [--json PATH] [--no-single-thread]
+
+Data: synthetic but realistic pairs -- references of 10..40 tokens drawn from
+a Zipf distribution over a 4k vocabulary, hypotheses = references with ~10%
+each of substitutions, deletions and insertions; the R=2 variant adds a
+second reference (another noisy copy of the first).  Torch times are the
+median of ``--repeats`` (>= 5) runs after a warm-up, first with torch's
+default thread count (the machine default), then with 1 thread (skip with
+``--no-single-thread``).  The sacrebleu loop (median of repeats//2 runs) and
+the rapidfuzz loop run on pre-built strings / id lists (building them is not
+timed); the sacrebleu loop over all prefixes is timed on a subset of the
+sentences and extrapolated per sentence (stated in the output).  The 1-minute
+load average is printed: on a shared 2-core machine other processes make the
+multi-threaded torch numbers much worse (threads wait for a free core).
+"""
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fairseq_seqlevel.rewards import edit_distance, prefix_bleu, sentence_bleu  # noqa: E402
+
+PAD = 0
+
+
+def make_pairs(num_pairs, vocab, seed):
+    """Token lists: (hyps, refs_1, refs_2)."""
+    rng = random.Random(seed)
+    weights = [1.0 / (rank + 1) for rank in range(vocab)]  # Zipf-like
+    ids = list(range(1, vocab + 1))
+
+    def noisy(seq):
+        out = []
+        for tok in seq:
+            u = rng.random()
+            if u < 0.1:
+                continue  # deletion
+            out.append(rng.choices(ids, weights)[0] if u < 0.2 else tok)
+            if rng.random() < 0.1:
+                out.append(rng.choices(ids, weights)[0])  # insertion
+        return out[:40] or seq[:1]
+
+    refs = [rng.choices(ids, weights, k=rng.randint(10, 40)) for _ in range(num_pairs)]
+    return [noisy(r) for r in refs], refs, [noisy(r) for r in refs]
+
+
+def pack(seqs):
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), PAD, dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        out[i, : len(seq)] = torch.tensor(seq)
+    return out
+
+
+def median_time(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(num_pairs, repeats, prefix_subset, thread_counts):
+    from rapidfuzz.distance import Levenshtein
+    from sacrebleu.metrics import BLEU
+
+    hyps, refs1, refs2 = make_pairs(num_pairs, vocab=4000, seed=0)
+    hyp, ref1 = pack(hyps), pack(refs1)
+    both = pack(refs1 + refs2)  # one width for the two reference sets
+    ref2 = torch.stack([both[:num_pairs], both[num_pairs:]], dim=1)
+    as_str = lambda seq: " ".join(map(str, seq))  # noqa: E731
+    hyp_s, ref1_s, ref2_s = [as_str(h) for h in hyps], [as_str(r) for r in refs1], [as_str(r) for r in refs2]
+    metric = BLEU(tokenize="none", effective_order=True)
+    results = {"pairs": num_pairs, "vocab": 4000, "repeats": repeats, "threads": thread_counts[0],
+               "mean_hyp_len": sum(map(len, hyps)) / num_pairs, "loadavg_1min_before": os.getloadavg()[0]}
+    subset = list(range(min(prefix_subset, num_pairs)))
+
+    for tag, ref, multi in [("R1", ref1, False), ("R2", ref2, True)]:
+        ref_strings = [[a, b] for a, b in zip(ref1_s, ref2_s)] if multi else [[a] for a in ref1_s]
+        rf_refs = [[a, b] for a, b in zip(refs1, refs2)] if multi else [[a] for a in refs1]
+
+        def sacre_loop():
+            return [metric.sentence_score(h, rs) for h, rs in zip(hyp_s, ref_strings)]
+
+        def sacre_prefix_loop():  # every prefix of a subset of sentences
+            for i in subset:
+                words = hyp_s[i].split()
+                for t in range(1, len(words) + 1):
+                    metric.sentence_score(" ".join(words[:t]), ref_strings[i])
+
+        def rapidfuzz_loop():
+            return [min(Levenshtein.distance(h, r) for r in rs) for h, rs in zip(hyps, rf_refs)]
+
+        sacre_bleu = median_time(sacre_loop, max(1, repeats // 2), warmup=0)
+        sacre_prefix = median_time(sacre_prefix_loop, 1, warmup=0) / len(subset) * num_pairs
+        rf_edit = median_time(rapidfuzz_loop, repeats)
+        entry = {"sentence_bleu_sacrebleu_s": sacre_bleu, "sentence_bleu_sacrebleu_sent_per_s": num_pairs / sacre_bleu,
+                 "prefix_bleu_sacrebleu_s_extrapolated": sacre_prefix,
+                 "prefix_bleu_sacrebleu_subset_sentences": len(subset),
+                 "edit_rapidfuzz_s": rf_edit}
+        default_threads = torch.get_num_threads()
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            suffix = "" if threads == thread_counts[0] else f"_{threads}thread"
+            torch_bleu = median_time(lambda: sentence_bleu(hyp, ref, PAD), repeats)
+            torch_prefix = median_time(lambda: prefix_bleu(hyp, ref, PAD), repeats)
+            torch_edit = median_time(lambda: edit_distance(hyp, ref, PAD), repeats)
+            entry.update({
+                "sentence_bleu_torch_s" + suffix: torch_bleu,
+                "sentence_bleu_speedup" + suffix: sacre_bleu / torch_bleu,
+                "sentence_bleu_torch_sent_per_s" + suffix: num_pairs / torch_bleu,
+                "prefix_bleu_torch_s" + suffix: torch_prefix,
+                "prefix_bleu_speedup" + suffix: sacre_prefix / torch_prefix,
+                "prefix_bleu_torch_sent_per_s" + suffix: num_pairs / torch_prefix,
+                "edit_torch_s" + suffix: torch_edit,
+                "edit_speedup" + suffix: rf_edit / torch_edit,
+                "edit_torch_sent_per_s" + suffix: num_pairs / torch_edit,
+            })
+        torch.set_num_threads(default_threads)
+        results[tag] = entry
+    results["loadavg_1min_after"] = os.getloadavg()[0]
+    return results
+
+
+def report(res, thread_counts):
+    print(f"reward speed: {res['pairs']} pairs, hyp len ~{res['mean_hyp_len']:.1f} tokens, vocab {res['vocab']}, "
+          f"torch = median of {res['repeats']} runs, 1-min load average {res['loadavg_1min_before']:.2f} "
+          f"before / {res['loadavg_1min_after']:.2f} after (2 cores)")
+    for tag in ["R1", "R2"]:
+        r = res[tag]
+        print(f"[{tag}: {tag[1]} reference(s)]")
+        print(f"  sacrebleu sentence_score loop     {r['sentence_bleu_sacrebleu_s'] * 1e3:9.1f} ms "
+              f"({r['sentence_bleu_sacrebleu_sent_per_s']:7.0f} sent/s)")
+        print(f"  sacrebleu loop over all prefixes  {r['prefix_bleu_sacrebleu_s_extrapolated'] * 1e3:9.1f} ms "
+              f"(timed on the first {r['prefix_bleu_sacrebleu_subset_sentences']} sentences, "
+              f"extrapolated per sentence to {res['pairs']})")
+        print(f"  rapidfuzz Levenshtein loop        {r['edit_rapidfuzz_s'] * 1e3:9.1f} ms")
+        for threads in thread_counts:
+            suffix = "" if threads == thread_counts[0] else f"_{threads}thread"
+            label = f"torch, {threads} thread{'s' if threads > 1 else ''}"
+            label += " (default)" if threads == thread_counts[0] else ""
+            print(f"  {label}:")
+            print(f"    sentence_bleu {r['sentence_bleu_torch_s' + suffix] * 1e3:8.1f} ms "
+                  f"({r['sentence_bleu_torch_sent_per_s' + suffix]:8.0f} sent/s)  "
+                  f"speedup vs sacrebleu {r['sentence_bleu_speedup' + suffix]:6.1f}x (target >= 10x)")
+            print(f"    prefix_bleu   {r['prefix_bleu_torch_s' + suffix] * 1e3:8.1f} ms "
+                  f"({r['prefix_bleu_torch_sent_per_s' + suffix]:8.0f} sent/s)  "
+                  f"speedup vs sacrebleu {r['prefix_bleu_speedup' + suffix]:6.1f}x (target >= 50x)")
+            print(f"    edit_distance {r['edit_torch_s' + suffix] * 1e3:8.1f} ms "
+                  f"({r['edit_torch_sent_per_s' + suffix]:8.0f} sent/s)  "
+                  f"speedup vs rapidfuzz {r['edit_speedup' + suffix]:6.2f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=5000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prefix-subset", type=int, default=300,
+                        help="sentences on which the sacrebleu all-prefixes loop is timed")
+    parser.add_argument("--no-single-thread", dest="also_single_thread", action="store_false",
+                        help="skip the extra single-thread torch timings")
+    parser.add_argument("--json", type=str, default=None, help="also write the numbers to this JSON file")
+    args = parser.parse_args()
+    thread_counts = [torch.get_num_threads()]  # the machine default first
+    if args.also_single_thread and thread_counts[0] > 1:
+        thread_counts.append(1)
+    res = run(args.pairs, max(5, args.repeats), args.prefix_subset, thread_counts)
+    report(res, thread_counts)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2, sort_keys=True)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
