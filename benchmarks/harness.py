@@ -1,0 +1,801 @@
+"""Shared, mostly pure functions of the benchmark harness.
+
+* configuration: :func:`load_config` (tomllib + validation + ``--quick``
+  overrides), :func:`expand` (placeholders), :func:`check_criterion` (does
+  fairseq know this criterion and these flags?);
+* commands: :func:`train_command`, :func:`pretrain_command`,
+  :func:`finetune_command`;
+* logs: :func:`parse_log`, :func:`curve`, :func:`mean_curve`;
+* results: :func:`summarize`, :func:`aggregate`, :func:`markdown_report`,
+  :func:`merge_rows`;
+* budget: :func:`estimate_plan`;
+* plots: :func:`plot_curves`, :func:`plot_cost_vs_gain` (matplotlib, Agg).
+
+Nothing here starts a training run; ``quality.py`` and ``speed.py`` do.
+"""
+
+import contextlib
+import copy
+import difflib
+import io
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+USER_DIR = REPO / "fairseq_seqlevel"
+DEFAULT_CONFIG = REPO / "benchmarks" / "config.toml"
+DEFAULT_RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_WORKDIR = REPO / "work" / "bench"
+
+CONTROL = "mle"               # the criterion every other one is compared with
+PRETRAIN = "mle_pretrain"     # quality.json rows of the pre-trained start point
+METRICS = {"bleu", "edit"}
+
+TASK_KEYS = {
+    # key: (required, type)
+    "data": (True, str), "prepare": (False, list), "check_file": (False, str),
+    "target_lang": (False, str), "train_flags": (True, list), "model_flags": (True, list),
+    "optim_flags": (True, list), "pretrain_flags": (True, list), "finetune_flags": (False, list),
+    "finetune_updates": (True, int), "validate_every": (False, int), "metric": (True, str),
+    "refs": (True, list), "beam": (True, int), "eval_split": (False, str),
+    "curve_key": (True, str), "curve_scale": (False, (int, float)), "curve_label": (False, str),
+    "higher_is_better": (True, bool), "est_sec_per_update": (False, (int, float)),
+    "est_updates_per_epoch": (False, int), "est_validate_s": (False, (int, float)),
+    "est_eval_s": (False, (int, float)), "quick": (False, dict),
+}
+CRITERION_KEYS = {
+    "flags": (True, list), "task_flags": (False, dict), "tasks": (True, list),
+    "speed": (False, list), "speed_targets": (False, list), "est_step_cost": (False, (int, float)),
+    "notes": (True, str),
+}
+SETTING_KEYS = {
+    "task": (True, str), "covers": (False, list), "batches": (False, int),
+    "synthetic_vocab": (False, int), "synthetic_sentences": (False, int),
+    "synthetic_len": (False, list),
+}
+
+
+class ConfigError(ValueError):
+    """A problem with the benchmark configuration (message lists every problem)."""
+
+
+# ---------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------
+
+def _check_table(where, table, spec, errors):
+    if not isinstance(table, dict):
+        errors.append(f"{where}: expected a table, got {type(table).__name__}")
+        return
+    for key in table:
+        if key not in spec:
+            hint = difflib.get_close_matches(key, list(spec), n=1)
+            errors.append(f"{where}: unknown key '{key}'"
+                          + (f" (did you mean '{hint[0]}'?)" if hint else f"; known: {', '.join(spec)}"))
+    for key, (required, kind) in spec.items():
+        if key not in table:
+            if required:
+                errors.append(f"{where}: missing key '{key}'")
+            continue
+        value = table[key]
+        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            errors.append(f"{where}.{key}: expected {names}, got {value!r}")
+        elif kind is list and key.endswith("flags") and not all(isinstance(v, str) for v in value):
+            errors.append(f"{where}.{key}: flags must be strings, got {value!r}")
+
+
+def criterion_of(flags):
+    """The value of ``--criterion`` in a flag list (None if absent)."""
+    for i, flag in enumerate(flags):
+        if flag == "--criterion" and i + 1 < len(flags):
+            return flags[i + 1]
+        if flag.startswith("--criterion="):
+            return flag.split("=", 1)[1]
+    return None
+
+
+def validate_config(raw):
+    """List of problems of a raw (parsed TOML) configuration; empty if fine."""
+    errors = []
+    tasks, crits = raw.get("tasks"), raw.get("criterions")
+    if not isinstance(tasks, dict) or not tasks:
+        errors.append("config: needs at least one [tasks.NAME] table")
+        tasks = {}
+    if not isinstance(crits, dict) or not crits:
+        errors.append("config: needs at least one [criterions.NAME] table")
+        crits = {}
+    if crits and CONTROL not in crits:
+        errors.append(f"config: needs a [criterions.{CONTROL}] table (the control)")
+    settings = (raw.get("speed") or {}).get("settings") or {}
+    for name, task in tasks.items():
+        where = f"tasks.{name}"
+        _check_table(where, task, TASK_KEYS, errors)
+        if not isinstance(task, dict):
+            continue
+        if task.get("metric") not in METRICS:
+            errors.append(f"{where}.metric: must be one of {sorted(METRICS)}, got {task.get('metric')!r}")
+        if isinstance(task.get("finetune_updates"), int) and task["finetune_updates"] < 1:
+            errors.append(f"{where}.finetune_updates: must be >= 1")
+        quick = task.get("quick", {})
+        if isinstance(quick, dict):
+            for key in quick:
+                if key not in TASK_KEYS or key == "quick":
+                    errors.append(f"{where}.quick: unknown key '{key}'")
+    for name, crit in crits.items():
+        where = f"criterions.{name}"
+        _check_table(where, crit, CRITERION_KEYS, errors)
+        if not isinstance(crit, dict):
+            continue
+        if isinstance(crit.get("flags"), list) and criterion_of(crit["flags"]) is None:
+            errors.append(f"{where}.flags: no '--criterion NAME'")
+        for task in crit.get("tasks", []) if isinstance(crit.get("tasks"), list) else []:
+            if task not in tasks:
+                errors.append(f"{where}.tasks: unknown task '{task}' (tasks: {', '.join(tasks)})")
+        for task, flags in (crit.get("task_flags") or {}).items():
+            if task not in tasks:
+                errors.append(f"{where}.task_flags: unknown task '{task}'")
+            elif not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+                errors.append(f"{where}.task_flags.{task}: expected a list of strings")
+        for setting in crit.get("speed", []) if isinstance(crit.get("speed"), list) else []:
+            if setting not in settings:
+                errors.append(f"{where}.speed: unknown speed setting '{setting}' "
+                              f"(settings: {', '.join(settings) or 'none'})")
+        for target in crit.get("speed_targets", []) if isinstance(crit.get("speed_targets"), list) else []:
+            if not isinstance(target, dict) or target.get("setting") not in settings:
+                errors.append(f"{where}.speed_targets: {target!r}: 'setting' must name a speed setting")
+                continue
+            if not isinstance(target.get("max_ratio"), (int, float)) or target["max_ratio"] <= 0:
+                errors.append(f"{where}.speed_targets: {target!r}: needs max_ratio > 0")
+            if target.get("vs", CONTROL) not in crits:
+                errors.append(f"{where}.speed_targets: {target!r}: unknown criterion vs='{target.get('vs')}'")
+    for name, setting in settings.items():
+        where = f"speed.settings.{name}"
+        _check_table(where, setting, SETTING_KEYS, errors)
+        if isinstance(setting, dict):
+            if setting.get("task") not in tasks:
+                errors.append(f"{where}.task: unknown task {setting.get('task')!r}")
+            for task in setting.get("covers", []):
+                if task not in tasks:
+                    errors.append(f"{where}.covers: unknown task '{task}'")
+    return errors
+
+
+def load_config(path=DEFAULT_CONFIG, quick=False):
+    """Parse, validate and resolve a config file.
+
+    The result is the raw TOML plus ``mode`` ("full"/"quick") and, with
+    ``quick``, every ``quick`` sub-table merged over its parent.
+    Raises :class:`ConfigError` listing every problem.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    errors = validate_config(raw)
+    if errors:
+        raise ConfigError(f"{path}:\n  " + "\n  ".join(errors))
+    cfg = copy.deepcopy(raw)
+    cfg["path"] = str(path)
+    cfg["mode"] = "quick" if quick else "full"
+    cfg.setdefault("run", {})
+    cfg.setdefault("speed", {}).setdefault("settings", {})
+    for task in cfg["tasks"].values():
+        overrides = task.pop("quick", {})
+        if quick:
+            task.update(overrides)
+    for section in ("run", "speed"):
+        overrides = cfg[section].pop("quick", {})
+        if quick:
+            cfg[section].update(overrides)
+    if quick:
+        cfg["run"].update(cfg.get("quick", {}))
+    return cfg
+
+
+def criterion_tasks(cfg, name):
+    return list(cfg["criterions"][name].get("tasks", []))
+
+
+def criterion_flags(cfg, name, task):
+    """The criterion's flags on ``task`` (common flags, then per-task ones)."""
+    crit = cfg["criterions"][name]
+    return list(crit["flags"]) + list((crit.get("task_flags") or {}).get(task, []))
+
+
+def criterion_settings(cfg, name):
+    """Speed settings a criterion is timed in: those of its tasks, plus its ``speed`` list."""
+    crit = cfg["criterions"][name]
+    out = []
+    for sname, setting in cfg["speed"]["settings"].items():
+        real = "synthetic_vocab" not in setting
+        if (real and setting["task"] in crit.get("tasks", [])) or sname in crit.get("speed", []):
+            out.append(sname)
+    return out
+
+
+def setting_criterions(cfg, setting):
+    """Criterions timed in a speed setting, MLE first, config order otherwise."""
+    names = [n for n in cfg["criterions"] if setting in criterion_settings(cfg, n) or n == CONTROL]
+    return [CONTROL] + [n for n in names if n != CONTROL]
+
+
+PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+
+
+def placeholders(flags):
+    """Names of the {placeholders} used in a flag list."""
+    return {m.group(1) for flag in flags for m in PLACEHOLDER.finditer(flag)}
+
+
+def expand(flags, mapping):
+    """Replace {name} placeholders; unknown names raise :class:`ConfigError`."""
+    def sub(match):
+        key = match.group(1)
+        if key not in mapping:
+            raise ConfigError(f"unknown placeholder {{{key}}} in {flags!r} "
+                              f"(known: {', '.join('{' + k + '}' for k in sorted(mapping))})")
+        return str(mapping[key])
+
+    return [PLACEHOLDER.sub(sub, str(flag)) for flag in flags]
+
+
+def task_mapping(cfg, task_name, workdir, token_embeddings=None):
+    """Placeholder values of one task."""
+    task = cfg["tasks"][task_name]
+    return {
+        "python": sys.executable, "repo": REPO, "workdir": workdir,
+        "data": resolve_path(task["data"]),
+        "token_embeddings": token_embeddings or token_embeddings_path(cfg, task_name, workdir),
+    }
+
+
+def resolve_path(path):
+    path = Path(path)
+    return path if path.is_absolute() else REPO / path
+
+
+def token_embeddings_path(cfg, task_name, workdir):
+    lang = cfg["tasks"][task_name].get("target_lang", "tgt")
+    return Path(workdir) / task_name / f"token_embeddings.{lang}.txt"
+
+
+# ---------------------------------------------------------------------------
+# does fairseq know a criterion and its flags?
+# ---------------------------------------------------------------------------
+
+def _import_plugin():
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import fairseq_seqlevel  # noqa: F401  (registers the plugin's criterions)
+
+
+def known_criterions():
+    _import_plugin()
+    from fairseq.criterions import CRITERION_REGISTRY
+
+    return sorted(CRITERION_REGISTRY)
+
+
+def check_fairseq_args(argv):
+    """None if fairseq-train would accept ``argv`` (argument parsing only), else a message.
+
+    Unknown flags are reported with the closest known flag.
+    """
+    _import_plugin()
+    from fairseq import options
+
+    argv = [str(a) for a in argv]
+    parser = options.get_training_parser()
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            _, extra = options.parse_args_and_arch(parser, argv, parse_known=True)
+    except SystemExit:
+        return _argparse_message(err.getvalue())
+    except Exception as e:  # fairseq raises RuntimeError for an unknown --arch, etc.
+        return f"{type(e).__name__}: {e}"
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:
+        known = [s for s in parser._option_string_actions if s.startswith("--")]
+        parts = []
+        for flag in unknown:
+            hint = difflib.get_close_matches(flag.split("=")[0], known, n=1, cutoff=0.6)
+            parts.append(flag + (f" (did you mean {hint[0]}?)" if hint else ""))
+        return "unknown flag(s): " + ", ".join(parts)
+    if extra:
+        return f"unexpected argument(s): {' '.join(extra)}"
+    parser = options.get_training_parser()
+    try:  # a second, strict parse: bad values (choices, types)
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            options.parse_args_and_arch(parser, argv)
+    except SystemExit:
+        return _argparse_message(err.getvalue())
+    return None
+
+
+def _argparse_message(text):
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    errors = [l for l in lines if "error:" in l]
+    return (errors[-1] if errors else (lines[-1] if lines else "argument parsing failed")).split("error: ", 1)[-1]
+
+
+def check_criterion(cfg, name, task_name, workdir=DEFAULT_WORKDIR):
+    """None if fairseq knows criterion ``name``'s flags on ``task_name``, else why not.
+
+    Checks the registry first (criterions are registered on import of the
+    plugin), then parses the fine-tuning command line as fairseq-train would.
+    """
+    flags = criterion_flags(cfg, name, task_name)
+    registered = criterion_of(flags)
+    known = known_criterions()
+    if registered not in known:
+        hint = difflib.get_close_matches(registered, known, n=3)
+        return (f"criterion '{name}': fairseq does not know --criterion {registered} (not registered "
+                f"by fairseq or fairseq_seqlevel{'; close: ' + ', '.join(hint) if hint else ''})")
+    task = cfg["tasks"][task_name]
+    mapping = task_mapping(cfg, task_name, workdir)
+    argv = [str(mapping["data"]), "--user-dir", str(USER_DIR),
+            *expand(task["train_flags"] + task["model_flags"] + task["optim_flags"], mapping),
+            *expand(flags, mapping)]
+    message = check_fairseq_args(argv)
+    return None if message is None else f"criterion '{name}' on {task_name}: {message}"
+
+
+# ---------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------
+
+def train_command(cfg, task_name, save_dir, seed, extra, workdir, log_interval=10):
+    """fairseq-train command line (list of str) for one task."""
+    task = cfg["tasks"][task_name]
+    mapping = task_mapping(cfg, task_name, workdir)
+    return [sys.executable, "-m", "fairseq_cli.train", str(mapping["data"]),
+            "--user-dir", str(USER_DIR),
+            *expand(task["train_flags"] + task["model_flags"] + task["optim_flags"], mapping),
+            "--num-workers", "0", "--no-progress-bar", "--log-format", "simple",
+            "--log-interval", str(log_interval), "--seed", str(seed),
+            "--save-dir", str(save_dir), "--no-epoch-checkpoints",
+            *expand(extra, mapping)]
+
+
+def pretrain_command(cfg, task_name, save_dir, workdir, seed=1):
+    task = cfg["tasks"][task_name]
+    extra = criterion_flags(cfg, CONTROL, task_name) + list(task["pretrain_flags"])
+    return train_command(cfg, task_name, save_dir, seed, extra, workdir, log_interval=50)
+
+
+def finetune_command(cfg, task_name, criterion, seed, save_dir, pretrained, workdir):
+    task = cfg["tasks"][task_name]
+    extra = criterion_flags(cfg, criterion, task_name) + list(task.get("finetune_flags", []))
+    extra += ["--finetune-from-model", str(pretrained), "--max-update", str(task["finetune_updates"]),
+              "--no-save-optimizer-state"]
+    if task.get("validate_every"):
+        extra += ["--validate-interval-updates", str(task["validate_every"])]
+    return train_command(cfg, task_name, save_dir, seed, extra, workdir, log_interval=10)
+
+
+def subprocess_env():
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def run_logged(cmd, log_path):
+    """Run ``cmd`` with stdout+stderr to ``log_path``; (returncode, wall seconds)."""
+    import time
+
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log_path, "w") as log:
+        log.write("# " + " ".join(shell_quote(c) for c in cmd) + "\n")
+        log.flush()
+        proc = subprocess.run([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
+                              env=subprocess_env())
+    return proc.returncode, time.time() - start
+
+
+def shell_quote(arg):
+    import shlex
+
+    return shlex.quote(str(arg))
+
+
+def command_text(cmd):
+    return " ".join(shell_quote(c) for c in cmd)
+
+
+def log_tail(path, chars=2500):
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    errors = [l for l in text.splitlines() if l.startswith("error:")]
+    return "\n".join(errors) if errors else text[-chars:]
+
+
+# ---------------------------------------------------------------------------
+# logs
+# ---------------------------------------------------------------------------
+
+_VALID = re.compile(r"\| valid \| (?:epoch (\d+) \| )?valid on '([^']+)' subset \| (.*)$")
+_TRAIN_INNER = re.compile(r"\| train_inner \| epoch (\d+):\s+(\d+) / (\d+) (.*)$")
+
+
+def _number(text):
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+def parse_log(text):
+    """fairseq-train ``--log-format simple`` output -> {"valid": [...], "train": [...]}.
+
+    ``valid``: one dict per validation (``epoch``, ``subset``, every logged
+    ``key value`` pair, e.g. ``loss``, ``reward``, ``greedy_bleu``,
+    ``num_updates``); ``train``: one dict per ``train_inner`` line.
+    """
+    valid, train = [], []
+    for line in text.splitlines():
+        m = _VALID.search(line)
+        if m:
+            entry = {"epoch": int(m.group(1)) if m.group(1) else None, "subset": m.group(2)}
+            for part in m.group(3).split(" | "):
+                key, _, value = part.strip().partition(" ")
+                if key:
+                    entry[key] = _number(value.strip())
+            valid.append(entry)
+            continue
+        m = _TRAIN_INNER.search(line)
+        if m:
+            entry = {"epoch": int(m.group(1)), "step": int(m.group(2)), "steps": int(m.group(3))}
+            for part in m.group(4).split(", "):
+                key, _, value = part.strip().partition("=")
+                if key:
+                    entry[key] = _number(value.strip())
+            train.append(entry)
+    return {"valid": valid, "train": train}
+
+
+def curve(entries, key, scale=1.0, subset="valid"):
+    """[(num_updates, value * scale)] of validation entries that logged ``key``.
+
+    Sorted by updates; a repeated update keeps its last value.
+    """
+    points = {}
+    for entry in entries:
+        if entry.get("subset", subset) != subset or key not in entry or "num_updates" not in entry:
+            continue
+        value = entry[key]
+        if isinstance(value, (int, float)):
+            points[int(entry["num_updates"])] = float(value) * scale
+    return sorted(points.items())
+
+
+def mean_curve(curves):
+    """Mean over runs at each update: [(updates, mean, std or None, n)].
+
+    Updates logged by only some runs are kept with their own n.
+    """
+    by_update = {}
+    for points in curves:
+        for updates, value in points:
+            by_update.setdefault(updates, []).append(value)
+    out = []
+    for updates in sorted(by_update):
+        s = summarize(by_update[updates])
+        out.append((updates, s["mean"], s["std"], s["n"]))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------
+
+def summarize(values):
+    """{"n", "mean", "std"}: sample std (n-1), None when n < 2; mean None when n == 0."""
+    values = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    n = len(values)
+    return {"n": n, "mean": statistics.fmean(values) if n else None,
+            "std": statistics.stdev(values) if n >= 2 else None}
+
+
+def aggregate(rows, control=CONTROL):
+    """Per task and criterion: metric summary, Δ vs the control, wall time.
+
+    Returns {task: {criterion: {"metric", "n", "mean", "std", "seeds",
+    "delta", "delta_std", "delta_n", "wall_s", "updates"}}}.  ``delta`` is
+    mean(criterion) - mean(control); ``delta_std`` the std of the
+    seed-paired differences (seeds present in both), None if < 2 pairs.
+    """
+    groups = {}
+    for row in rows:
+        groups.setdefault(row["task"], {}).setdefault(row["criterion"], []).append(row)
+    out = {}
+    for task, by_crit in groups.items():
+        ctrl = {r["seed"]: r["value"] for r in by_crit.get(control, [])}
+        ctrl_mean = summarize(ctrl.values())["mean"]
+        out[task] = {}
+        for crit, crit_rows in by_crit.items():
+            values = {r["seed"]: r["value"] for r in crit_rows}
+            s = summarize(values.values())
+            entry = {"metric": crit_rows[0]["metric"], **s, "seeds": sorted(values),
+                     "wall_s": summarize([r.get("wall_s") for r in crit_rows])["mean"],
+                     "updates": crit_rows[0].get("updates")}
+            if crit != control and ctrl_mean is not None and s["mean"] is not None and crit != PRETRAIN:
+                paired = [values[k] - ctrl[k] for k in values if k in ctrl]
+                d = summarize(paired)
+                entry.update(delta=s["mean"] - ctrl_mean, delta_std=d["std"], delta_n=d["n"])
+            elif crit == control:
+                entry.update(delta=0.0, delta_std=None, delta_n=s["n"])
+            else:
+                entry.update(delta=None, delta_std=None, delta_n=0)
+            out[task][crit] = entry
+    return out
+
+
+def merge_rows(old, new, replace_all=False):
+    """quality.json rows: ``new`` replaces rows of the same (task, criterion, seed);
+    with ``replace_all`` (a full run) only ``new`` is kept."""
+    if replace_all:
+        return list(new)
+    key = lambda r: (r["task"], r["criterion"], r["seed"])  # noqa: E731
+    fresh = {key(r) for r in new}
+    return [r for r in old if key(r) not in fresh] + list(new)
+
+
+def _fmt(value, digits=2, signed=False):
+    if value is None:
+        return "–"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def metric_title(task_cfg):
+    if task_cfg["metric"] == "bleu":
+        refs = "+".join(task_cfg["refs"])
+        return (f"{task_cfg.get('eval_split', 'test')} BLEU (sacrebleu, refs {refs}, "
+                f"beam {task_cfg['beam']}), higher is better")
+    return (f"{task_cfg.get('eval_split', 'test')} character edit error % "
+            f"({'greedy' if task_cfg['beam'] == 1 else 'beam ' + str(task_cfg['beam'])}), lower is better")
+
+
+def markdown_report(cfg, agg, speed=None, skipped=(), failed=(), order=None):
+    """Markdown: one table per task (criterion, mean ± std, Δ vs MLE, seeds,
+    fine-tune wall s, step time vs MLE) plus skipped / failed runs."""
+    lines = []
+    order = order or list(cfg["criterions"])
+    for task_name, task_cfg in cfg["tasks"].items():
+        if task_name not in agg:
+            continue
+        by_crit = agg[task_name]
+        lines.append(f"### {task_name}: {metric_title(task_cfg)}")
+        lines.append("")
+        lines.append("| criterion | metric (mean ± std) | Δ vs MLE (± std of paired Δ) | seeds "
+                     "| updates | fine-tune wall s | step time vs MLE |")
+        lines.append("|---|---|---|---|---|---|---|")
+        if PRETRAIN in by_crit:
+            e = by_crit[PRETRAIN]
+            lines.append(f"| *pre-trained MLE (start point)* | {_fmt(e['mean'])} | | | {e['updates']} "
+                         f"| {_fmt(e['wall_s'], 0)} (pre-training) | |")
+        for crit in order:
+            if crit not in by_crit:
+                continue
+            e = by_crit[crit]
+            mean_std = _fmt(e["mean"]) + (f" ± {_fmt(e['std'])}" if e["std"] is not None else "")
+            if crit == CONTROL:
+                delta = "(control)"
+            elif e["delta"] is None:
+                delta = "–"
+            else:
+                delta = _fmt(e["delta"], signed=True) + (f" ± {_fmt(e['delta_std'])}" if e["delta_std"] is not None else "")
+            ratio = step_ratio(speed, crit, task_name, cfg)
+            lines.append(f"| {crit} | {mean_std} | {delta} | {e['n']} | {e['updates']} "
+                         f"| {_fmt(e['wall_s'], 0)} | {_fmt(ratio) + '×' if ratio is not None else '–'} |")
+        lines.append("")
+    for what, items in (("Not run (skipped)", skipped), ("Failed", failed)):
+        if items:
+            lines.append(f"**{what}:**")
+            lines.extend(f"- {item}" for item in items)
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def step_ratio(speed, criterion, task_name, cfg):
+    """Measured step time vs MLE of ``criterion`` in the speed setting covering ``task_name``."""
+    if not speed or criterion not in speed or not isinstance(speed[criterion], dict):
+        return None
+    entry = speed[criterion]
+    for sname, setting in cfg.get("speed", {}).get("settings", {}).items():
+        if task_name in setting.get("covers", [setting["task"]]):
+            by = entry.get("by_setting", {}).get(sname)
+            if by and by.get("step_time_vs_mle") is not None:
+                return by["step_time_vs_mle"]
+    return None
+
+
+# ---------------------------------------------------------------------------
+# wall-time estimate
+# ---------------------------------------------------------------------------
+
+def _flag_value(flags, name):
+    for i, flag in enumerate(flags):
+        if flag == name and i + 1 < len(flags):
+            return flags[i + 1]
+    return None
+
+
+def estimate_pretrain_s(cfg, task_name):
+    task = cfg["tasks"][task_name]
+    spu = task.get("est_sec_per_update", 0.1)
+    upe = task.get("est_updates_per_epoch", 100)
+    flags = task["pretrain_flags"]
+    max_update = _flag_value(flags, "--max-update")
+    max_epoch = _flag_value(flags, "--max-epoch")
+    updates = int(max_update) if max_update else int(max_epoch or 1) * upe
+    epochs = max(1, math.ceil(updates / upe))
+    interval = int(_flag_value(flags, "--validate-interval") or 1)
+    n_valid = epochs // interval + (1 if epochs % interval else 0)
+    return (cfg["run"].get("startup_s", 8) + updates * spu + n_valid * task.get("est_validate_s", 5)
+            + task.get("est_eval_s", 30))
+
+
+def estimate_finetune_s(cfg, task_name, criterion, speed=None):
+    task = cfg["tasks"][task_name]
+    ratio = step_ratio(speed, criterion, task_name, cfg)
+    if ratio is None:
+        ratio = cfg["criterions"][criterion].get("est_step_cost", 1.0)
+    updates = task["finetune_updates"]
+    n_valid = updates // task["validate_every"] if task.get("validate_every") else 1
+    return (cfg["run"].get("startup_s", 8) + updates * task.get("est_sec_per_update", 0.1) * ratio
+            + n_valid * task.get("est_validate_s", 5) + task.get("est_eval_s", 30))
+
+
+def estimate_plan(cfg, runs, pretrains, speed=None):
+    """Estimated seconds: {"total", "pretrain": {task: s}, "finetune": {(task, crit): s}}.
+
+    ``runs``: (task, criterion, seed) still to run; ``pretrains``: tasks
+    whose MLE model must still be trained (and evaluated).
+    """
+    pre = {t: estimate_pretrain_s(cfg, t) for t in pretrains}
+    fine = {}
+    for task, crit, _seed in runs:
+        fine[(task, crit)] = fine.get((task, crit), 0.0) + estimate_finetune_s(cfg, task, crit, speed)
+    return {"total": sum(pre.values()) + sum(fine.values()), "pretrain": pre, "finetune": fine}
+
+
+# ---------------------------------------------------------------------------
+# plots
+# ---------------------------------------------------------------------------
+
+def _pyplot():
+    import logging
+
+    import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's imports may set DEBUG
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(task_name, task_cfg, curves_by_crit, path, start=None, order=None):
+    """Validation metric vs fine-tuning updates, mean over seeds (band: ± std).
+
+    ``curves_by_crit``: {criterion: [curve per seed]}; ``start``: the
+    pre-trained model's value, drawn at update 0 for every criterion.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for crit in order or sorted(curves_by_crit):
+        if crit not in curves_by_crit:
+            continue
+        mean = mean_curve(curves_by_crit[crit])
+        if start is not None:
+            mean = [(0, start, None, 1)] + [p for p in mean if p[0] != 0]
+        if not mean:
+            continue
+        xs = [p[0] for p in mean]
+        ys = [p[1] for p in mean]
+        style = dict(color="black", linestyle="--") if crit == CONTROL else {}
+        n = max(p[3] for p in mean)
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"{crit} (n={n})", **style)
+        lo = [p[1] - (p[2] or 0.0) for p in mean]
+        hi = [p[1] + (p[2] or 0.0) for p in mean]
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12, linewidth=0)
+    ax.set_xlabel("fine-tuning updates (from the pre-trained MLE model)")
+    ax.set_ylabel(task_cfg.get("curve_label", task_cfg["curve_key"]))
+    ax.set_title(f"{task_name}: validation during fine-tuning (mean over seeds ± std)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def cost_gain_points(cfg, agg, speed):
+    """[(task, criterion, step_time_vs_mle, gain, gain_std)]: gain = improvement over
+    MLE in metric points (Δ for higher-is-better metrics, -Δ otherwise)."""
+    points = []
+    for task_name, by_crit in agg.items():
+        task_cfg = cfg["tasks"].get(task_name)
+        if task_cfg is None:
+            continue
+        sign = 1.0 if task_cfg["higher_is_better"] else -1.0
+        for crit, e in by_crit.items():
+            if crit == PRETRAIN or e.get("delta") is None:
+                continue
+            ratio = 1.0 if crit == CONTROL else step_ratio(speed, crit, task_name, cfg)
+            if ratio is None:
+                continue
+            points.append((task_name, crit, ratio, sign * e["delta"], e.get("delta_std")))
+    return points
+
+
+def plot_cost_vs_gain(points, path):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    tasks = sorted({p[0] for p in points})
+    markers = "osD^v<>"
+    for i, task in enumerate(tasks):
+        pts = [p for p in points if p[0] == task]
+        ax.errorbar([p[2] for p in pts], [p[3] for p in pts],
+                    yerr=[p[4] or 0.0 for p in pts], fmt=markers[i % len(markers)],
+                    capsize=3, label=task)
+        for p in pts:
+            if p[1] != CONTROL or i == 0:  # label the control (1x, 0) once
+                ax.annotate(p[1], (p[2], p[3]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(0.0, color="gray", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("step time vs MLE (forward+backward, benchmarks/speed.py)")
+    ax.set_ylabel("gain over MLE (BLEU points; edit-error points removed)")
+    ax.set_title("cost vs gain (mean over seeds; bars: std of the paired Δ)")
+    ax.grid(alpha=0.3, which="both")
+    if points:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no data (run speed.py and quality.py)", transform=ax.transAxes, ha="center")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# small I/O helpers
+# ---------------------------------------------------------------------------
+
+def read_json(path, default=None):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def write_json(path, obj):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def fmt_duration(seconds):
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,425 @@
+#!/usr/bin/env python
+"""Quality benchmark: does each criterion beat MLE when fine-tuning the same model?
+
+    python benchmarks/quality.py [--quick] [--tasks a,b] [--criterions a,b]
+        [--seeds 1,2,3] [--workdir work/bench] [--config benchmarks/config.toml]
+        [--results benchmarks/results] [--force] [--force-pretrain] [--dry-run]
+
+For every task of ``benchmarks/config.toml``:
+
+1. prepare the data if missing (the task's ``prepare`` command);
+2. pre-train one MLE model (cached in WORKDIR/TASK/pretrain with its
+   ``command.txt``; reused while the command is unchanged) and score it;
+3. for every seed and criterion: fine-tune from it for the task's
+   ``finetune_updates`` (``fairseq_cli.train --finetune-from-model``;
+   ``mle`` continues MLE, the control), validating with ``--eval-reward`` every
+   ``validate_every`` updates, then score ``checkpoint_last.pt`` with
+   ``examples/evaluate.py`` (sacrebleu BLEU vs every reference / edit error %).
+   A run whose ``result.json`` matches its command is skipped (``--force``
+   reruns it); criterions fairseq does not know are skipped with a message;
+4. write RESULTS/quality.json (rows task, criterion, seed, metric, value,
+   updates, wall_s), quality_curves.json, quality.md and the plots
+   quality_curves_{task}.png and cost_vs_gain.png (x from speed.json).
+
+A full run (no --tasks/--criterions/--seeds) rewrites quality.json; a partial
+one replaces only its own rows.  ``--quick`` (1 seed, short pre-training, few
+updates) uses its own workdir and results (``[quick]`` in the config), so it
+never touches the full results.
+"""
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "examples"))
+
+from benchmarks import harness as H  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", default=str(H.DEFAULT_CONFIG))
+    p.add_argument("--quick", action="store_true", help="1 seed, short pre-training, few updates (~10 min)")
+    p.add_argument("--tasks", help="comma-separated subset of the config's tasks")
+    p.add_argument("--criterions", help="comma-separated subset of the config's criterions")
+    p.add_argument("--seeds", help="comma-separated fine-tuning seeds (default: the config's)")
+    p.add_argument("--workdir", help="checkpoints and logs (default: work/bench, quick: work/bench_quick)")
+    p.add_argument("--results", help="output directory (default: benchmarks/results, quick: .../quick)")
+    p.add_argument("--speed-json", help="speed.json for step-time ratios (default: RESULTS/speed.json, "
+                   "else benchmarks/results/speed.json)")
+    p.add_argument("--force", action="store_true", help="rerun fine-tuning runs that have results")
+    p.add_argument("--force-pretrain", action="store_true",
+                   help="retrain the MLE models (and rerun every fine-tuning run of their tasks)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep fine-tuned checkpoints (default: deleted once scored)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, run nothing")
+    p.add_argument("--no-plots", action="store_true")
+    return p.parse_args(argv)
+
+
+def split_list(text):
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def log(msg=""):
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# planning
+# ---------------------------------------------------------------------------
+
+def select(cfg, tasks=None, criterions=None, seeds=None):
+    """(tasks, criterions, seeds) after checking names against the config."""
+    all_tasks, all_crits = list(cfg["tasks"]), list(cfg["criterions"])
+    for kind, chosen, known in (("task", tasks, all_tasks), ("criterion", criterions, all_crits)):
+        for name in chosen or []:
+            if name not in known:
+                raise H.ConfigError(f"--{kind}s: unknown {kind} '{name}'; known: {', '.join(known)}")
+    criterions = criterions or [c for c in all_crits if H.criterion_tasks(cfg, c)]
+    if H.CONTROL not in criterions:
+        criterions = [H.CONTROL] + criterions  # no Δ without the control
+    tasks = tasks or [t for t in all_tasks if any(t in H.criterion_tasks(cfg, c) for c in criterions)]
+    seeds = seeds or list(cfg["run"].get("seeds", [1]))
+    return tasks, criterions, [int(s) for s in seeds]
+
+
+def plan_runs(cfg, tasks, criterions, seeds):
+    """[(task, criterion, seed)]: seed-major so an interrupted run has whole seeds."""
+    return [(t, c, s) for t in tasks for s in seeds for c in criterions if t in H.criterion_tasks(cfg, c)]
+
+
+def check_runnable(cfg, runs, workdir):
+    """Drop runs whose criterion fairseq does not know; return (runs, skip messages)."""
+    verdict, skipped = {}, []
+    for task, crit, _ in runs:
+        if (task, crit) not in verdict:
+            verdict[(task, crit)] = H.check_criterion(cfg, crit, task, workdir)
+            if verdict[(task, crit)]:
+                skipped.append(verdict[(task, crit)] + " -- skipped")
+    return [r for r in runs if not verdict[(r[0], r[1])]], skipped
+
+
+# ---------------------------------------------------------------------------
+# steps
+# ---------------------------------------------------------------------------
+
+def ensure_data(cfg, task_name, logdir):
+    task = cfg["tasks"][task_name]
+    data = H.resolve_path(task["data"])
+    check = data / task.get("check_file", "")
+    if data.is_dir() and check.exists():
+        return data
+    if not task.get("prepare"):
+        raise RuntimeError(f"{task_name}: data {data} missing and no 'prepare' command in the config")
+    cmd = H.expand(task["prepare"], H.task_mapping(cfg, task_name, logdir))
+    log(f"[{task_name}] preparing data: {H.command_text(cmd)}")
+    code, _ = H.run_logged(cmd, Path(logdir) / task_name / "prepare.log")
+    if code != 0 or not check.exists():
+        raise RuntimeError(f"{task_name}: data preparation failed:\n"
+                           + H.log_tail(Path(logdir) / task_name / "prepare.log"))
+    return data
+
+
+def ensure_token_embeddings(cfg, task_name, workdir):
+    path = H.token_embeddings_path(cfg, task_name, workdir)
+    if path.exists():
+        return path
+    task = cfg["tasks"][task_name]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(REPO / "examples" / "build_token_embeddings.py"),
+           "--data", str(H.resolve_path(task["data"])), "--lang", task.get("target_lang", "tgt"),
+           "--out", str(path)]
+    log(f"[{task_name}] building token embeddings: {H.command_text(cmd)}")
+    code, _ = H.run_logged(cmd, path.with_suffix(".log"))
+    if code != 0:
+        raise RuntimeError(f"{task_name}: building token embeddings failed:\n"
+                           + H.log_tail(path.with_suffix(".log")))
+    return path
+
+
+def score(cfg, task_name, checkpoint):
+    """(metric name, value, all scores) of a checkpoint on the task's eval split."""
+    from evaluate import evaluate
+
+    task = cfg["tasks"][task_name]
+    data = H.resolve_path(task["data"])
+    try:
+        scores = evaluate(data, checkpoint, split=task.get("eval_split", "test"), beam=task["beam"],
+                          langs=tuple(task["refs"]), metric=task["metric"])
+    except SystemExit as e:  # evaluate.py exits with a message on failure
+        raise RuntimeError(f"evaluation of {checkpoint} failed: {e}") from None
+    if task["metric"] == "bleu":
+        refs = task["refs"]
+        key = "bleu_" + ("+".join(refs) if len(refs) > 1 else refs[0])
+        return "bleu", scores[key], scores
+    return "edit_error", scores["edit_error"], scores
+
+
+def final_updates(parsed):
+    updates = [e["num_updates"] for e in parsed["valid"] + parsed["train"] if "num_updates" in e]
+    return max(updates) if updates else None
+
+
+def pretrain(cfg, task_name, workdir, force=False):
+    """Train (or reuse) the task's MLE model; returns its info dict (incl. the row)."""
+    pdir = Path(workdir) / task_name / "pretrain"
+    cmd = H.pretrain_command(cfg, task_name, pdir, workdir)
+    text = H.command_text(cmd)
+    info = H.read_json(pdir / "done.json")
+    if force and pdir.exists():
+        shutil.rmtree(pdir)
+        info = None
+    if info is not None:
+        old = (pdir / "command.txt").read_text().strip() if (pdir / "command.txt").exists() else ""
+        if old != text:
+            raise H.ConfigError(
+                f"[{task_name}] the cached pre-trained model in {pdir} was trained with another command:\n"
+                f"  cached: {old}\n  now:    {text}\n"
+                "rerun with --force-pretrain to retrain it (this reruns the task's fine-tuning runs too)")
+        log(f"[{task_name}] reusing pre-trained MLE model {pdir / 'checkpoint_last.pt'} "
+            f"({info['row']['updates']} updates, {info['row']['metric']} {info['row']['value']:.2f})")
+        return info
+    old = (pdir / "command.txt").read_text().strip() if (pdir / "command.txt").exists() else None
+    if old is not None and old != text and pdir.exists():
+        shutil.rmtree(pdir)  # an unfinished attempt with another command: start over
+    pdir.mkdir(parents=True, exist_ok=True)
+    (pdir / "command.txt").write_text(text + "\n")
+    resume = (pdir / "checkpoint_last.pt").exists()
+    log(f"[{task_name}] pre-training MLE{' (resuming)' if resume else ''}: {text}")
+    code, wall = H.run_logged(cmd, pdir / ("train.log" if not resume else f"train.resume{int(time.time())}.log"))
+    logs = sorted(pdir.glob("train*.log"))
+    parsed = H.parse_log("\n".join(p.read_text(errors="replace") for p in logs))
+    if code != 0:
+        raise RuntimeError(f"[{task_name}] pre-training failed (log {logs[-1]}):\n{H.log_tail(logs[-1])}")
+    t0 = time.time()
+    metric, value, scores = score(cfg, task_name, pdir / "checkpoint_last.pt")
+    task = cfg["tasks"][task_name]
+    valid = H.curve(parsed["valid"], task["curve_key"], task.get("curve_scale", 1.0))
+    prev_wall = H.read_json(pdir / "wall.json", {}).get("wall_s", 0.0)  # interrupted earlier attempts
+    H.write_json(pdir / "wall.json", {"wall_s": prev_wall + wall})
+    info = {
+        "command": text, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "row": {"task": task_name, "criterion": H.PRETRAIN, "seed": int(_seed_of(cmd)), "metric": metric,
+                "value": value, "updates": final_updates(parsed), "wall_s": round(prev_wall + wall, 1),
+                "details": {**scores, "eval_s": round(time.time() - t0, 1)}},
+        "final_valid": valid[-1][1] if valid else None,
+        "curve": valid,
+    }
+    H.write_json(pdir / "done.json", info)
+    log(f"[{task_name}] pre-trained: {info['row']['updates']} updates in {wall:.0f} s; "
+        f"test {metric} {value:.2f}")
+    return info
+
+
+def _seed_of(cmd):
+    return cmd[cmd.index("--seed") + 1]
+
+
+def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False):
+    """Run (or reuse) one fine-tuning run; returns its result dict or raises RuntimeError."""
+    rdir = Path(workdir) / task_name / crit / f"seed{seed}"
+    ckpt = Path(workdir) / task_name / "pretrain" / "checkpoint_last.pt"
+    cmd = H.finetune_command(cfg, task_name, crit, seed, rdir, ckpt, workdir)
+    text = H.command_text(cmd)
+    cached = H.read_json(rdir / "result.json")
+    if cached and not force:
+        if cached.get("command") == text and cached.get("pretrain_finished") == pre["finished"]:
+            log(f"[{task_name}] {crit} seed {seed}: cached ({cached['row']['metric']} "
+                f"{cached['row']['value']:.2f})")
+            return cached
+        log(f"[{task_name}] {crit} seed {seed}: cached result is stale (command or pre-trained model "
+            "changed), rerunning")
+    if rdir.exists():
+        shutil.rmtree(rdir)  # a fresh start: fairseq would otherwise resume from checkpoint_last.pt
+    rdir.mkdir(parents=True)
+    (rdir / "command.txt").write_text(text + "\n")
+    log(f"[{task_name}] {crit} seed {seed}: fine-tuning {cfg['tasks'][task_name]['finetune_updates']} updates")
+    code, wall = H.run_logged(cmd, rdir / "train.log")
+    if code != 0:
+        raise RuntimeError(f"[{task_name}] {crit} seed {seed}: fairseq-train failed "
+                           f"(log {rdir / 'train.log'}):\n{H.log_tail(rdir / 'train.log')}")
+    parsed = H.parse_log((rdir / "train.log").read_text(errors="replace"))
+    t0 = time.time()
+    metric, value, scores = score(cfg, task_name, rdir / "checkpoint_last.pt")
+    task = cfg["tasks"][task_name]
+    result = {
+        "command": text, "pretrain_finished": pre["finished"],
+        "row": {"task": task_name, "criterion": crit, "seed": seed, "metric": metric, "value": value,
+                "updates": final_updates(parsed), "wall_s": round(wall, 1),
+                "details": {**scores, "eval_s": round(time.time() - t0, 1)}},
+        "curve": H.curve(parsed["valid"], task["curve_key"], task.get("curve_scale", 1.0)),
+        "train_loss": [(e.get("num_updates"), e.get("loss")) for e in parsed["train"]],
+    }
+    H.write_json(rdir / "result.json", result)
+    if not keep:
+        for path in rdir.glob("checkpoint*.pt"):
+            path.unlink()
+    log(f"[{task_name}] {crit} seed {seed}: {metric} {value:.2f} (train {wall:.0f} s)")
+    return result
+
+
+# ---------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------
+
+def load_speed(args, results):
+    for path in ([args.speed_json] if args.speed_json else
+                 [Path(results) / "speed.json", H.DEFAULT_RESULTS / "speed.json"]):
+        speed = H.read_json(path)
+        if speed:
+            return speed, Path(path)
+    return None, None
+
+
+def append_row(results, row):
+    """Add (or replace) one row of quality.json as soon as a run is scored, so an
+    interrupted benchmark keeps what it measured; the end of the run rewrites it."""
+    path = Path(results) / "quality.json"
+    H.write_json(path, H.merge_rows(H.read_json(path, []) or [], [row]))
+
+
+def write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed, replace_all, plots=True):
+    results = Path(results)
+    qpath = results / "quality.json"
+    all_rows = H.merge_rows(H.read_json(qpath, []) or [], rows, replace_all=replace_all)
+    H.write_json(qpath, all_rows)
+    curves_path = results / "quality_curves.json"
+    old_curves = {} if replace_all else (H.read_json(curves_path, {}) or {})
+    for (task, crit, seed), points in curves.items():
+        old_curves.setdefault(task, {}).setdefault(crit, {})[str(seed)] = points
+    for task, info in pretrains.items():
+        old_curves.setdefault(task, {})["_start"] = info.get("final_valid")
+    H.write_json(curves_path, old_curves)
+
+    agg = H.aggregate(all_rows)
+    header = [
+        f"<!-- generated by benchmarks/quality.py ({cfg['mode']} run, {time.strftime('%Y-%m-%d %H:%M')}); "
+        "do not edit by hand -->",
+        "",
+        "Fine-tuning from one pre-trained MLE model per task, the same number of updates for every "
+        "criterion; `mle` continues MLE (the control). Mean ± sample std over seeds; Δ vs MLE is "
+        "mean(criterion) − mean(mle), ± the std of the seed-paired differences. Step time: "
+        "forward+backward vs MLE from `benchmarks/speed.py` (– if not measured). Hyperparameters "
+        "and their sources: `benchmarks/config.toml`.",
+        "",
+        "",
+    ]
+    md = "\n".join(header) + H.markdown_report(cfg, agg, speed, skipped=skipped, failed=failed)
+    (results / "quality.md").write_text(md)
+    if plots:
+        order = list(cfg["criterions"])
+        for task_name in agg:
+            if task_name not in cfg["tasks"]:
+                continue
+            by_crit = {c: [pts for pts in seeds.values()] for c, seeds in old_curves.get(task_name, {}).items()
+                       if not c.startswith("_")}
+            H.plot_curves(task_name, cfg["tasks"][task_name], by_crit,
+                          results / f"quality_curves_{task_name}.png",
+                          start=old_curves.get(task_name, {}).get("_start"), order=order)
+        H.plot_cost_vs_gain(H.cost_gain_points(cfg, agg, speed), results / "cost_vs_gain.png")
+    return md
+
+
+# ---------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = H.load_config(args.config, quick=args.quick)
+        tasks, crits, seeds = select(cfg, split_list(args.tasks), split_list(args.criterions),
+                                     split_list(args.seeds))
+    except H.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir or H.resolve_path(cfg["run"].get("workdir", H.DEFAULT_WORKDIR))).resolve()
+    results = Path(args.results or H.resolve_path(cfg["run"].get("results", H.DEFAULT_RESULTS))).resolve()
+    replace_all = not (args.tasks or args.criterions or args.seeds)
+    t_start = time.time()
+
+    runs = plan_runs(cfg, tasks, crits, seeds)
+    runs, skipped = check_runnable(cfg, runs, workdir)
+    for message in skipped:
+        log(f"skip: {message}")
+    tasks = [t for t in tasks if any(r[0] == t for r in runs)]
+    speed, speed_path = load_speed(args, results)
+
+    # what still has to run (for the estimate)
+    todo_pre = [t for t in tasks if args.force_pretrain or not (workdir / t / "pretrain" / "done.json").exists()]
+    todo = [r for r in runs if args.force or r[0] in todo_pre
+            or not (workdir / r[0] / r[1] / f"seed{r[2]}" / "result.json").exists()]
+    est = H.estimate_plan(cfg, todo, todo_pre, speed)
+    full_est = H.estimate_plan(cfg, runs, tasks, speed)
+    log(f"benchmark: {cfg['mode']} run; config {cfg['path']}; workdir {workdir}; results {results}")
+    log(f"tasks: {', '.join(tasks) or 'none'}; criterions: {', '.join(crits)}; seeds: {seeds}; "
+        f"{len(runs)} fine-tuning runs ({len(todo)} to run, the rest cached)")
+    log("estimated wall time (this 2-core CPU, nothing else running; step-time ratios from "
+        + (f"{speed_path}" if speed else "the config's est_step_cost") + "):")
+    for task in tasks:
+        pre = full_est["pretrain"].get(task, 0.0)
+        log(f"  {task:<14} pre-train {H.fmt_duration(pre)}"
+            + ("" if task in todo_pre else " (cached)"))
+        for crit in crits:
+            if (task, crit) in full_est["finetune"]:
+                n = sum(1 for r in runs if r[:2] == (task, crit))
+                log(f"  {'':<14} {crit:<14} {n} x {H.fmt_duration(full_est['finetune'][(task, crit)] / n)}")
+    budget = cfg["run"].get("budget_s")
+    log(f"  total {H.fmt_duration(full_est['total'])} from scratch"
+        + (f" (budget {H.fmt_duration(budget)})" if budget else "")
+        + f"; still to run: {H.fmt_duration(est['total'])}")
+    if budget and full_est["total"] > budget:
+        log(f"  WARNING: the estimate exceeds the budget by {H.fmt_duration(full_est['total'] - budget)}")
+    if args.dry_run:
+        return 0
+
+    rows, curves, pretrains, failed = [], {}, {}, []
+    for task in tasks:
+        try:
+            ensure_data(cfg, task, workdir)
+            task_runs = [r for r in runs if r[0] == task]
+            needs_emb = any("token_embeddings" in H.placeholders(H.criterion_flags(cfg, c, task))
+                            for _, c, _ in task_runs)
+            if needs_emb:
+                ensure_token_embeddings(cfg, task, workdir)
+            pre = pretrain(cfg, task, workdir, force=args.force_pretrain)
+        except (RuntimeError, H.ConfigError) as e:
+            log(f"error: {e}")
+            failed.append(f"{task}: pre-training/data: {str(e).splitlines()[0]}")
+            continue
+        pretrains[task] = pre
+        rows.append(pre["row"])
+        append_row(results, pre["row"])
+        for _, crit, seed in task_runs:
+            try:
+                res = finetune(cfg, task, crit, seed, workdir, pre,
+                               force=args.force or args.force_pretrain, keep=args.keep_checkpoints)
+            except RuntimeError as e:
+                log(f"error: {e}")
+                failed.append(f"{task} / {crit} / seed {seed}: {str(e).splitlines()[0]} "
+                              f"(see {workdir / task / crit / f'seed{seed}' / 'train.log'})")
+                continue
+            rows.append(res["row"])
+            curves[(task, crit, seed)] = res["curve"]
+            append_row(results, res["row"])
+
+    md = write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed, replace_all,
+                       plots=not args.no_plots)
+    log("")
+    log(md)
+    log(f"wrote {results}/quality.json, quality.md, quality_curves.json"
+        + ("" if args.no_plots else ", quality_curves_*.png, cost_vs_gain.png")
+        + f"; total {H.fmt_duration(time.time() - t_start)} (estimate was {H.fmt_duration(est['total'])})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    from benchmarks.speed import quiet
+
+    quiet()  # the in-process fairseq import (flag checks) logs INFO lines and warnings
+    sys.exit(main())

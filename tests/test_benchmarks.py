@@ -1,0 +1,307 @@
+"""The benchmark harness (benchmarks/): config validation, log parsing, aggregation,
+and one tiny end-to-end quality + speed run on the toy data (a few updates)."""
+
+import json
+import math
+import shutil
+import textwrap
+
+import pytest
+
+from benchmarks import harness as H
+from benchmarks import quality, speed
+
+TOY_CONFIG = """
+[run]
+seeds = [1]
+startup_s = 5
+
+[tasks.toy]
+data = "{data}"
+check_file = "dict.tgt.txt"
+target_lang = "tgt"
+train_flags = ["--task", "seqlevel_translation", "-s", "src", "-t", "tgt",
+               "--extra-references", "ref2", "--reward", "bleu", "--eval-reward"]
+model_flags = ["--arch", "lstm", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
+               "--encoder-hidden-size", "16", "--decoder-hidden-size", "16",
+               "--decoder-out-embed-dim", "16"]
+optim_flags = ["--optimizer", "adam", "--lr", "0.005", "--max-tokens", "400"]
+pretrain_flags = ["--max-update", "2"]
+finetune_updates = 2
+validate_every = 1
+metric = "bleu"
+refs = ["tgt", "ref2"]
+beam = 2
+curve_key = "greedy_bleu"
+higher_is_better = true
+est_sec_per_update = 0.1
+est_updates_per_epoch = 2
+est_validate_s = 1
+est_eval_s = 4
+
+[criterions.mle]
+flags = ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0"]
+tasks = ["toy"]
+notes = "the control"
+
+[criterions.raml]
+flags = ["--criterion", "raml", "--raml-samples", "2", "--raml-temperature", "0.3"]
+tasks = ["toy"]
+est_step_cost = 2.0
+notes = "toy raml"
+
+[criterions.typo]
+flags = ["--criterion", "raml", "--raml-samplez", "2"]
+tasks = ["toy"]
+notes = "a misspelled flag"
+
+[criterions.unknown]
+flags = ["--criterion", "no_such_criterion"]
+tasks = ["toy"]
+notes = "not registered"
+
+[speed.settings.toy]
+task = "toy"
+batches = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def toy_bench(toy_data, tmp_path_factory):
+    """A toy data dir with raw/ references and a config pointing at it."""
+    root = tmp_path_factory.mktemp("bench")
+    data = root / "data"
+    shutil.copytree(toy_data, data)
+    shutil.copytree(toy_data.parent / "raw", data / "raw")
+    config = root / "toy.toml"
+    config.write_text(TOY_CONFIG.replace("{data}", str(data)))
+    return {"root": root, "config": config, "data": data}
+
+
+@pytest.fixture(scope="module")
+def toy_run(toy_bench):
+    """One tiny quality run (pre-train 2 updates, fine-tune 2 updates, 1 seed)."""
+    root = toy_bench["root"]
+    argv = ["--config", str(toy_bench["config"]), "--workdir", str(root / "work"),
+            "--results", str(root / "results")]
+    code = quality.main(argv)
+    return {"argv": argv, "code": code, "work": root / "work", "results": root / "results"}
+
+
+# --------------------------------------------------------------------- config
+
+def test_shipped_config_is_valid_and_complete():
+    cfg = H.load_config(H.DEFAULT_CONFIG)
+    assert {"mle", "raml", "tok_seq", "token_smooth", "searnn_kl"} <= set(cfg["criterions"])
+    assert {"bible_es_en", "spelling_0.3", "spelling_0.5"} <= set(cfg["tasks"])
+    for name, crit in cfg["criterions"].items():
+        assert crit["notes"].strip(), name
+    assert cfg["tasks"]["bible_es_en"]["beam"] == 5 and cfg["tasks"]["spelling_0.3"]["beam"] == 1
+    quick = H.load_config(H.DEFAULT_CONFIG, quick=True)
+    assert quick["run"]["seeds"] == [1]
+    assert quick["run"]["results"] != cfg["run"].get("results", "benchmarks/results")
+    for name in cfg["tasks"]:
+        assert quick["tasks"][name]["finetune_updates"] < cfg["tasks"][name]["finetune_updates"]
+    assert len(cfg["run"]["seeds"]) >= 3
+    # the full run fits the budget (estimate from the config's own cost figures)
+    tasks, crits, seeds = quality.select(cfg)
+    est = H.estimate_plan(cfg, quality.plan_runs(cfg, tasks, crits, seeds), tasks)
+    assert est["total"] <= cfg["run"]["budget_s"], est
+
+
+def test_validate_config_reports_every_problem():
+    raw = {
+        "tasks": {"t": {"data": "d", "train_flags": [], "model_flags": [], "optim_flags": [],
+                        "pretrain_flags": [], "finetune_updates": 0, "metric": "rouge", "refs": ["x"],
+                        "beam": 1, "curve_key": "reward", "higher_is_better": True, "bogus": 1}},
+        "criterions": {"raml": {"flgs": ["--criterion", "raml"], "tasks": ["t", "nope"], "notes": "n"}},
+    }
+    errors = "\n".join(H.validate_config(raw))
+    assert "needs a [criterions.mle]" in errors
+    assert "tasks.t: unknown key 'bogus'" in errors
+    assert "tasks.t.metric" in errors and "finetune_updates: must be >= 1" in errors
+    assert "criterions.raml: unknown key 'flgs' (did you mean 'flags'?)" in errors
+    assert "criterions.raml: missing key 'flags'" in errors
+    assert "unknown task 'nope'" in errors
+
+
+def test_load_config_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tasks\n")
+    with pytest.raises(H.ConfigError, match="bad.toml"):
+        H.load_config(bad)
+    with pytest.raises(H.ConfigError, match="not found"):
+        H.load_config(tmp_path / "missing.toml")
+
+
+def test_check_criterion_messages(toy_bench):
+    cfg = H.load_config(toy_bench["config"])
+    assert H.check_criterion(cfg, "raml", "toy") is None
+    assert H.check_criterion(cfg, "mle", "toy") is None
+    msg = H.check_criterion(cfg, "typo", "toy")
+    assert "unknown flag(s): --raml-samplez (did you mean --raml-samples?)" in msg
+    msg = H.check_criterion(cfg, "unknown", "toy")
+    assert "fairseq does not know --criterion no_such_criterion" in msg
+    cfg["criterions"]["raml"]["flags"] += ["--raml-sampler", "gaussian"]
+    assert "invalid choice" in H.check_criterion(cfg, "raml", "toy")
+
+
+def test_expand_placeholders():
+    assert H.expand(["--x", "{data}/f"], {"data": "/d"}) == ["--x", "/d/f"]
+    with pytest.raises(H.ConfigError, match="unknown placeholder"):
+        H.expand(["{nope}"], {"data": "/d"})
+    assert H.placeholders(["--token-embeddings", "{token_embeddings}"]) == {"token_embeddings"}
+
+
+# ------------------------------------------------------------ pure functions
+
+def _rows(task, crit, values, metric="bleu"):
+    return [{"task": task, "criterion": crit, "seed": s, "metric": metric, "value": v, "updates": 10,
+             "wall_s": 100.0 + s} for s, v in values.items()]
+
+
+def test_summarize():
+    assert H.summarize([]) == {"n": 0, "mean": None, "std": None}
+    assert H.summarize([2.0]) == {"n": 1, "mean": 2.0, "std": None}
+    s = H.summarize([1.0, 2.0, 3.0, 6.0])
+    assert s["mean"] == 3.0 and math.isclose(s["std"], math.sqrt(14 / 3))
+
+
+def test_aggregate_delta_and_paired_std():
+    rows = (_rows("t", "mle", {1: 20.0, 2: 22.0, 3: 21.0})
+            + _rows("t", "raml", {1: 21.0, 2: 22.5, 3: 22.5})
+            + _rows("t", "x", {1: 30.0})
+            + _rows("t", H.PRETRAIN, {1: 19.0}))
+    agg = H.aggregate(rows)["t"]
+    assert agg["mle"]["mean"] == 21.0 and agg["mle"]["std"] == 1.0 and agg["mle"]["delta"] == 0.0
+    raml = agg["raml"]
+    assert math.isclose(raml["mean"], 22.0) and math.isclose(raml["delta"], 1.0)
+    assert math.isclose(raml["delta_std"], H.summarize([1.0, 0.5, 1.5])["std"])  # paired by seed
+    assert raml["n"] == 3 and raml["seeds"] == [1, 2, 3] and raml["wall_s"] == 102.0
+    assert math.isclose(agg["x"]["delta"], 9.0) and agg["x"]["delta_std"] is None
+    assert agg[H.PRETRAIN]["delta"] is None
+
+
+def test_markdown_report_and_cost_gain(toy_bench):
+    cfg = H.load_config(toy_bench["config"])
+    rows = (_rows("toy", "mle", {1: 20.0, 2: 22.0}) + _rows("toy", "raml", {1: 21.0, 2: 22.5})
+            + _rows("toy", H.PRETRAIN, {1: 19.0}))
+    speed_json = {"raml": {"step_time_vs_mle": 2.5, "by_setting": {"toy": {"step_time_vs_mle": 2.5}}}}
+    md = H.markdown_report(cfg, H.aggregate(rows), speed_json, skipped=["x -- skipped"])
+    assert "| mle | 21.00 ± 1.41 | (control) | 2 | 10 | 102 | – |" in md
+    assert "| raml | 21.75 ± 1.06 | +0.75 ± 0.35 | 2 | 10 | 102 | 2.50× |" in md
+    assert "pre-trained MLE (start point)* | 19.00" in md and "- x -- skipped" in md
+    points = H.cost_gain_points(cfg, H.aggregate(rows), speed_json)
+    assert ("toy", "raml", 2.5, 0.75) == points[-1][:4] and points[0][1:3] == ("mle", 1.0)
+    cfg["tasks"]["toy"]["higher_is_better"] = False  # an error metric: gain = -delta
+    assert H.cost_gain_points(cfg, H.aggregate(rows), speed_json)[-1][3] == -0.75
+
+
+def test_merge_rows():
+    old = _rows("t", "mle", {1: 1.0, 2: 2.0}) + _rows("u", "mle", {1: 5.0})
+    new = _rows("t", "mle", {2: 9.0})
+    merged = H.merge_rows(old, new)
+    assert sorted((r["task"], r["seed"], r["value"]) for r in merged) == [("t", 1, 1.0), ("t", 2, 9.0), ("u", 1, 5.0)]
+    assert H.merge_rows(old, new, replace_all=True) == new
+
+
+def test_curves():
+    entries = [{"subset": "valid", "num_updates": 2, "reward": -0.5},
+               {"subset": "valid", "num_updates": 1, "reward": -0.25},
+               {"subset": "valid", "num_updates": 2, "reward": -0.4},  # repeated update: last wins
+               {"subset": "valid", "num_updates": 3}]                  # key missing: skipped
+    assert H.curve(entries, "reward", scale=-100) == [(1, 25.0), (2, 40.0)]
+    mean = H.mean_curve([[(1, 1.0), (2, 3.0)], [(1, 3.0)]])
+    assert mean[0][:2] == (1, 2.0) and math.isclose(mean[0][2], math.sqrt(2)) and mean[0][3] == 2
+    assert mean[1] == (2, 3.0, None, 1)
+
+
+def test_estimate_plan(toy_bench):
+    cfg = H.load_config(toy_bench["config"])
+    # pre-train: startup 5 + 2 updates x 0.1 + 1 validation x 1 + eval 4
+    assert math.isclose(H.estimate_pretrain_s(cfg, "toy"), 5 + 0.2 + 1 + 4)
+    # fine-tune: startup 5 + 2 updates x 0.1 x cost + 2 validations x 1 + eval 4
+    est = H.estimate_plan(cfg, [("toy", "mle", 1), ("toy", "raml", 1), ("toy", "raml", 2)], [])
+    assert math.isclose(est["finetune"][("toy", "mle")], 5 + 0.2 + 2 + 4)
+    assert math.isclose(est["finetune"][("toy", "raml")], 2 * (5 + 0.4 + 2 + 4))
+    speed_json = {"raml": {"by_setting": {"toy": {"step_time_vs_mle": 3.0}}}}  # measured ratio wins
+    est = H.estimate_plan(cfg, [("toy", "raml", 1)], [], speed_json)
+    assert math.isclose(est["total"], 5 + 0.6 + 2 + 4)
+
+
+def test_speed_summaries(toy_bench):
+    times = {"mle": [1.0, 2.0, 1.5], "raml": [2.0, 3.0, 4.5]}
+    out = speed.summarize_times(times)
+    assert out["mle"]["step_time_vs_mle"] == 1.0
+    assert math.isclose(out["raml"]["step_time_vs_mle"], 3.0 / 1.5)
+    assert math.isclose(out["raml"]["median_paired_ratio"], 2.0)  # median of 2.0, 1.5, 3.0
+    cfg = H.load_config(toy_bench["config"])
+    cfg["criterions"]["raml"]["speed_targets"] = [{"setting": "toy", "max_ratio": 1.5}]
+    targets = speed.check_targets(cfg, {"toy": out})
+    assert targets == [{"criterion": "raml", "setting": "toy", "vs": "mle", "ratio": 2.0,
+                        "max_ratio": 1.5, "ok": False}]
+
+
+# ------------------------------------------------------------ end to end
+
+def test_quality_end_to_end(toy_run):
+    assert toy_run["code"] == 0
+    results = toy_run["results"]
+    rows = json.loads((results / "quality.json").read_text())
+    assert {(r["criterion"], r["seed"]) for r in rows} == {("mle", 1), ("raml", 1), (H.PRETRAIN, 1)}
+    for row in rows:
+        assert set(row) >= {"task", "criterion", "seed", "metric", "value", "updates", "wall_s"}
+        assert row["task"] == "toy" and row["metric"] == "bleu" and 0.0 <= row["value"] <= 100.0
+        assert row["updates"] == 2 and row["wall_s"] > 0
+    md = (results / "quality.md").read_text()
+    assert "| mle |" in md and "| raml |" in md
+    assert "--raml-samplez (did you mean --raml-samples?)" in md and "no_such_criterion" in md
+    assert (results / "quality_curves_toy.png").stat().st_size > 0
+    assert (results / "cost_vs_gain.png").stat().st_size > 0
+    curves = json.loads((results / "quality_curves.json").read_text())
+    assert [p[0] for p in curves["toy"]["raml"]["1"]] == [1, 2]
+    work = toy_run["work"]
+    assert (work / "toy" / "pretrain" / "command.txt").read_text().startswith(H.sys.executable)
+    assert not list((work / "toy" / "raml" / "seed1").glob("*.pt"))  # scored, then deleted
+
+
+def test_log_parsing_on_a_real_fairseq_log(toy_run):
+    text = (toy_run["work"] / "toy" / "raml" / "seed1" / "train.log").read_text()
+    parsed = H.parse_log(text)
+    valid = parsed["valid"]
+    assert [v["num_updates"] for v in valid] == [1, 2]
+    for v in valid:
+        assert v["subset"] == "valid" and v["epoch"] >= 1
+        assert isinstance(v["loss"], float) and 0.0 <= v["reward"] <= 1.0 and "greedy_bleu" in v
+    assert H.curve(valid, "greedy_bleu") == [(1, float(valid[0]["greedy_bleu"])),
+                                             (2, float(valid[1]["greedy_bleu"]))]
+
+
+def test_quality_rerun_is_cached(toy_run, capsys):
+    assert quality.main(toy_run["argv"] + ["--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "reusing pre-trained MLE model" in out
+    assert "mle seed 1: cached" in out and "raml seed 1: cached" in out
+    assert "fine-tuning 2 updates" not in out
+
+
+def test_quality_dry_run_prints_estimate(toy_bench, capsys):
+    code = quality.main(["--config", str(toy_bench["config"]), "--workdir", str(toy_bench["root"] / "dry"),
+                         "--dry-run", "--criterions", "raml"])
+    out = capsys.readouterr().out
+    assert code == 0 and "estimated wall time" in out and "total" in out
+    assert "criterions: mle, raml" in out  # the control is always added
+    assert not (toy_bench["root"] / "dry").exists()
+
+
+def test_speed_end_to_end(toy_bench, tmp_path):
+    out = tmp_path / "speed.json"
+    code = speed.main(["--config", str(toy_bench["config"]), "--workdir", str(toy_bench["root"] / "work"),
+                       "--rounds", "1", "--no-reward", "--json", str(out), "--criterions", "mle,raml,unknown"])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert data["mle"]["step_time_vs_mle"] == 1.0 and data["raml"]["step_time_vs_mle"] > 0
+    for crit in ("mle", "raml"):
+        assert data[crit]["setting"] == "toy" and data[crit]["peak_mem_mb"] >= 0
+    assert "no_such_criterion" in data["unknown"]["skipped"]
+    assert data["_meta"]["settings"]["toy"]["batches"] == 1
