@@ -26,7 +26,11 @@ log() { printf '[install] %s\n' "$*" >&2; }
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 
 # The registry mirrors here print a warning per missing local index; hide them.
-quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+# pip's resolver also complains that fairseq-fixed wants torchaudio, which we
+# leave out on purpose (see below).
+quiet() {
+  "$@" 2> >(grep -vE "is ignored: it is neither a file nor a directory|dependency resolver does not currently|requires torchaudio" >&2)
+}
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   log "installing $TORCH_REQ"
@@ -38,12 +42,13 @@ if ! "$VENV/bin/python" -c "import fairseq" 2>/dev/null; then
   # module with that fixed.  --no-build-isolation: build against the torch
   # above (isolation would fetch another torch); --no-deps: its torchaudio
   # requirement would pull a torch of its own and nothing here uses audio.
+  quiet "${PIP[@]}" "hydra-core==1.3.2" "omegaconf==2.3.0" regex tqdm bitarray \
+    scikit-learn packaging cffi "sacrebleu>=2.0"
   log "building fairseq-fixed==0.12.3.1 (about 2.5 minutes the first time)"
   quiet "${PIP[@]}" --no-build-isolation --no-deps "fairseq-fixed==0.12.3.1"
-  quiet "${PIP[@]}" "hydra-core==1.3.2" "omegaconf==2.3.0" regex tqdm bitarray \
-    scikit-learn packaging cffi
 fi
 quiet "${PIP[@]}" -e "$ROOT[test,bench]"
-"$VENV/bin/python" -c "import fairseq, fairseq_seqlevel, sentencepiece, sacrebleu"
+"$VENV/bin/python" -c "import fairseq, fairseq_seqlevel, sentencepiece, sacrebleu" 2>/dev/null \
+  || { log "error: the venv at $VENV cannot import fairseq_seqlevel"; exit 1; }
 echo "$WANT" > "$STAMP"
 log "ready: $VENV"

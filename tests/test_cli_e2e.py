@@ -66,3 +66,9 @@ def test_missing_data_dir_is_one_line(tmp_path):
     assert re.search(r"^error: DATA: data directory not found: .*nope$", out.stderr, re.M), out.stderr[-2000:]
     # fairseq itself creates --save-dir before the task is set up; it stays empty
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+def test_help_lists_our_criterions():
+    out = run_cli("train", "--user-dir", USER_DIR, "--help")
+    choices = re.search(r"--criterion \{([^}]*)\}", out.stdout).group(1).split(",")
+    assert {"raml", "token_smooth"} <= set(choices)

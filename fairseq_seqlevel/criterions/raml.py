@@ -74,7 +74,7 @@ class RamlConfig(TokenSmoothConfig):
     )
     raml_samples: int = field(default=5, metadata={"help": "L: samples per example"})
     raml_temperature: float = field(
-        default=0.15,
+        default=0.1,
         metadata={"help": "τ of r ∝ exp(-d/τ) (the sampler's prior; p(d) ∝ C(T,d)(|V_sub|-1)^d "
                   "e^{-d/τ}, so τ must be below 1/ln(|V_sub|-1) for samples to stay near y*)"},
     )
