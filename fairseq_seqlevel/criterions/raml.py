@@ -31,6 +31,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 
+from fairseq_seqlevel.criterions.common import pad_right, references_of, unsampleable_ids
 from fairseq_seqlevel.criterions.token_smooth import (
     TokenSmoothConfig,
     build_token_targets,
@@ -116,18 +117,6 @@ def raml_loss(ref_loss, sample_loss, weights, alpha):
     return (1.0 - alpha) * ref_loss + alpha * expected
 
 
-def references_of(sample):
-    """B x R x T references: the task's multi-reference tensor, else the target."""
-    refs = sample.get("references")
-    return refs if refs is not None else sample["target"].unsqueeze(1)
-
-
-def pad_right(tokens, length, pad):
-    if tokens.size(1) >= length:
-        return tokens
-    return torch.cat([tokens, tokens.new_full((tokens.size(0), length - tokens.size(1)), pad)], dim=1)
-
-
 def interleave_reference_and_samples(target, samples, num_samples, pad):
     """Rows [y*_b, y_b1..y_bL] for each b: (B·(L+1)) x T', padded to a common length."""
     length = max(target.size(1), samples.size(1))
@@ -146,12 +135,7 @@ class RamlCriterion(FairseqCriterion):
         dictionary = task.target_dictionary
         self.eos = dictionary.eos()
         self.num_tokens = len(dictionary)
-        # Ids a sample must never contain; fairseq pads dictionaries with
-        # "madeupword" fillers up to a multiple of 8.
-        self.special_ids = sorted(
-            {dictionary.bos(), dictionary.pad(), dictionary.eos(), dictionary.unk()}
-            | {i for i, s in enumerate(dictionary.symbols) if s.startswith("madeupword")}
-        )
+        self.special_ids = unsampleable_ids(dictionary)
         self.sampler = SAMPLERS[cfg.raml_sampler]
         self.reward = None
         if cfg.raml_reward is not None:

@@ -96,7 +96,7 @@ from omegaconf import II
 from torch import Tensor
 
 from fairseq_seqlevel import rewards
-from fairseq_seqlevel.criterions.raml import references_of
+from fairseq_seqlevel.criterions.common import pad_right, references_of, unsampleable_ids
 from fairseq_seqlevel.criterions.token_smooth import log_stock_metrics
 from fairseq_seqlevel.errors import check
 from fairseq_seqlevel.sampling import rollouts
@@ -368,12 +368,6 @@ class SearchResult(NamedTuple):
     num_decoded: int
 
 
-def _pad_to(tokens: Tensor, width: int, pad: int) -> Tensor:
-    if tokens.size(1) >= width:
-        return tokens
-    return torch.cat([tokens, tokens.new_full((tokens.size(0), width - tokens.size(1)), pad)], dim=1)
-
-
 @register_criterion("searnn_kl", dataclass=SearnnConfig)
 class SearnnCriterion(FairseqCriterion):
     def __init__(self, task, cfg: SearnnConfig):
@@ -383,12 +377,10 @@ class SearnnCriterion(FairseqCriterion):
         self.sentence_avg = cfg.sentence_avg
         dictionary = task.target_dictionary
         self.eos = dictionary.eos()
-        special = {dictionary.bos(), dictionary.pad(), dictionary.unk()} | {
-            i for i, s in enumerate(dictionary.symbols) if s.startswith("madeupword")}
-        if cfg.searnn_eos_candidate == "gt":
-            special.add(self.eos)
+        # eos is a candidate token (ending the sentence here) unless asked otherwise
+        special = unsampleable_ids(dictionary, include_eos=cfg.searnn_eos_candidate == "gt")
         allowed = torch.ones(len(dictionary), dtype=torch.bool)
-        allowed[sorted(special)] = False
+        allowed[special] = False
         self.register_buffer("allowed", allowed, persistent=False)
         if cfg.searnn_reward is None and getattr(task, "reward", None) is not None:
             self.reward = task.reward
@@ -421,7 +413,7 @@ class SearnnCriterion(FairseqCriterion):
             enc = model.encoder.reorder_encoder_out(encoder_out, learned)
             greedy = rollouts.greedy_rollin(model, enc, caps.index_select(0, learned), pad, eos)
             width = max(target.size(1), greedy.size(1))
-            rollin = _pad_to(target, width, pad).index_copy(0, learned, _pad_to(greedy, width, pad))
+            rollin = pad_right(target, width, pad).index_copy(0, learned, pad_right(greedy, width, pad))
         used = int(rollin.ne(pad).sum(dim=1).max())
         return rollin[:, :used]
 
@@ -513,7 +505,7 @@ class SearnnCriterion(FairseqCriterion):
         # Every sentence has a cell (its roll-in has at least eos): blocks is not empty.
         hyp_width = max(b[3].size(1) for b in blocks)
         hyp_cells, hyp_columns, hyp_rows, hyps = (torch.cat(x) for x in zip(
-            *[(i, c, r, _pad_to(h, hyp_width, pad)) for i, c, r, h in blocks]))
+            *[(i, c, r, pad_right(h, hyp_width, pad)) for i, c, r, h in blocks]))
         costs = torch.full((num_cells, width), math.inf, device=device)
         costs[hyp_cells, hyp_columns] = self.reward.cost(hyps, refs.index_select(0, hyp_rows)).float()
         costs = scale_costs(costs, (target_len - 1).index_select(0, cell_rows), cfg.searnn_cost_unit)
