@@ -236,9 +236,9 @@ def sentence_bleu(hyp: Tensor, ref: Tensor, pad: int, eos: Optional[int] = None,
     Memory / time:
         See :func:`bleu_stats`: about B * 4 * (R+1) * T int64 words for
         sentences up to 56 tokens, processed in chunks of rows of at most
-        ``PAIRWISE_ELEMENT_BUDGET`` (2^20) words.  A few host syncs per call (two per chunk
-        of rows, to trim padding and size the exact token renumbering),
-        none per sentence.
+        ``PAIRWISE_ELEMENT_BUDGET`` (2^18) words.  A few host syncs per call
+        (two per chunk of rows, to trim padding and size the exact token
+        renumbering), none per sentence.
     """
     return bleu_from_stats(bleu_stats(hyp, ref, pad, eos, max_order), smooth).float()
 

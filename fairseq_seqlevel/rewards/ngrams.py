@@ -29,6 +29,7 @@ Either way the batch is processed in chunks of rows so that the largest
 intermediate stays below ``PAIRWISE_ELEMENT_BUDGET`` elements.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -38,7 +39,9 @@ from ._common import chunk_rows
 
 #: Max elements of the largest per-chunk intermediate (bitset words or
 #: pairwise booleans); larger batches are processed in chunks of rows.
-PAIRWISE_ELEMENT_BUDGET = 1 << 20
+#: 2^18 int64 words (2 MiB) keeps the bitset working set cache-sized, which
+#: measured fastest on CPU; results never depend on it.
+PAIRWISE_ELEMENT_BUDGET = 1 << 18
 
 COUNTING_METHODS = ("bitset", "pairwise")
 
@@ -75,10 +78,14 @@ def _row_local_ids(tokens: Tensor) -> Tensor:
     if batch * base > _CODE_LIMIT:  # huge ids (e.g. hashed words): densify first
         tokens = torch.unique(tokens, return_inverse=True)[1]
         base = tokens.numel() + 1
+    rows = torch.arange(batch, device=tokens.device)
     # Keys sort by row first, so each row's unique ids are a contiguous range.
-    keys = tokens + torch.arange(batch, device=tokens.device).unsqueeze(1) * base
-    inverse = torch.unique(keys, return_inverse=True)[1]
-    return inverse - inverse.amin(dim=1, keepdim=True)
+    keys = tokens + rows.unsqueeze(1) * base
+    if batch * base < (1 << 31):
+        keys, rows = keys.int(), rows.int()  # sorting int32 keys is ~2-3x faster
+    unique_keys, inverse = torch.unique(keys, return_inverse=True)
+    row_start = torch.searchsorted(unique_keys // base, rows)  # first unique id of each row
+    return inverse - row_start.unsqueeze(1)
 
 
 def _shift_bits_down(words: Tensor, shift: int) -> Tensor:
@@ -103,11 +110,24 @@ def _popcount_(words: Tensor) -> Tensor:
     return words.bitwise_and_(0x7F)
 
 
+@functools.lru_cache(maxsize=64)
 def _low_bits(length: int, num_words: int, device: torch.device) -> Tensor:
     """``[length, W]`` bitsets with bits ``0..i`` set in row ``i``."""
     j = torch.arange(num_words * _WORD_BITS, device=device)
     below = j.unsqueeze(0) <= torch.arange(length, device=device).unsqueeze(1)
     return (below.long() << (j % _WORD_BITS)).view(length, num_words, _WORD_BITS).sum(-1)
+
+
+@functools.lru_cache(maxsize=256)
+def _token_layout(length: int, ref_length: int, num_refs: int, device: torch.device):
+    """For the ``T + R*T'`` tokens of a row (hypothesis, then references):
+    sequence index, bitset word and bit (``[T + R*T']`` each; cached)."""
+    position = torch.cat([torch.arange(length, device=device),
+                          torch.arange(ref_length, device=device).repeat(num_refs)])
+    sequence = torch.cat([torch.zeros(length, dtype=torch.long, device=device),
+                          torch.arange(1, num_refs + 1, device=device).repeat_interleave(ref_length)])
+    bit = torch.ones((), dtype=torch.long, device=device) << (position % _WORD_BITS)
+    return sequence, position // _WORD_BITS, bit
 
 
 def _unigram_bitsets(hyp: Tensor, hyp_mask: Tensor, refs: Tensor, ref_mask: Tensor) -> Tensor:
@@ -134,15 +154,11 @@ def _unigram_bitsets(hyp: Tensor, hyp_mask: Tensor, refs: Tensor, ref_mask: Tens
     names = first.gather(1, local)  # [B, T + R*T']
 
     # Where each token goes: (row, sequence, name, word) and which bit.
-    position = torch.cat([torch.arange(length, device=device),
-                          torch.arange(ref_length, device=device).repeat(num_refs)])
-    sequence = torch.cat([torch.zeros(length, dtype=torch.long, device=device),
-                          torch.arange(1, num_seqs, device=device).repeat_interleave(ref_length)])
+    sequence, word, bit = _token_layout(length, ref_length, num_refs, device)
     num_words = -(-max(length, ref_length) // _WORD_BITS)
     rows = torch.arange(batch, device=device).unsqueeze(1) * num_seqs + sequence
-    index = (rows * slots + names) * num_words + position // _WORD_BITS
-    bits = torch.ones((), dtype=torch.long, device=device) << (position % _WORD_BITS)
-    bits = bits.masked_fill(~torch.cat([hyp_mask, ref_mask.reshape(batch, -1)], dim=1), 0)
+    index = (rows * slots + names) * num_words + word
+    bits = bit.masked_fill(~torch.cat([hyp_mask, ref_mask.reshape(batch, -1)], dim=1), 0)
     tables = torch.zeros(batch * num_seqs * slots * num_words, dtype=torch.long, device=device)
     tables.index_add_(0, index.flatten(), bits.flatten())  # distinct bits: add == or
     tables = tables.view(batch, num_seqs, slots, num_words)
@@ -169,7 +185,8 @@ def _bitset_ranks_and_counts(hyp: Tensor, hyp_mask: Tensor, refs: Tensor, ref_ma
         if length >= n:
             shifted = _shift_bits_down(unigram[:, :, n - 1:], n - 1)
             torch.bitwise_and(by_order[n - 2, :, :, n - 2:-1], shifted, out=by_order[n - 1, :, :, n - 1:])
-    counts = _popcount_(by_order).sum(-1)  # [N, B, K, T]
+    counts = _popcount_(by_order)
+    counts = counts.squeeze(-1) if counts.size(-1) == 1 else counts.sum(-1)  # [N, B, K, T]
     return counts[:, :, 0], counts[:, :, 1:].amax(dim=2)
 
 
