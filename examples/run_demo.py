@@ -26,7 +26,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
-sys.path.insert(0, str(REPO))
 from evaluate import evaluate  # noqa: E402
 
 MODEL = [
@@ -73,12 +72,11 @@ def train(data, save_dir, extra, log_name):
 
 
 def last_updates(save_dir):
-    import torch
+    """Number of updates of a finished run, from the end of its training log."""
+    import re
 
-    import fairseq_seqlevel.compat  # noqa: F401  (allowlists fairseq checkpoint classes)
-
-    state = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu")
-    return state["optimizer_history"][-1]["num_updates"]
+    found = re.findall(r"num_updates (\d+)", (save_dir / "train.log").read_text())
+    return int(found[-1]) if found else 0
 
 
 def main():
