@@ -88,3 +88,14 @@ def first_batch(task, split="train", n=16):
     task.load_dataset(split)
     dataset = task.dataset(split)
     return dataset.collater([dataset[i] for i in range(min(n, len(dataset)))])
+
+
+def levenshtein(a, b):
+    """Plain dynamic-programming edit distance between two sequences (test oracle)."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]

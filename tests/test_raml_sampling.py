@@ -12,6 +12,8 @@ from collections import Counter
 import pytest
 import torch
 
+from conftest import levenshtein
+
 scipy_stats = pytest.importorskip("scipy.stats")
 
 from fairseq_seqlevel.sampling.raml import (  # noqa: E402
@@ -64,16 +66,6 @@ def make_target(rows, width=None):
 
 def real_tokens(row):
     return [t for t in row.tolist() if t not in (PAD, EOS)]
-
-
-def levenshtein(a, b):
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
 
 
 def chi_square_p_value(observed: Counter, expected_probs: dict):

@@ -14,6 +14,7 @@ import torch
 from fairseq_seqlevel import rewards as R
 from fairseq_seqlevel.rewards import ngrams as ngrams_module
 from fairseq_seqlevel.rewards._common import chunk_rows
+from conftest import levenshtein
 
 sacrebleu_bleu = pytest.importorskip("sacrebleu.metrics").BLEU
 
@@ -129,16 +130,6 @@ def add1_all_reference(hyp, refs, max_order=4):
         bp = math.exp(1 - ref_len / hyp_len) if hyp_len > 0 else 0.0
     log_p = sum(math.log((m + 1) / (t + 1)) for m, t in zip(matches, totals)) / max_order
     return bp * math.exp(log_p)
-
-
-def levenshtein(a, b):
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
 
 
 def hamming_loop(a, b):
