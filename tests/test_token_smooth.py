@@ -81,3 +81,48 @@ def test_tok_seq_with_reference_samples_equals_token_smooth(toy_data, mle, embed
 def test_bad_flags(toy_data, flags, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         _criterion(toy_data, "--criterion", "token_smooth", *flags)
+
+
+ARCHS = {
+    "lstm": TINY_LSTM,
+    "lstm_shared": [*TINY_LSTM, "--share-decoder-input-output-embed"],
+    "transformer": ["--arch", "transformer", "--encoder-layers", "1", "--decoder-layers", "1",
+                    "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
+                    "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32",
+                    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"],
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("tok_seq", [False, True], ids=["raml", "tok_seq"])
+def test_chunked_output_layer_equals_autograd(toy_data, embeddings, arch, tok_seq, monkeypatch):
+    """raml's fused, chunked projection + log-softmax + loss gives the loss,
+    the logged NLL and every parameter gradient of the plain autograd path."""
+    from fairseq_seqlevel.sampling import teacher_forcing
+
+    monkeypatch.setattr(teacher_forcing, "CHUNK_LOGITS", 200)  # several chunks of a few rows
+    tok = (["--token-smooth-alpha", "0.4", "--token-smooth-temperature", "0.5", "--token-embeddings",
+            embeddings] if tok_seq else [])
+    argv = [toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation", *ARCHS[arch],
+            "--dropout", "0", "--seed", "3", "--criterion", "raml", "--raml-alpha", "0.6",
+            "--raml-temperature", "0.5", "--raml-samples", "3", *tok]
+    _, task, model, raml = build_training(argv)
+    batch = first_batch(task)
+    out = model.decoder.extract_features(batch["net_input"]["prev_output_tokens"],
+                                         encoder_out=model.encoder(batch["net_input"]["src_tokens"],
+                                                                   src_lengths=batch["net_input"]["src_lengths"]))[0]
+    assert teacher_forcing.fused_projection_supported(model, out)
+    raml.fused = None
+    fused = _loss_and_grads(model, raml, batch, seed=5)
+    assert fused[2]["raml_dist_sum"] > 0
+    raml.fused = False
+    plain = _loss_and_grads(model, raml, batch, seed=5)
+    _assert_same(fused, plain)
+    # the fused gradients are scaled by the incoming gradient (fp16 loss scaling, sums of losses)
+    raml.fused = None
+    model.zero_grad()
+    torch.manual_seed(5)
+    (3.0 * raml(model, batch)[0]).backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, 3.0 * fused[3][name], atol=1e-5, rtol=1e-4, msg=name)

@@ -43,10 +43,10 @@ from fairseq_seqlevel.errors import check
 from fairseq_seqlevel.sampling import raml as raml_sampling
 from fairseq_seqlevel.sampling import vocab as raml_vocab
 from fairseq_seqlevel.sampling.teacher_forcing import (
-    decoder_lprobs,
     encode,
     expand_encoder_out,
     prev_output_tokens_from_target,
+    weighted_row_losses,
 )
 from fairseq_seqlevel.tasks.seqlevel_translation import bind_reward, task_reward_level
 
@@ -117,6 +117,14 @@ def raml_loss(ref_loss, sample_loss, weights, alpha):
     return (1.0 - alpha) * ref_loss + alpha * expected
 
 
+def raml_row_coefficients(weights, alpha, num_samples):
+    """Eq. 15 as weights of the rows [y*_b, y_b1..y_bL]: (1-α) for the reference,
+    α·ω_l for its samples.  weights: [B·L] → [B·(L+1)]."""
+    grouped = alpha * weights.view(-1, num_samples)
+    ref = grouped.new_full((grouped.size(0), 1), 1.0 - alpha)
+    return torch.cat([ref, grouped], dim=1).view(-1)
+
+
 def interleave_reference_and_samples(target, samples, num_samples, pad):
     """Rows [y*_b, y_b1..y_bL] for each b: (B·(L+1)) x T', padded to a common length."""
     length = max(target.size(1), samples.size(1))
@@ -143,6 +151,7 @@ class RamlCriterion(FairseqCriterion):
             self.reward = bind_reward(cfg.raml_reward, dictionary, level, style, flag="--raml-reward")
         self.reward_temperature = cfg.raml_reward_temperature or cfg.raml_temperature
         self.token_targets = build_token_targets(cfg, dictionary)
+        self.fused = None  # weighted_row_losses: chunked output layer when the model allows it
 
     def substitution_vocab(self, target, refs):
         if self.cfg.raml_vocab == "batch":
@@ -182,6 +191,7 @@ class RamlCriterion(FairseqCriterion):
             net_output = model(**sample["net_input"])
             lprobs = model.get_normalized_probs(net_output, log_probs=True)
             per_example, ref_nll = self.sequence_losses(lprobs, target)
+            loss = per_example.sum()
         else:
             drawn, weights, ess = self.draw_samples(sample)
             if self.cfg.raml_lazy:
@@ -192,22 +202,23 @@ class RamlCriterion(FairseqCriterion):
                 # tokens; expand is a view, so no B·L x T x V copy for the NLL
                 sample_lprobs = lprobs.unsqueeze(1).expand(-1, num_samples, -1, -1)
                 sample_loss, _ = self.sequence_losses(sample_lprobs, drawn.tokens.view(batch_size, num_samples, -1))
-                sample_loss = sample_loss.reshape(-1)
+                loss = raml_loss(ref_loss, sample_loss.reshape(-1), weights, alpha).sum()
             else:
+                # one decoder batch of B·(L+1) rows [y*_b, y_b1..y_bL]; the loss is the
+                # constant-weighted sum of row losses of eq. 15, which lets the output
+                # layer run chunked (weighted_row_losses) at large vocabularies
                 encoder_out = encode(model, sample["net_input"])
                 rows = interleave_reference_and_samples(target, drawn.tokens, num_samples, self.padding_idx)
                 prev = prev_output_tokens_from_target(rows, self.padding_idx, self.eos)
-                lprobs, _ = decoder_lprobs(model, expand_encoder_out(model, encoder_out, num_samples + 1), prev)
-                loss_rows, nll_rows = self.sequence_losses(lprobs, rows)
-                loss_rows = loss_rows.view(batch_size, num_samples + 1)
-                ref_loss, ref_nll = loss_rows[:, 0], nll_rows.view(batch_size, -1)[:, 0]
-                sample_loss = loss_rows[:, 1:].reshape(-1)
-            per_example = raml_loss(ref_loss, sample_loss, weights, alpha)
+                coef = raml_row_coefficients(weights, alpha, num_samples)
+                total, _, nll_rows = weighted_row_losses(
+                    model, expand_encoder_out(model, encoder_out, num_samples + 1), prev, rows, coef,
+                    self.sequence_losses, fused=self.fused)
+                loss, ref_nll = total, nll_rows.view(batch_size, -1)[:, 0]
             extra["raml_dist_sum"] = drawn.distance.sum().float().data
             extra["raml_nsamples"] = drawn.distance.numel()
             if ess is not None:
                 extra["raml_ess_sum"] = ess.sum().data
-        loss = per_example.sum()
         sample_size = batch_size if self.sentence_avg else sample["ntokens"]
         logging_output = {
             "loss": loss.data, "nll_loss": ref_nll.sum().data, "ntokens": sample["ntokens"],

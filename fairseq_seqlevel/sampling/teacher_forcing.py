@@ -61,3 +61,130 @@ def _encoder_batch_size(encoder_out):
     if isinstance(encoder_out, dict):
         return encoder_out["encoder_out"][0].size(1)
     return encoder_out[0].size(1)
+
+
+# ---------------------------------------------------------------------------
+# Weighted row losses without materializing N x T x V log-probabilities
+# ---------------------------------------------------------------------------
+# Scoring L samples per sentence multiplies the decoder's output by L+1, and at
+# a 10k vocabulary the N x T x V logits, log-softmax and their gradients (four
+# such tensors live at once) dominate both memory and time on CPU.  When the
+# loss is a fixed linear combination of per-row losses (raml: the weights are
+# constants), the projection, log-softmax, loss and their gradients can be
+# computed chunk by chunk in the forward pass, keeping only the gradients of
+# the (small) features and projection parameters: the same three matrix
+# products as autograd, a fraction of the memory.
+
+CHUNK_LOGITS = 1 << 22  # logits per chunk (16 MB in float32)
+
+
+def output_projection(decoder):
+    """(weight, bias) of the decoder's final vocabulary projection, or None.
+
+    Known layouts: fairseq's transformer (``output_projection``) and lstm
+    (``fc_out``, or the tied ``embed_tokens`` with ``share_input_output_embed``).
+    Adaptive softmax and unknown decoders give None (callers fall back to the
+    decoder's own ``output_layer``).
+    """
+    if getattr(decoder, "adaptive_softmax", None) is not None:
+        return None
+    layer = getattr(decoder, "output_projection", None)
+    if isinstance(layer, torch.nn.Linear):
+        return layer.weight, layer.bias
+    if getattr(decoder, "share_input_output_embed", False) and hasattr(decoder, "embed_tokens"):
+        return decoder.embed_tokens.weight, None
+    layer = getattr(decoder, "fc_out", None)
+    if isinstance(layer, torch.nn.Linear):
+        return layer.weight, layer.bias
+    return None
+
+
+def fused_projection_supported(model, features):
+    """True if ``output_layer`` is exactly ``F.linear`` with :func:`output_projection`'s
+    parameters and ``get_normalized_probs`` is a plain log-softmax (checked
+    numerically on one position, so forks with extra layers fall back)."""
+    params = output_projection(model.decoder)
+    if params is None:
+        return False
+    probe = features[:1, :1].detach()
+    with torch.no_grad():
+        logits = model.decoder.output_layer(probe)
+        expected = torch.nn.functional.linear(probe, *params)
+        if logits.shape != expected.shape or not torch.allclose(logits, expected, atol=1e-5, rtol=1e-4):
+            return False
+        lprobs = model.get_normalized_probs((logits, None), log_probs=True)
+        return torch.allclose(lprobs.float(), torch.log_softmax(expected.float(), dim=-1), atol=1e-5)
+
+
+class _FusedRowLoss(torch.autograd.Function):
+    """Σ_n coef_n · loss_fn(log_softmax(features_n W^T + b), target_n), chunked.
+
+    Gradients for features, weight and bias are computed in ``forward`` one
+    chunk of rows at a time and scaled by the incoming gradient in ``backward``
+    (valid because the result is a scalar and ``coef`` is a constant).
+    """
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, coef, target, loss_fn, rows_per_chunk):
+        needs = ctx.needs_input_grad
+        grad_features = torch.zeros_like(features) if needs[0] else None
+        grad_weight = torch.zeros_like(weight) if needs[1] else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and needs[2] else None
+        total = features.new_zeros((), dtype=torch.float)
+        row_loss, row_nll = [], []
+        w = weight.detach().requires_grad_(needs[1])
+        b = bias.detach().requires_grad_(needs[2]) if bias is not None else None
+        for start in range(0, features.size(0), rows_per_chunk):
+            end = min(start + rows_per_chunk, features.size(0))
+            with torch.enable_grad():
+                x = features[start:end].detach().requires_grad_(needs[0])
+                lprobs = torch.log_softmax(torch.nn.functional.linear(x, w, b).float(), dim=-1)
+                loss, nll = loss_fn(lprobs, target[start:end])
+                chunk_total = (coef[start:end].to(loss.dtype) * loss).sum()
+                inputs = [t for t, n in ((x, needs[0]), (w, needs[1]), (b, b is not None and needs[2])) if n]
+                grads = iter(torch.autograd.grad(chunk_total, inputs)) if inputs else iter(())
+            if needs[0]:
+                grad_features[start:end] = next(grads)
+            if needs[1]:
+                grad_weight += next(grads)
+            if b is not None and needs[2]:
+                grad_bias += next(grads)
+            total += chunk_total.detach()
+            row_loss.append(loss.detach())
+            row_nll.append(nll.detach())
+        ctx.save_for_backward(grad_features, grad_weight, grad_bias)
+        row_loss, row_nll = torch.cat(row_loss), torch.cat(row_nll)
+        ctx.mark_non_differentiable(row_loss, row_nll)
+        return total, row_loss, row_nll
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_loss, _grad_nll):
+        grad_features, grad_weight, grad_bias = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
+        return scale(grad_features), scale(grad_weight), scale(grad_bias), None, None, None, None
+
+
+def weighted_row_losses(model, encoder_out, prev_output_tokens, target, coef, loss_fn, fused=None):
+    """Teacher-forced Σ_n coef_n · loss_n over rows, and the per-row loss / NLL.
+
+    ``loss_fn(lprobs [n, T, V], target [n, T]) -> (loss [n], nll [n])``;
+    ``coef`` [N] are constants (no gradient flows into them).  Returns
+    ``(total, row_loss, row_nll)``; ``total`` carries the gradient, the per-row
+    values are detached (for logging).  With ``fused`` None the chunked path is
+    used whenever the model's output layer allows it (:func:`fused_projection_supported`);
+    ``fused=False`` forces the plain autograd path (the tests compare both).
+    """
+    coef = coef.detach()
+    if fused is not False:
+        features, _ = model.decoder.extract_features(prev_output_tokens, encoder_out=encoder_out)
+        if fused or fused_projection_supported(model, features):
+            weight, bias = output_projection(model.decoder)
+            per_row = features.size(1) * weight.size(0)
+            rows_per_chunk = max(1, CHUNK_LOGITS // max(per_row, 1))
+            return _FusedRowLoss.apply(features, weight, bias, coef, target, loss_fn, rows_per_chunk)
+        net_output = (model.decoder.output_layer(features), None)
+        lprobs = model.get_normalized_probs(net_output, log_probs=True)
+    else:
+        lprobs, _ = decoder_lprobs(model, encoder_out, prev_output_tokens)
+    loss, nll = loss_fn(lprobs, target)
+    return (coef.to(loss.dtype) * loss).sum(), loss.detach(), nll.detach()
