@@ -483,3 +483,24 @@ def test_cli_round_trip_through_loader(tmp_path, capsys):
     rc = cli.main(["--data", str(tmp_path), "--lang", "fr", "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "\n" not in err and "train.SRC-TGT.fr" in err
+
+
+def test_expanded_lprobs_equal_their_copy_value_and_gradient():
+    """raml --raml-lazy scores [B, L, T] sampled targets against the reference's
+    [B, 1, T, V] distributions expanded to L: same as a materialized copy."""
+    t, logits, target = _setup_loss(beta=0.0)
+    V = logits.size(1)
+    n = (target.numel() // 4) * 4
+    base = logits[:n].view(2, 1, n // 2, V)
+    sampled = target[:n].view(2, 1, n // 2).repeat(1, 3, 1)
+    sampled[:, 1] = sampled[:, 1].roll(1, dims=-1)
+    sampled[1, 2, 0] = -100
+    x1 = base.clone().requires_grad_()
+    got = smoothed_token_loss(torch.log_softmax(x1, -1).expand(-1, 3, -1, -1), sampled, t, 0.5, ignore_index=-100)
+    x2 = base.clone().requires_grad_()
+    ref = smoothed_token_loss(torch.log_softmax(x2, -1).repeat(1, 3, 1, 1), sampled, t, 0.5, ignore_index=-100)
+    assert got.shape == sampled.shape and got[1, 2, 0] == 0
+    torch.testing.assert_close(got, ref)
+    (got * torch.arange(1.0, 4.0).view(1, 3, 1)).sum().backward()
+    (ref * torch.arange(1.0, 4.0).view(1, 3, 1)).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)

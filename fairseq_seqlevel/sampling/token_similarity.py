@@ -410,10 +410,11 @@ def _prepare(lprobs, target, targets, temperature, ignore_index):
     V = lprobs.size(-1)
     if targets.vocab_size != V:
         raise ValueError(f"lprobs has {V} classes but the table has {targets.vocab_size}")
-    lp = lprobs.reshape(-1, V)
-    tgt = target.reshape(-1).long()
-    if tgt.numel() != lp.size(0):
-        raise ValueError(f"{lp.size(0)} rows of lprobs but {tgt.numel()} targets")
+    if lprobs.dim() == 2 or lprobs.shape[:-1] != target.shape:
+        if lprobs.numel() // V != target.numel():
+            raise ValueError(f"{lprobs.numel() // V} rows of lprobs but {target.numel()} targets")
+        lprobs, target = lprobs.reshape(-1, V), target.reshape(-1)
+    tgt = target.long()
     if ignore_index is not None:
         ignored = tgt == ignore_index
         tgt = tgt.masked_fill(ignored, 0)  # any valid row; zeroed below
@@ -421,7 +422,11 @@ def _prepare(lprobs, target, targets, temperature, ignore_index):
         ignored = torch.zeros_like(tgt, dtype=torch.bool)
     ids, logp = targets.log_distribution(tgt, temperature)
     dtype = torch.promote_types(lprobs.dtype, torch.float32)
-    return lp.gather(1, ids).to(dtype), logp.to(dtype), ignored
+    # gather in lprobs' own shape: an expanded view (raml --raml-lazy reads the
+    # reference's [B, 1->L, T, V] distributions) is never copied
+    lq = lprobs.gather(-1, ids)
+    k = ids.size(-1)
+    return lq.reshape(-1, k).to(dtype), logp.reshape(-1, k).to(dtype), ignored.reshape(-1)
 
 
 def _plogq(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
