@@ -126,3 +126,30 @@ def test_chunked_output_layer_equals_autograd(toy_data, embeddings, arch, tok_se
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, 3.0 * fused[3][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_lazy_sample_losses_equal_expanded_scoring(toy_data, embeddings, alpha):
+    """raml --raml-lazy reads L samples from the reference's [B, T, V] distributions:
+    the vocabulary-axis gather equals scoring the expanded [B, L, T, V] tensor."""
+    from fairseq_seqlevel.criterions.token_smooth import lazy_sample_losses, smoothed_sequence_loss
+
+    tok = ["--token-smooth-alpha", "0.6", "--token-smooth-temperature", "0.5", "--token-embeddings", embeddings]
+    crit = _criterion(toy_data, "--criterion", "token_smooth", *tok)
+    B, L, T, V, pad = 3, 4, 5, crit.token_targets.vocab_size, 1
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, T, V, generator=gen)
+    samples = torch.randint(4, V, (B, L, T), generator=gen)
+    samples[0, 1, 3:] = pad
+    x1 = logits.clone().requires_grad_()
+    loss1, nll1 = lazy_sample_losses(torch.log_softmax(x1, -1), samples, pad, crit.token_targets, alpha, 0.5)
+    x2 = logits.clone().requires_grad_()
+    expanded = torch.log_softmax(x2, -1).unsqueeze(1).expand(-1, L, -1, -1)
+    loss2, nll2 = smoothed_sequence_loss(expanded, samples, pad, crit.token_targets, alpha, 0.5)
+    torch.testing.assert_close(loss1, loss2)
+    torch.testing.assert_close(nll1, nll2)
+    assert loss1[0, 1, 3:].eq(0).all()
+    w = torch.rand(B, L, T, generator=gen)
+    (w * loss1).sum().backward()
+    (w * loss2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)

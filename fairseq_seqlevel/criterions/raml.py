@@ -36,6 +36,7 @@ from fairseq_seqlevel.criterions.token_smooth import (
     TokenSmoothConfig,
     build_token_targets,
     check_token_smooth_config,
+    lazy_sample_losses,
     log_stock_metrics,
     smoothed_sequence_loss,
 )
@@ -198,11 +199,12 @@ class RamlCriterion(FairseqCriterion):
                 net_output = model(**sample["net_input"])
                 lprobs = model.get_normalized_probs(net_output, log_probs=True)
                 ref_loss, ref_nll = self.sequence_losses(lprobs, target)
-                # eq. 19: the reference's distributions read at the sampled
-                # tokens; expand is a view, so no B·L x T x V copy for the NLL
-                sample_lprobs = lprobs.unsqueeze(1).expand(-1, num_samples, -1, -1)
-                sample_loss, _ = self.sequence_losses(sample_lprobs, drawn.tokens.view(batch_size, num_samples, -1))
-                loss = raml_loss(ref_loss, sample_loss.reshape(-1), weights, alpha).sum()
+                # eq. 19: the reference's distributions read at the sampled tokens
+                # (gathered along the vocabulary: nothing of size B·L·T·V, forward or backward)
+                sample_loss, _ = lazy_sample_losses(
+                    lprobs, drawn.tokens.view(batch_size, num_samples, -1), self.padding_idx,
+                    self.token_targets, self.cfg.token_smooth_alpha, self.cfg.token_smooth_temperature)
+                loss = raml_loss(ref_loss, sample_loss.sum(dim=-1).reshape(-1), weights, alpha).sum()
             else:
                 # one decoder batch of B·(L+1) rows [y*_b, y_b1..y_bL]; the loss is the
                 # constant-weighted sum of row losses of eq. 15, which lets the output

@@ -25,7 +25,11 @@ from omegaconf import II
 
 from fairseq_seqlevel.errors import check
 from fairseq_seqlevel.sampling.teacher_forcing import token_nll
-from fairseq_seqlevel.sampling.token_similarity import SparseTokenTargets, smoothed_token_loss
+from fairseq_seqlevel.sampling.token_similarity import (
+    SparseTokenTargets,
+    smoothed_token_loss,
+    smoothed_token_loss_many,
+)
 
 
 @dataclass
@@ -91,6 +95,24 @@ def smoothed_sequence_loss(lprobs, target, pad, token_targets=None, alpha=0.0, t
         return nll, nll
     ce = smoothed_token_loss(lprobs, target, token_targets, temperature, ignore_index=pad)
     return alpha * ce + (1.0 - alpha) * nll, nll
+
+
+def lazy_sample_losses(lprobs, samples, pad, token_targets=None, alpha=0.0, temperature=1.0):
+    """Per-token loss and NLL [B, L, T] of L sequences per row scored with the
+    row's own distributions (eq. 19): ``lprobs`` [B, T, V], ``samples`` [B, L, T].
+
+    The same values as :func:`smoothed_sequence_loss` on ``lprobs`` expanded
+    to [B, L, T, V], but the samples are gathered along the vocabulary axis,
+    so the backward pass scatters into [B, T, V] instead of [B, L, T, V].
+    """
+    tgt = samples.transpose(1, 2)  # [B, T, L]
+    nll = -lprobs.gather(-1, tgt).masked_fill(tgt.eq(pad), 0.0)
+    if token_targets is None or alpha == 0:
+        loss = nll
+    else:
+        ce = smoothed_token_loss_many(lprobs, tgt, token_targets, temperature, ignore_index=pad)
+        loss = alpha * ce + (1.0 - alpha) * nll
+    return loss.transpose(1, 2), nll.transpose(1, 2)
 
 
 def log_stock_metrics(logging_outputs):

@@ -457,6 +457,31 @@ def smoothed_token_loss(
     return loss.reshape(target.shape)
 
 
+def smoothed_token_loss_many(
+    lprobs: torch.Tensor,
+    targets_many: torch.Tensor,
+    targets: SparseTokenTargets,
+    temperature: float,
+    ignore_index: Optional[int] = None,
+) -> torch.Tensor:
+    """:func:`smoothed_token_loss` of M targets per distribution: ``lprobs``
+    ``[*, V]``, ``targets_many`` ``[*, M]`` -> ``[*, M]``.
+
+    One gather of ``M·k`` columns per row, so neither the forward nor the
+    backward pass ever holds ``[*, M, V]`` (raml --raml-lazy: the L samples
+    read the reference's distributions).
+    """
+    if targets.vocab_size != lprobs.size(-1):
+        raise ValueError(f"lprobs has {lprobs.size(-1)} classes but the table has {targets.vocab_size}")
+    tgt = targets_many.long()
+    ignored = tgt == ignore_index if ignore_index is not None else torch.zeros_like(tgt, dtype=torch.bool)
+    ids, logp = targets.log_distribution(tgt.masked_fill(ignored, 0), temperature)  # [*, M, k]
+    lq = lprobs.gather(-1, ids.flatten(-2)).view(ids.shape)
+    dtype = torch.promote_types(lprobs.dtype, torch.float32)
+    loss = -_plogq(logp.to(dtype), lq.to(dtype))
+    return loss.masked_fill(ignored, 0.0)
+
+
 def smoothed_target_entropy(
     target: torch.Tensor,
     targets: SparseTokenTargets,
