@@ -386,25 +386,31 @@ def test_codes_are_collision_free_for_wide_vocab():
 
 # -------------------------------------------------------- edit and hamming
 
+def _assert_distance_family(hyps, refs, dist, norm, prefix, prefix_norm, oracle):
+    """Each of a distance's four forms (raw, /|ref|, every prefix raw and /|ref|)
+    equals its Python oracle, minimized over the present references."""
+    for i, (h, rs) in enumerate(zip(hyps, refs)):
+        present = present_refs(rs)
+        assert int(dist[i]) == min(oracle(h, r) for r in present)
+        assert abs(float(norm[i]) - min(oracle(h, r) / max(len(r), 1) for r in present)) < 1e-6
+        for t in range(prefix.size(1)):
+            assert int(prefix[i, t]) == min(oracle(h[: t + 1], r) for r in present)
+            want = min(oracle(h[: t + 1], r) / max(len(r), 1) for r in present)
+            assert abs(float(prefix_norm[i, t]) - want) < 1e-6
+
+
 def test_edit_distance_against_python_dp_and_rapidfuzz():
     levenshtein_rf = pytest.importorskip("rapidfuzz.distance").Levenshtein
     hyps, refs = random_examples(seed=61, n=1500, vocab=5, max_refs=3)
     hyp, ref = pack(hyps), pack_refs(refs)
     dist = R.edit_distance(hyp, ref, PAD)
     norm = R.normalized_edit_distance(hyp, ref, PAD)
-    prefix = R.prefix_edit_distance(hyp, ref, PAD)
-    prefix_norm = R.prefix_normalized_edit_distance(hyp, ref, PAD)
     assert dist.dtype == torch.long and norm.dtype == torch.float32
     as_str = lambda seq: "".join(chr(0x100 + t) for t in seq)  # noqa: E731
     for i, (h, rs) in enumerate(zip(hyps, refs)):
-        present = present_refs(rs)
-        assert int(dist[i]) == min(levenshtein(h, r) for r in present)
-        assert int(dist[i]) == min(levenshtein_rf.distance(as_str(h), as_str(r)) for r in present)
-        assert abs(float(norm[i]) - min(levenshtein(h, r) / max(len(r), 1) for r in present)) < 1e-6
-        for t in range(hyp.size(1)):
-            assert int(prefix[i, t]) == min(levenshtein(h[: t + 1], r) for r in present)
-            want = min(levenshtein(h[: t + 1], r) / max(len(r), 1) for r in present)
-            assert abs(float(prefix_norm[i, t]) - want) < 1e-6
+        assert int(dist[i]) == min(levenshtein_rf.distance(as_str(h), as_str(r)) for r in present_refs(rs))
+    _assert_distance_family(hyps, refs, dist, norm, R.prefix_edit_distance(hyp, ref, PAD),
+                            R.prefix_normalized_edit_distance(hyp, ref, PAD), levenshtein)
 
 
 def test_edit_distance_longer_sequences_against_rapidfuzz():
@@ -419,16 +425,9 @@ def test_edit_distance_longer_sequences_against_rapidfuzz():
 def test_hamming_against_plain_loop():
     hyps, refs = random_examples(seed=71, n=1500, vocab=4, max_refs=3)
     hyp, ref = pack(hyps), pack_refs(refs)
-    dist, norm = R.hamming(hyp, ref, PAD), R.normalized_hamming(hyp, ref, PAD)
-    prefix, prefix_norm = R.prefix_hamming(hyp, ref, PAD), R.prefix_normalized_hamming(hyp, ref, PAD)
-    for i, (h, rs) in enumerate(zip(hyps, refs)):
-        present = present_refs(rs)
-        assert int(dist[i]) == min(hamming_loop(h, r) for r in present)
-        assert abs(float(norm[i]) - min(hamming_loop(h, r) / max(len(r), 1) for r in present)) < 1e-6
-        for t in range(hyp.size(1)):
-            assert int(prefix[i, t]) == min(hamming_loop(h[: t + 1], r) for r in present)
-            want = min(hamming_loop(h[: t + 1], r) / max(len(r), 1) for r in present)
-            assert abs(float(prefix_norm[i, t]) - want) < 1e-6
+    _assert_distance_family(hyps, refs, R.hamming(hyp, ref, PAD), R.normalized_hamming(hyp, ref, PAD),
+                            R.prefix_hamming(hyp, ref, PAD), R.prefix_normalized_hamming(hyp, ref, PAD),
+                            hamming_loop)
 
 
 def test_distances_with_eos():
