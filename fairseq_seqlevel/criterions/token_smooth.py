@@ -24,12 +24,7 @@ from fairseq.logging import metrics
 from omegaconf import II
 
 from fairseq_seqlevel.errors import check
-from fairseq_seqlevel.sampling.teacher_forcing import token_nll
-from fairseq_seqlevel.sampling.token_similarity import (
-    SparseTokenTargets,
-    smoothed_token_loss,
-    smoothed_token_loss_many,
-)
+from fairseq_seqlevel.sampling.token_similarity import SparseTokenTargets, smoothed_token_loss_many
 
 
 @dataclass
@@ -90,11 +85,8 @@ def smoothed_sequence_loss(lprobs, target, pad, token_targets=None, alpha=0.0, t
 
     With ``token_targets`` None or α = 0 both are the NLL.
     """
-    nll = token_nll(lprobs, target, pad)
-    if token_targets is None or alpha == 0:
-        return nll, nll
-    ce = smoothed_token_loss(lprobs, target, token_targets, temperature, ignore_index=pad)
-    return alpha * ce + (1.0 - alpha) * nll, nll
+    loss, nll = _token_losses(lprobs, target.unsqueeze(-1), pad, token_targets, alpha, temperature)
+    return loss.squeeze(-1), nll.squeeze(-1)
 
 
 def lazy_sample_losses(lprobs, samples, pad, token_targets=None, alpha=0.0, temperature=1.0):
@@ -105,14 +97,17 @@ def lazy_sample_losses(lprobs, samples, pad, token_targets=None, alpha=0.0, temp
     to [B, L, T, V], but the samples are gathered along the vocabulary axis,
     so the backward pass scatters into [B, T, V] instead of [B, L, T, V].
     """
-    tgt = samples.transpose(1, 2)  # [B, T, L]
-    nll = -lprobs.gather(-1, tgt).masked_fill(tgt.eq(pad), 0.0)
-    if token_targets is None or alpha == 0:
-        loss = nll
-    else:
-        ce = smoothed_token_loss_many(lprobs, tgt, token_targets, temperature, ignore_index=pad)
-        loss = alpha * ce + (1.0 - alpha) * nll
+    loss, nll = _token_losses(lprobs, samples.transpose(1, 2), pad, token_targets, alpha, temperature)
     return loss.transpose(1, 2), nll.transpose(1, 2)
+
+
+def _token_losses(lprobs, targets_many, pad, token_targets, alpha, temperature):
+    """Eq. 16 loss and NLL of M targets per distribution: lprobs [*, V], targets [*, M]."""
+    nll = -lprobs.gather(-1, targets_many).masked_fill(targets_many.eq(pad), 0.0)
+    if token_targets is None or alpha == 0:
+        return nll, nll
+    ce = smoothed_token_loss_many(lprobs, targets_many, token_targets, temperature, ignore_index=pad)
+    return alpha * ce + (1.0 - alpha) * nll, nll
 
 
 def log_stock_metrics(logging_outputs):

@@ -83,6 +83,7 @@ __all__ = [
     "rare_token_penalty",
     "SparseTokenTargets",
     "smoothed_token_loss",
+    "smoothed_token_loss_many",
     "smoothed_token_kl",
     "smoothed_target_entropy",
 ]
@@ -406,29 +407,6 @@ class SparseTokenTargets:
 
 
 # ----------------------------------------------------------------- losses
-def _prepare(lprobs, target, targets, temperature, ignore_index):
-    V = lprobs.size(-1)
-    if targets.vocab_size != V:
-        raise ValueError(f"lprobs has {V} classes but the table has {targets.vocab_size}")
-    if lprobs.dim() == 2 or lprobs.shape[:-1] != target.shape:
-        if lprobs.numel() // V != target.numel():
-            raise ValueError(f"{lprobs.numel() // V} rows of lprobs but {target.numel()} targets")
-        lprobs, target = lprobs.reshape(-1, V), target.reshape(-1)
-    tgt = target.long()
-    if ignore_index is not None:
-        ignored = tgt == ignore_index
-        tgt = tgt.masked_fill(ignored, 0)  # any valid row; zeroed below
-    else:
-        ignored = torch.zeros_like(tgt, dtype=torch.bool)
-    ids, logp = targets.log_distribution(tgt, temperature)
-    dtype = torch.promote_types(lprobs.dtype, torch.float32)
-    # gather in lprobs' own shape: an expanded view (raml --raml-lazy reads the
-    # reference's [B, 1->L, T, V] distributions) is never copied
-    lq = lprobs.gather(-1, ids)
-    k = ids.size(-1)
-    return lq.reshape(-1, k).to(dtype), logp.reshape(-1, k).to(dtype), ignored.reshape(-1)
-
-
 def _plogq(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """``Σ p · log q`` with ``0 · anything = 0`` (no NaN from ``0 · -inf``)."""
     p = logp.exp()
@@ -451,10 +429,14 @@ def smoothed_token_loss(
     ``ignore_index`` give exactly 0 (and no gradient).  As ``τ -> 0`` this is
     ``-lprobs[n, target[n]]`` (the NLL), value and gradient.
     """
-    lq, logp, ignored = _prepare(lprobs, target, targets, temperature, ignore_index)
-    loss = -_plogq(logp, lq)
-    loss = loss.masked_fill(ignored, 0.0)
-    return loss.reshape(target.shape)
+    if lprobs.shape[:-1] != target.shape:  # e.g. lprobs [B, T, V] with target [B·T]
+        flat = lprobs.reshape(-1, lprobs.size(-1))
+        if flat.size(0) != target.numel():
+            raise ValueError(f"{flat.size(0)} rows of lprobs but {target.numel()} targets")
+        lprobs, target_flat = flat, target.reshape(-1)
+        return smoothed_token_loss_many(lprobs, target_flat.unsqueeze(-1), targets, temperature,
+                                        ignore_index).view(target.shape)
+    return smoothed_token_loss_many(lprobs, target.unsqueeze(-1), targets, temperature, ignore_index).squeeze(-1)
 
 
 def smoothed_token_loss_many(
@@ -505,7 +487,5 @@ def smoothed_token_kl(
 ) -> torch.Tensor:
     """Per-token ``KL(r || p) = CE - H(r)`` (same gradient as
     :func:`smoothed_token_loss`; the value to log, see module docstring)."""
-    lq, logp, ignored = _prepare(lprobs, target, targets, temperature, ignore_index)
-    kl = _plogq(logp, logp) - _plogq(logp, lq)
-    kl = kl.masked_fill(ignored, 0.0)
-    return kl.reshape(target.shape)
+    ce = smoothed_token_loss(lprobs, target, targets, temperature, ignore_index)
+    return ce - smoothed_target_entropy(target, targets, temperature, ignore_index)
