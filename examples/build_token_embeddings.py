@@ -6,7 +6,7 @@ from ``--data`` (the ``fairseq-preprocess`` destdir), counts window
 co-occurrences inside each sentence, and writes a word2vec text file
 (header ``"V D"``, then ``symbol v1 .. vD``) whose words are exactly the
 dictionary symbols, in dictionary order, so that
-``fairseq_seqlevel.embeddings.load_text_embeddings(out, dictionary)`` reads it
+``fairseq_seqlevel.smoothing.embeddings.load_text_embeddings(out, dictionary)`` reads it
 back with 100% coverage.  Tokens never seen in the data (``<pad>``,
 ``<s>``, ``madeupword`` fillers) get all-zero vectors, which the neighbour
 search treats as unknown words.
@@ -33,7 +33,7 @@ if _REPO not in sys.path:  # allow running from a checkout without installing
 
 import torch  # noqa: E402
 
-from fairseq_seqlevel.embeddings import build_ppmi_svd_embeddings  # noqa: E402
+from fairseq_seqlevel.smoothing.embeddings import build_ppmi_svd_embeddings  # noqa: E402
 
 PROG = "build_token_embeddings"
 

@@ -15,6 +15,17 @@ class ConfigError(ValueError):
     """A bad flag value or bad input data, reported as one line at start-up."""
 
 
+class InputFileError(ConfigError):
+    """A file named by a flag is missing, unreadable or malformed."""
+
+
+def file_problem(flag, path, problem):
+    """:class:`InputFileError` ``"<flag> <path>: <problem>"``, from an OSError too."""
+    if isinstance(problem, OSError):
+        problem = problem.strerror or type(problem).__name__
+    return InputFileError(f"{flag} {path}: {problem}")
+
+
 def check(condition, message):
     """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
     if not condition:

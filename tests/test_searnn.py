@@ -12,8 +12,8 @@ from conftest import TINY_LSTM, USER_DIR, build_training, first_batch, run_cli
 from fairseq_seqlevel import rewards
 from fairseq_seqlevel.criterions import searnn
 from fairseq_seqlevel.errors import ConfigError
-from fairseq_seqlevel.sampling import rollouts
-from fairseq_seqlevel.sampling.teacher_forcing import token_nll
+from fairseq_seqlevel.decoding import rollouts
+from fairseq_seqlevel.decoding.teacher_forcing import token_nll
 from test_raml import _assert_same, _loss_and_grads
 
 TINY_TRANSFORMER = [

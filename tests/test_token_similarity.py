@@ -13,12 +13,12 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from fairseq_seqlevel.embeddings import (  # noqa: E402
+from fairseq_seqlevel.smoothing.embeddings import (  # noqa: E402
     EmbeddingFileError,
     build_ppmi_svd_embeddings,
     load_text_embeddings,
 )
-from fairseq_seqlevel.sampling.token_similarity import (  # noqa: E402
+from fairseq_seqlevel.smoothing.targets import (  # noqa: E402
     SparseTokenTargets,
     rare_token_penalty,
     smoothed_target_entropy,
@@ -48,7 +48,7 @@ def _dense_reference(E, k, candidate_mask=None):
     for i in range(V):
         ids[i] = i
         sims[i, 0] = 1.0
-        if not nz[i]:
+        if not eligible[i]:  # no vector, or a special symbol: one-hot
             continue
         cand = [j for j in range(V) if j != i and eligible[j]]
         cand.sort(key=lambda j: -C[i, j].item())

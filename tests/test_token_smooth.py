@@ -98,7 +98,7 @@ ARCHS = {
 def test_chunked_output_layer_equals_autograd(toy_data, embeddings, arch, tok_seq, monkeypatch):
     """raml's fused, chunked projection + log-softmax + loss gives the loss,
     the logged NLL and every parameter gradient of the plain autograd path."""
-    from fairseq_seqlevel.sampling import teacher_forcing
+    from fairseq_seqlevel.decoding import teacher_forcing
 
     monkeypatch.setattr(teacher_forcing, "CHUNK_LOGITS", 200)  # several chunks of a few rows
     tok = (["--token-smooth-alpha", "0.4", "--token-smooth-temperature", "0.5", "--token-embeddings",
@@ -132,7 +132,7 @@ def test_chunked_output_layer_equals_autograd(toy_data, embeddings, arch, tok_se
 def test_lazy_sample_losses_equal_expanded_scoring(toy_data, embeddings, alpha):
     """raml --raml-lazy reads L samples from the reference's [B, T, V] distributions:
     the vocabulary-axis gather equals scoring the expanded [B, L, T, V] tensor."""
-    from fairseq_seqlevel.criterions.token_smooth import lazy_sample_losses, smoothed_sequence_loss
+    from fairseq_seqlevel.smoothing.losses import lazy_sample_losses, smoothed_sequence_loss
 
     tok = ["--token-smooth-alpha", "0.6", "--token-smooth-temperature", "0.5", "--token-embeddings", embeddings]
     crit = _criterion(toy_data, "--criterion", "token_smooth", *tok)

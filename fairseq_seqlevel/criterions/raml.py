@@ -27,29 +27,27 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
-from fairseq.logging import metrics
 
-from fairseq_seqlevel.criterions.common import pad_right, references_of, unsampleable_ids
-from fairseq_seqlevel.criterions.token_smooth import (
-    TokenSmoothConfig,
-    build_token_targets,
-    check_token_smooth_config,
-    lazy_sample_losses,
-    log_stock_metrics,
-    smoothed_sequence_loss,
-)
-from fairseq_seqlevel.errors import check
-from fairseq_seqlevel.sampling import raml as raml_sampling
-from fairseq_seqlevel.sampling import vocab as raml_vocab
-from fairseq_seqlevel.sampling.teacher_forcing import (
+from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of
+from fairseq_seqlevel.decoding.model import forward_through
+from fairseq_seqlevel.decoding.teacher_forcing import (
     encode,
     expand_encoder_out,
     prev_output_tokens_from_target,
     weighted_row_losses,
 )
-from fairseq_seqlevel.tasks.seqlevel_translation import bind_reward, task_reward_level
+from fairseq_seqlevel.errors import check
+from fairseq_seqlevel.sampling import raml as raml_sampling
+from fairseq_seqlevel.sampling import vocab as raml_vocab
+from fairseq_seqlevel.smoothing.config import TokenSmoothConfig
+from fairseq_seqlevel.smoothing.losses import (
+    build_token_targets,
+    check_token_smooth_config,
+    lazy_sample_losses,
+    smoothed_sequence_loss,
+)
 
 SAMPLERS = {
     "hamming": raml_sampling.hamming_sampler,
@@ -72,7 +70,8 @@ class RamlConfig(TokenSmoothConfig):
     raml_reward: Optional[str] = field(
         default=None,
         metadata={"help": "importance-sample r ∝ exp(reward/τ) with the sampler as proposal "
-                  "(e.g. bleu); unset: sample r directly (reward = -distance of the sampler)"},
+                  "(e.g. bleu); unset: hamming and edit sample r directly (reward = -distance), "
+                  "ngram (a proposal only) is weighted with the task's --reward (bleu in a stock task)"},
     )
     raml_samples: int = field(default=5, metadata={"help": "L: samples per example"})
     raml_temperature: float = field(
@@ -134,24 +133,21 @@ def interleave_reference_and_samples(target, samples, num_samples, pad):
     return grouped.view(-1, length)
 
 
+#: samplers that are only a proposal: their samples are always importance-weighted
+PROPOSAL_ONLY_SAMPLERS = {"ngram"}
+
+
 @register_criterion("raml", dataclass=RamlConfig)
-class RamlCriterion(FairseqCriterion):
+class RamlCriterion(SeqlevelCriterion):
     def __init__(self, task, cfg: RamlConfig):
-        super().__init__(task)
         check_raml_config(cfg)
-        self.cfg = cfg
-        self.sentence_avg = cfg.sentence_avg
-        dictionary = task.target_dictionary
-        self.eos = dictionary.eos()
-        self.num_tokens = len(dictionary)
-        self.special_ids = unsampleable_ids(dictionary)
+        super().__init__(task, cfg)
         self.sampler = SAMPLERS[cfg.raml_sampler]
         self.reward = None
-        if cfg.raml_reward is not None:
-            level, style = task_reward_level(task)
-            self.reward = bind_reward(cfg.raml_reward, dictionary, level, style, flag="--raml-reward")
+        if cfg.raml_reward is not None or cfg.raml_sampler in PROPOSAL_ONLY_SAMPLERS:
+            self.reward = self.resolve_reward(cfg.raml_reward, "--raml-reward", default="bleu")
         self.reward_temperature = cfg.raml_reward_temperature or cfg.raml_temperature
-        self.token_targets = build_token_targets(cfg, dictionary)
+        self.token_targets = build_token_targets(cfg, task.target_dictionary)
         self.fused = None  # weighted_row_losses: chunked output layer when the model allows it
 
     def substitution_vocab(self, target, refs):
@@ -184,6 +180,13 @@ class RamlCriterion(FairseqCriterion):
                                            self.cfg.token_smooth_alpha, self.cfg.token_smooth_temperature)
         return loss.sum(dim=-1), nll.sum(dim=-1)
 
+    def _score_rows(self, model, net_input, rows, coef):
+        """Σ coef·loss of the rows, each source's encoder output shared by its
+        L+1 rows; run as the model's forward (:func:`forward_through`)."""
+        encoder_out = expand_encoder_out(model, encode(model, net_input), self.cfg.raml_samples + 1)
+        prev = prev_output_tokens_from_target(rows, self.padding_idx, self.eos)
+        return weighted_row_losses(model, encoder_out, prev, rows, coef, self.sequence_losses, fused=self.fused)
+
     def forward(self, model, sample, reduce=True):
         target = sample["target"]
         batch_size, alpha, num_samples = target.size(0), self.cfg.raml_alpha, self.cfg.raml_samples
@@ -209,37 +212,19 @@ class RamlCriterion(FairseqCriterion):
                 # one decoder batch of B·(L+1) rows [y*_b, y_b1..y_bL]; the loss is the
                 # constant-weighted sum of row losses of eq. 15, which lets the output
                 # layer run chunked (weighted_row_losses) at large vocabularies
-                encoder_out = encode(model, sample["net_input"])
                 rows = interleave_reference_and_samples(target, drawn.tokens, num_samples, self.padding_idx)
-                prev = prev_output_tokens_from_target(rows, self.padding_idx, self.eos)
                 coef = raml_row_coefficients(weights, alpha, num_samples)
-                total, _, nll_rows = weighted_row_losses(
-                    model, expand_encoder_out(model, encoder_out, num_samples + 1), prev, rows, coef,
-                    self.sequence_losses, fused=self.fused)
+                total, _, nll_rows = forward_through(model, self._score_rows, sample["net_input"], rows, coef)
                 loss, ref_nll = total, nll_rows.view(batch_size, -1)[:, 0]
             extra["raml_dist_sum"] = drawn.distance.sum().float().data
             extra["raml_nsamples"] = drawn.distance.numel()
             if ess is not None:
                 extra["raml_ess_sum"] = ess.sum().data
-        sample_size = batch_size if self.sentence_avg else sample["ntokens"]
-        logging_output = {
-            "loss": loss.data, "nll_loss": ref_nll.sum().data, "ntokens": sample["ntokens"],
-            "nsentences": batch_size, "sample_size": sample_size, **extra,
-        }
-        return loss, sample_size, logging_output
+        sample_size = self.sample_size_of(sample)
+        return loss, sample_size, self.stock_logging_output(loss, ref_nll.sum(), sample, sample_size, **extra)
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
-        log_stock_metrics(logging_outputs)
-        nsamples = sum(log.get("raml_nsamples", 0) for log in logging_outputs)
-        if nsamples > 0:
-            dist = sum(log.get("raml_dist_sum", 0) for log in logging_outputs)
-            metrics.log_scalar("raml_dist", dist / nsamples, nsamples, round=3)
-        nsent = sum(log.get("nsentences", 0) for log in logging_outputs if "raml_ess_sum" in log)
-        if nsent > 0:
-            ess = sum(log.get("raml_ess_sum", 0) for log in logging_outputs)
-            metrics.log_scalar("raml_ess", ess / nsent, nsent, round=3)
-
-    @staticmethod
-    def logging_outputs_can_be_summed() -> bool:
-        return True
+        super().reduce_metrics(logging_outputs)
+        log_mean(logging_outputs, "raml_dist", "raml_dist_sum", "raml_nsamples")
+        log_mean(logging_outputs, "raml_ess", "raml_ess_sum", "nsentences")

@@ -62,7 +62,7 @@ equivalence needs ``--searnn-eos-candidate gt``.  Costs are shifted by their
 per-cell minimum (as the reference implementation does); softmax and arg-min
 do not change.
 
-Engine (:mod:`fairseq_seqlevel.sampling.rollouts`): the source is encoded once
+Engine (:mod:`fairseq_seqlevel.decoding.rollouts`): the source is encoded once
 for the search; learned roll-ins are decoded greedily; then the roll-ins are
 replayed step by step with an incremental decoder state, and at each step t
 that has cells, the state is expanded to one row per (cell, token) roll-out
@@ -89,24 +89,20 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
-from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 from torch import Tensor
 
 from fairseq_seqlevel import rewards
-from fairseq_seqlevel.criterions.common import pad_right, references_of, unsampleable_ids
-from fairseq_seqlevel.criterions.token_smooth import log_stock_metrics
+from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, log_stock_metrics, pad_right, references_of
+from fairseq_seqlevel.decoding import rollouts
+from fairseq_seqlevel.decoding.model import eval_mode
+from fairseq_seqlevel.decoding.teacher_forcing import encode, prev_output_tokens_from_target, token_nll
 from fairseq_seqlevel.errors import check
-from fairseq_seqlevel.sampling import rollouts
-from fairseq_seqlevel.sampling.teacher_forcing import (
-    decoder_lprobs,
-    encode,
-    prev_output_tokens_from_target,
-    token_nll,
-)
-from fairseq_seqlevel.tasks.seqlevel_translation import bind_reward, task_reward_level
+from fairseq_seqlevel.sampling.gumbel import gumbel_topk
+from fairseq_seqlevel.sampling.vocab import never_sampled_ids
 
 POLICIES = ["reference", "learned", "mixed"]
 LOSSES = ["kl", "ll"]
@@ -242,10 +238,6 @@ def neighbour_tokens(target: Tensor, position: int, width: int, pad: int):
     return tokens, valid
 
 
-def _gumbel_like(x: Tensor) -> Tensor:
-    return -torch.empty_like(x).exponential_().log()
-
-
 def select_tokens(gt: Tensor, lprobs: Optional[Tensor], allowed: Tensor, k: int, strategy: str,
                   neighbours: Optional[Tensor] = None, neighbours_valid: Optional[Tensor] = None):
     """Tokens scored at ``m`` cells: (candidates ``[m, C]``, valid ``[m, C]``).
@@ -268,17 +260,16 @@ def select_tokens(gt: Tensor, lprobs: Optional[Tensor], allowed: Tensor, k: int,
     mask = allowed.unsqueeze(0).expand(m, -1).clone()
     mask.scatter_(1, first, False)
     if strategy == "uniform":
-        keys = _gumbel_like(mask.float())
+        log_weights = torch.zeros(mask.shape, device=mask.device)
     else:
-        lp = lprobs.float().masked_fill(~allowed.unsqueeze(0), -math.inf)
-        lp = lp - torch.logsumexp(lp, dim=1, keepdim=True)
+        log_weights = lprobs.float().masked_fill(~allowed.unsqueeze(0), -math.inf)
+        log_weights = log_weights - torch.logsumexp(log_weights, dim=1, keepdim=True)
         if strategy == "biased":
             w = BIASED_UNIFORM_WEIGHT
             uniform = -math.log(max(int(allowed.sum()), 1))
-            lp = torch.logaddexp(lp + math.log(1.0 - w), torch.full_like(lp, uniform + math.log(w)))
-        keys = lp if strategy == "topk" else lp + _gumbel_like(lp)
-    keys = keys.masked_fill(~mask, -math.inf)
-    top_keys, top_ids = keys.topk(min(k, keys.size(1)), dim=1)
+            log_weights = torch.logaddexp(log_weights + math.log(1.0 - w),
+                                          torch.full_like(log_weights, uniform + math.log(w)))
+    top_keys, top_ids = gumbel_topk(log_weights, k, mask, perturb=strategy != "topk")
     cand = torch.cat([first, top_ids], dim=1)
     valid = torch.cat([torch.ones_like(first, dtype=torch.bool), top_keys > -math.inf], dim=1)
     if neighbours is not None and neighbours.size(1) > 0:
@@ -369,25 +360,16 @@ class SearchResult(NamedTuple):
 
 
 @register_criterion("searnn_kl", dataclass=SearnnConfig)
-class SearnnCriterion(FairseqCriterion):
+class SearnnCriterion(SeqlevelCriterion):
     def __init__(self, task, cfg: SearnnConfig):
-        super().__init__(task)
         check_searnn_config(cfg)
-        self.cfg = cfg
-        self.sentence_avg = cfg.sentence_avg
-        dictionary = task.target_dictionary
-        self.eos = dictionary.eos()
+        super().__init__(task, cfg)
         # eos is a candidate token (ending the sentence here) unless asked otherwise
-        special = unsampleable_ids(dictionary, include_eos=cfg.searnn_eos_candidate == "gt")
-        allowed = torch.ones(len(dictionary), dtype=torch.bool)
+        special = never_sampled_ids(task.target_dictionary, include_eos=cfg.searnn_eos_candidate == "gt")
+        allowed = torch.ones(self.num_tokens, dtype=torch.bool)
         allowed[special] = False
         self.register_buffer("allowed", allowed, persistent=False)
-        if cfg.searnn_reward is None and getattr(task, "reward", None) is not None:
-            self.reward = task.reward
-        else:
-            level, style = task_reward_level(task)
-            self.reward = bind_reward(cfg.searnn_reward or "hamming", dictionary, level, style,
-                                      flag="--searnn-reward")
+        self.reward = self.resolve_reward(cfg.searnn_reward, "--searnn-reward", default="hamming")
         policy = cfg.searnn_ref_policy
         if policy == "auto":
             policy = "best-suffix" if self.reward.name.startswith("bleu") else "copy"
@@ -417,20 +399,10 @@ class SearnnCriterion(FairseqCriterion):
         used = int(rollin.ne(pad).sum(dim=1).max())
         return rollin[:, :used]
 
-    @torch.no_grad()
     def search(self, model, sample) -> SearchResult:
         """Roll-ins, cells, tokens, roll-outs and costs (eval mode, no grad)."""
-        was_training = model.training
-        beam_size = getattr(model.decoder, "_beam_size", None)
-        model.eval()
-        if hasattr(model.decoder, "set_beam_size"):
-            model.decoder.set_beam_size(1)
-        try:
+        with eval_mode(model):
             return self._search(model, sample)
-        finally:
-            model.train(was_training)
-            if beam_size is not None and beam_size != 1:
-                model.decoder.set_beam_size(beam_size)
 
     def _search(self, model, sample) -> SearchResult:
         cfg, pad, eos = self.cfg, self.padding_idx, self.eos
@@ -517,9 +489,10 @@ class SearnnCriterion(FairseqCriterion):
 
     def forward(self, model, sample, reduce=True):
         found = self.search(model, sample)
-        encoder_out = encode(model, sample["net_input"])
+        # the loss pass is a stock forward of the wrapped model (data parallelism sees it)
         prev = prev_output_tokens_from_target(found.rollin, self.padding_idx, self.eos)
-        lprobs, _ = decoder_lprobs(model, encoder_out, prev)
+        net_output = model(**{**sample["net_input"], "prev_output_tokens": prev})
+        lprobs = model.get_normalized_probs(net_output, log_probs=True)
         cell_lprobs = lprobs[found.cell_rows, found.cell_pos]
         cand_lprobs = candidate_log_probs(cell_lprobs, found.candidates, found.valid,
                                           restrict=self.cfg.searnn_tokens > 0)
@@ -530,15 +503,13 @@ class SearnnCriterion(FairseqCriterion):
         loss = per_cell.sum()
         nll = token_nll(lprobs, found.gt, self.padding_idx).sum()
         gt_best = best_candidate(found.costs, found.valid).eq(0).sum()
-        batch_size, num_cells = sample["target"].size(0), found.cell_rows.numel()
-        sample_size = batch_size if self.sentence_avg else num_cells
-        logging_output = {
-            "loss": loss.data, "nll_loss": nll.data, "ntokens": sample["ntokens"],
-            "nsentences": batch_size, "sample_size": sample_size,
-            "searnn_nll_cells": int(found.gt.ne(self.padding_idx).sum()),
-            "searnn_cells": num_cells, "searnn_gt_best": gt_best.data,
-            "searnn_rollin_cost": found.rollin_cost.sum().data,
-        }
+        num_cells = found.cell_rows.numel()
+        sample_size = self.sample_size_of(sample, tokens=num_cells)
+        logging_output = self.stock_logging_output(
+            loss, nll, sample, sample_size,
+            searnn_nll_cells=int(found.gt.ne(self.padding_idx).sum()),
+            searnn_cells=num_cells, searnn_gt_best=gt_best.data,
+            searnn_rollin_cost=found.rollin_cost.sum().data)
         return loss, sample_size, logging_output
 
     @classmethod
@@ -546,15 +517,5 @@ class SearnnCriterion(FairseqCriterion):
         # nll_loss is per roll-in cell: that is per target token with reference roll-in.
         log_stock_metrics([{**log, "ntokens": log.get("searnn_nll_cells", log.get("ntokens", 0))}
                            for log in logging_outputs])
-        cells = sum(log.get("searnn_cells", 0) for log in logging_outputs)
-        if cells > 0:
-            best = sum(log.get("searnn_gt_best", 0) for log in logging_outputs)
-            metrics.log_scalar("searnn_gt_best", best / cells, cells, round=3)
-        nsent = sum(log.get("nsentences", 0) for log in logging_outputs)
-        if nsent > 0:
-            cost = sum(log.get("searnn_rollin_cost", 0) for log in logging_outputs)
-            metrics.log_scalar("searnn_rollin_cost", cost / nsent, nsent, round=3)
-
-    @staticmethod
-    def logging_outputs_can_be_summed() -> bool:
-        return True
+        log_mean(logging_outputs, "searnn_gt_best", "searnn_gt_best", "searnn_cells")
+        log_mean(logging_outputs, "searnn_rollin_cost", "searnn_rollin_cost", "nsentences")

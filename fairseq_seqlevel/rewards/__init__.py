@@ -13,6 +13,7 @@ from .edit import (edit_distance, hamming, normalized_edit_distance, normalized_
 from .ngrams import PAIRWISE_ELEMENT_BUDGET
 from .registry import Reward, available_rewards, get_reward, register_reward
 from .words import WordMerger
+from .binding import BoundReward, bind_reward, detect_subword_style  # noqa: E402  (needs the above)
 
 __all__ = [
     "SMOOTH_METHODS", "BleuStats", "bleu_from_stats", "bleu_stats", "corpus_bleu_from_stats",
@@ -23,4 +24,5 @@ __all__ = [
     "PAIRWISE_ELEMENT_BUDGET",
     "Reward", "available_rewards", "get_reward", "register_reward",
     "WordMerger",
+    "BoundReward", "bind_reward", "detect_subword_style",
 ]

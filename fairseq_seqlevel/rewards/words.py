@@ -48,8 +48,9 @@ SENTENCEPIECE = "sentencepiece"
 SUBWORD_NMT = "subword_nmt"
 CONVENTIONS = (SENTENCEPIECE, SUBWORD_NMT)
 
-_SP_SPACE = "\u2581"
-_BPE_CONTINUATION = "@@"
+#: The one definition of the subword markers (tasks and smoothing import these).
+SP_SPACE = "\u2581"  # sentencepiece: a piece starting with it starts a word
+BPE_CONTINUATION = "@@"  # subword-nmt: a token ending with it continues into the next
 _MODULI = (2147483647, 2147483629)  # primes 2^31 - 1 and 2^31 - 19
 _BASES = tuple(random.Random(0x5EED).randrange(1 << 20, m - 1) for m in _MODULI)
 #: Word ids of standalone tokens are ``_STANDALONE_OFFSET + token_id``.
@@ -81,10 +82,10 @@ def symbol_segments(symbol: str, convention: str) -> List[Segment]:
     subword_nmt "ab" -> [(False, "ab"), (True, "")] (the word ends after it).
     """
     if convention == SENTENCEPIECE:
-        text, ends_word = symbol.replace(_SP_SPACE, " "), False
+        text, ends_word = symbol.replace(SP_SPACE, " "), False
     elif convention == SUBWORD_NMT:
-        continues = symbol.endswith(_BPE_CONTINUATION)
-        text = symbol[: -len(_BPE_CONTINUATION)] if continues else symbol
+        continues = symbol.endswith(BPE_CONTINUATION)
+        text = symbol[: -len(BPE_CONTINUATION)] if continues else symbol
         ends_word = not continues
     else:
         raise ValueError(f"unknown convention {convention!r}; expected one of {CONVENTIONS}")

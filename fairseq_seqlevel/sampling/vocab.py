@@ -43,6 +43,20 @@ class SubstitutionVocab(NamedTuple):
     sizes: Tensor
 
 
+def never_sampled_ids(dictionary, include_eos: bool = True):
+    """Ids a generated or sampled sentence never contains as a word (sorted list).
+
+    bos, pad, unk (and eos unless ``include_eos`` is False), plus the
+    "madeupword" fillers fairseq pads dictionaries with up to a multiple of 8.
+    ``dictionary`` is duck-typed (a ``fairseq.data.Dictionary`` works).
+    """
+    ids = {dictionary.bos(), dictionary.pad(), dictionary.unk()}
+    if include_eos:
+        ids.add(dictionary.eos())
+    ids |= {i for i, s in enumerate(dictionary.symbols) if s.startswith("madeupword")}
+    return sorted(ids)
+
+
 def _special_id_tensor(special_ids: SpecialIds, device: torch.device) -> Tensor:
     """1-D LongTensor of the special ids, on ``device``."""
     if isinstance(special_ids, Tensor):

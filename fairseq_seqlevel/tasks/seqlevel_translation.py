@@ -26,8 +26,8 @@ from fairseq.logging import metrics
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from fairseq_seqlevel import rewards
-from fairseq_seqlevel.errors import ConfigError, check
+from fairseq_seqlevel.errors import check
+from fairseq_seqlevel.rewards.binding import bind_reward, bleu_from_flat_stats, validate_reward_name
 from fairseq_seqlevel.tasks.multi_reference_dataset import MultiReferenceDataset
 
 logger = logging.getLogger(__name__)
@@ -67,108 +67,6 @@ class SeqlevelTranslationConfig(TranslationConfig):
     eval_reward_max_len_b: int = field(
         default=20, metadata={"help": "greedy validation decoding: max length = a*src_len + b (a=1.2)"}
     )
-
-
-def detect_subword_style(symbols):
-    """Guess the subword convention of a dictionary from its symbols."""
-    if any(s.startswith("\u2581") for s in symbols):
-        return "sentencepiece"
-    if any(s.endswith("@@") for s in symbols):
-        return "subword_nmt"
-    return "none"
-
-
-class BoundReward:
-    """A registry reward bound to a dictionary: ``reward(hyp, refs)``.
-
-    ``hyp``: B x T target ids; ``refs``: B x T' or B x R x T' (with eos and
-    pad as in fairseq targets).  With a word merger, ids are first turned into
-    word ids on the same device; the pad id is kept so rewards can mask.
-    """
-
-    def __init__(self, reward, pad, eos, merger=None):
-        self.reward = reward
-        self.merger = merger
-        # After merging, words are padded with the merger's pad and carry no eos.
-        self.pad = pad if merger is None else merger.pad
-        self.eos = eos if merger is None else None
-
-    @property
-    def name(self):
-        return self.reward.name
-
-    @property
-    def higher_is_better(self):
-        return self.reward.higher_is_better
-
-    def _words(self, hyp, refs):
-        if self.merger is None:
-            return hyp, refs
-        shape = refs.shape
-        flat_refs = refs.reshape(-1, shape[-1]) if refs.dim() == 3 else refs
-        words_refs = self.merger(flat_refs)
-        if refs.dim() == 3:
-            words_refs = words_refs.reshape(shape[0], shape[1], -1)
-        return self.merger(hyp), words_refs
-
-    def __call__(self, hyp, refs):
-        hyp, refs = self._words(hyp, refs)
-        return self.reward(hyp, refs, self.pad, eos=self.eos)
-
-    def cost(self, hyp, refs):
-        hyp, refs = self._words(hyp, refs)
-        return self.reward.cost(hyp, refs, self.pad, eos=self.eos)
-
-    def prefix(self, hyp, refs):
-        check(self.merger is None,
-              "--reward-level word: rewards of every prefix need token-level scoring; "
-              "use --reward-level token with this criterion")
-        return self.reward.prefix(hyp, refs, self.pad, eos=self.eos)
-
-    def bleu_stats(self, hyp, refs):
-        """Corpus BLEU statistics of the batch on the reward's tokens, as one
-        flat vector [matches(4), totals(4), hyp_len, ref_len] (summable)."""
-        hyp, refs = self._words(hyp, refs)
-        stats = rewards.bleu_stats(hyp, refs, self.pad, eos=self.eos).sum()
-        return torch.cat([stats.matches, stats.totals, stats.hyp_len.view(1), stats.ref_len.view(1)])
-
-
-def bleu_from_flat_stats(flat):
-    """Corpus BLEU in [0, 100] from summed :meth:`BoundReward.bleu_stats` vectors."""
-    flat = torch.as_tensor(flat).long()
-    stats = rewards.BleuStats(flat[0:4], flat[4:8], flat[8], flat[9])
-    return 100.0 * float(rewards.corpus_bleu_from_stats(stats))
-
-
-def validate_reward_name(name, flag):
-    try:
-        rewards.get_reward(name)
-    except ValueError as e:
-        raise ConfigError(f"{flag}: {e}") from None
-
-
-def bind_reward(name, tgt_dict, reward_level="token", subword_style="auto", flag="--reward"):
-    """Build registry reward ``name`` bound to ``tgt_dict`` (pad, eos, word merging).
-
-    Criterions that take their own reward flag (``--raml-reward``) call this
-    too, with the task's reward level when the task has one, so they also work
-    inside the stock ``translation`` task.
-    """
-    validate_reward_name(name, flag)
-    reward = rewards.get_reward(name)
-    merger = None
-    if reward_level == "word":
-        style = detect_subword_style(tgt_dict.symbols) if subword_style == "auto" else subword_style
-        if style != "none":
-            merger = rewards.WordMerger.from_dictionary(tgt_dict, style)
-        logger.info(f"{flag} {name} at word level (subwords: {style})")
-    return BoundReward(reward, tgt_dict.pad(), tgt_dict.eos(), merger)
-
-
-def task_reward_level(task):
-    """(reward_level, subword_style) of a task; token level for stock tasks."""
-    cfg = getattr(task, "cfg", None)
-    return getattr(cfg, "reward_level", "token"), getattr(cfg, "subword_style", "auto")
 
 
 @register_task("seqlevel_translation", dataclass=SeqlevelTranslationConfig)

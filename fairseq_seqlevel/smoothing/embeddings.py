@@ -1,7 +1,7 @@
 """Word embeddings for token-level loss smoothing.
 
 Two sources of the ``[V, D]`` matrix consumed by
-:func:`fairseq_seqlevel.sampling.token_similarity.topk_cosine_neighbours`,
+:func:`fairseq_seqlevel.smoothing.targets.topk_cosine_neighbours`,
 both indexed by the fairseq target dictionary:
 
 * :func:`load_text_embeddings` -- pretrained vectors (GloVe, as in the paper,
@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
+from fairseq_seqlevel.errors import InputFileError
+from fairseq_seqlevel.rewards.words import BPE_CONTINUATION, SP_SPACE
+
 if TYPE_CHECKING:  # pragma: no cover - types only
     from fairseq.data import Dictionary  # noqa: F401
 
@@ -34,11 +37,9 @@ __all__ = [
     "build_ppmi_svd_embeddings",
 ]
 
-SPM_SPACE = "\u2581"  # sentencepiece word-boundary marker "▁"
-BPE_CONT = "@@"  # subword-nmt continuation marker
 
 
-class EmbeddingFileError(ValueError):
+class EmbeddingFileError(InputFileError):
     """A malformed embedding file; the message is one line ``path:line: why``."""
 
 
@@ -102,10 +103,10 @@ def lookup_keys(symbol: str, lowercase_fallback: bool = True) -> List[Tuple[str,
     """
     keys: List[Tuple[str, int]] = [(symbol, 0)]
     stripped = None
-    if symbol.startswith(SPM_SPACE) and len(symbol) > len(SPM_SPACE):
-        stripped = symbol[len(SPM_SPACE):]
-    elif symbol.endswith(BPE_CONT) and len(symbol) > len(BPE_CONT):
-        stripped = symbol[: -len(BPE_CONT)]
+    if symbol.startswith(SP_SPACE) and len(symbol) > len(SP_SPACE):
+        stripped = symbol[len(SP_SPACE):]
+    elif symbol.endswith(BPE_CONTINUATION) and len(symbol) > len(BPE_CONTINUATION):
+        stripped = symbol[: -len(BPE_CONTINUATION)]
     if stripped is not None:
         keys.append((stripped, 1))
     if lowercase_fallback:

@@ -120,25 +120,32 @@ class _FusedRowLoss(torch.autograd.Function):
     """Σ_n coef_n · loss_fn(log_softmax(features_n W^T + b), target_n), chunked.
 
     Gradients for features, weight and bias are computed in ``forward`` one
-    chunk of rows at a time and scaled by the incoming gradient in ``backward``
-    (valid because the result is a scalar and ``coef`` is a constant).
+    chunk of rows at a time (valid because the result is a scalar and
+    ``coef`` is a constant) and multiplied by the incoming gradient in
+    ``backward``.  Mixed precision: every chunk runs in fp32 (autocast off)
+    and the gradients are kept in fp32 until ``backward`` has applied the
+    incoming gradient (fairseq's loss scale under --fp16), so gradients too
+    small for half precision at unit scale are not flushed to zero; only the
+    scaled result is cast to the parameters' dtype.
     """
 
     @staticmethod
     def forward(ctx, features, weight, bias, coef, target, loss_fn, rows_per_chunk):
         needs = ctx.needs_input_grad
-        grad_features = torch.zeros_like(features) if needs[0] else None
-        grad_weight = torch.zeros_like(weight) if needs[1] else None
-        grad_bias = torch.zeros_like(bias) if bias is not None and needs[2] else None
-        total = features.new_zeros((), dtype=torch.float)
+        f32 = torch.float32
+        grad_features = torch.zeros(features.shape, dtype=f32, device=features.device) if needs[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=f32, device=weight.device) if needs[1] else None
+        grad_bias = (torch.zeros(bias.shape, dtype=f32, device=bias.device)
+                     if bias is not None and needs[2] else None)
+        total = torch.zeros((), dtype=f32, device=features.device)
         row_loss, row_nll = [], []
-        w = weight.detach().requires_grad_(needs[1])
-        b = bias.detach().requires_grad_(needs[2]) if bias is not None else None
+        w = weight.detach().to(f32).requires_grad_(needs[1])
+        b = bias.detach().to(f32).requires_grad_(needs[2]) if bias is not None else None
         for start in range(0, features.size(0), rows_per_chunk):
             end = min(start + rows_per_chunk, features.size(0))
-            with torch.enable_grad():
-                x = features[start:end].detach().requires_grad_(needs[0])
-                lprobs = torch.log_softmax(torch.nn.functional.linear(x, w, b).float(), dim=-1)
+            with torch.enable_grad(), torch.autocast(features.device.type, enabled=False):
+                x = features[start:end].detach().to(f32).requires_grad_(needs[0])
+                lprobs = torch.log_softmax(torch.nn.functional.linear(x, w, b), dim=-1)
                 loss, nll = loss_fn(lprobs, target[start:end])
                 chunk_total = (coef[start:end].to(loss.dtype) * loss).sum()
                 inputs = [t for t, n in ((x, needs[0]), (w, needs[1]), (b, b is not None and needs[2])) if n]
@@ -149,19 +156,24 @@ class _FusedRowLoss(torch.autograd.Function):
                 grad_weight += next(grads)
             if b is not None and needs[2]:
                 grad_bias += next(grads)
-            total += chunk_total.detach()
+            total += chunk_total.detach().float()
             row_loss.append(loss.detach())
             row_nll.append(nll.detach())
         ctx.save_for_backward(grad_features, grad_weight, grad_bias)
+        ctx.dtypes = (features.dtype, weight.dtype, None if bias is None else bias.dtype)
         row_loss, row_nll = torch.cat(row_loss), torch.cat(row_nll)
         ctx.mark_non_differentiable(row_loss, row_nll)
         return total, row_loss, row_nll
 
     @staticmethod
     def backward(ctx, grad_total, _grad_loss, _grad_nll):
-        grad_features, grad_weight, grad_bias = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
-        return scale(grad_features), scale(grad_weight), scale(grad_bias), None, None, None, None
+        scale = grad_total.float()
+
+        def scaled(grad, dtype):
+            return None if grad is None else (grad * scale).to(dtype)
+
+        grads = [scaled(g, dt) for g, dt in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*grads, None, None, None, None)
 
 
 def weighted_row_losses(model, encoder_out, prev_output_tokens, target, coef, loss_fn, fused=None):

@@ -129,6 +129,9 @@ def _topk_neighbours_and_tail(
         if candidate_mask.shape != (V,):
             raise ValueError(f"candidate_mask must have shape [{V}]")
         eligible = eligible & candidate_mask
+    # Rows of ineligible tokens (special symbols) keep a one-hot target, like
+    # tokens without a vector: they neither receive nor spread mass.
+    smoothed_row = eligible
     n_eligible = int(eligible.sum())
     neg_inf = float("-inf")
     # Ineligible columns are pushed below any cosine through an extra
@@ -150,8 +153,8 @@ def _topk_neighbours_and_tail(
         s = left[start:stop] @ right_t  # [c, V]
         s[torch.arange(stop - start, device=device), rows] = neg_inf  # self goes to slot 0
         vals, idx = s.topk(k, dim=1)
-        # masked: ineligible column, self, or the whole row of a zero embedding
-        masked = (vals < -2.0) | ~nonzero[start:stop].unsqueeze(1)
+        # masked: ineligible column, self, or the whole row of an ineligible token
+        masked = (vals < -2.0) | ~smoothed_row[start:stop].unsqueeze(1)
         vals = vals.clamp(-1.0, 1.0).masked_fill(masked, neg_inf)  # round-off: 1 + eps
         ids[start:stop, 0] = rows
         sims[start:stop, 0] = 1.0
@@ -160,7 +163,7 @@ def _topk_neighbours_and_tail(
         tail_sim[start:stop] = vals[:, k - 1]
     n_kept = torch.isfinite(sims[:, 1:]).sum(dim=1)
     own = (eligible & nonzero).long()  # a token is not its own "other" candidate
-    tail_count = torch.where(nonzero, n_eligible - own - n_kept, torch.zeros_like(n_kept))
+    tail_count = torch.where(smoothed_row, n_eligible - own - n_kept, torch.zeros_like(n_kept))
     tail_sim = torch.where(tail_count > 0, tail_sim, torch.full_like(tail_sim, neg_inf))
     return ids, sims.float(), tail_sim.float(), tail_count
 
@@ -180,16 +183,17 @@ def topk_cosine_neighbours(
         chunk_size: rows per block; peak extra memory is about
             ``chunk_size * V`` floats (4096 x 40k x 4 B = 655 MB -- lower it on
             small machines).  The dense ``V x V`` matrix is never built.
-        candidate_mask: optional ``BoolTensor[V]``; tokens with ``False`` never
-            appear in *other* tokens' lists (e.g. ``<pad>``, ``</s>``), but
-            still get their own list with themselves in slot 0.
+        candidate_mask: optional ``BoolTensor[V]``; tokens with ``False`` take
+            no part in smoothing (e.g. ``<pad>``, ``</s>``): they never appear
+            in other tokens' lists and their own list is just themselves
+            (a one-hot target, like a zero-embedding row).
 
     Returns:
         ``ids`` LongTensor[V, k] and ``sims`` FloatTensor[V, k].
         ``ids[i, 0] == i`` and ``sims[i, 0] == 1`` for every row; the other
         slots hold the ``k - 1`` most similar eligible tokens in decreasing
         cosine order, clamped to ``[-1, 1]``.  Slots that cannot be filled
-        (zero-embedding rows, which only get themselves, or fewer than
+        (zero-embedding and ineligible rows, which only get themselves, or fewer than
         ``k - 1`` eligible tokens) have ``sims == -inf`` and ``ids == i``
         (a valid index that gets probability 0).
     """

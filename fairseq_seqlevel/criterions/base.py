@@ -1,0 +1,101 @@
+"""What every sequence-level criterion shares: the reward rule, the ids that
+are never sampled, and fairseq's stock logging (summable outputs)."""
+
+import math
+
+import torch
+from fairseq import utils
+from fairseq.criterions import FairseqCriterion
+from fairseq.logging import metrics
+
+from fairseq_seqlevel.rewards.binding import bind_reward
+from fairseq_seqlevel.sampling.vocab import never_sampled_ids
+
+
+def references_of(sample):
+    """B x R x T references: the task's multi-reference tensor, else the target."""
+    refs = sample.get("references")
+    return refs if refs is not None else sample["target"].unsqueeze(1)
+
+
+def pad_right(tokens, width, pad):
+    """Right-pad a B x T tensor to B x width (unchanged if already as wide)."""
+    if tokens.size(1) >= width:
+        return tokens
+    return torch.cat([tokens, tokens.new_full((tokens.size(0), width - tokens.size(1)), pad)], dim=1)
+
+
+def log_stock_metrics(logging_outputs):
+    """loss / nll_loss / ppl exactly as fairseq's label_smoothed_cross_entropy."""
+    loss_sum = sum(log.get("loss", 0) for log in logging_outputs)
+    nll_loss_sum = sum(log.get("nll_loss", 0) for log in logging_outputs)
+    ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
+    sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
+    metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
+    metrics.log_scalar("nll_loss", nll_loss_sum / ntokens / math.log(2), ntokens, round=3)
+    metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
+
+
+def log_mean(logging_outputs, name, sum_key, count_key, round=3):
+    """Log ``Σ sum_key / Σ count_key`` as ``name`` when the count is positive."""
+    count = sum(log.get(count_key, 0) for log in logging_outputs if sum_key in log)
+    if count > 0:
+        total = sum(log.get(sum_key, 0) for log in logging_outputs)
+        metrics.log_scalar(name, total / count, count, round=round)
+
+
+class SeqlevelCriterion(FairseqCriterion):
+    """Base of the plugin's criterions.
+
+    * ``self.reward``-style binding: :meth:`resolve_reward` takes the
+      criterion's own ``--<prefix>-reward``, else the task's ``--reward``
+      (``seqlevel_translation``), else the criterion's documented default,
+      bound to the target dictionary at the task's reward level.
+    * ``self.special_ids``: ids no sample may contain (bos, pad, eos, unk,
+      fairseq's madeupword fillers), a buffer on the criterion's device.
+    * Logging: ``loss`` (base 2 per sample_size) and ``nll_loss`` (base 2 per
+      target token) exactly as fairseq's ``label_smoothed_cross_entropy``;
+      every logged value is a sum, so outputs of workers and batches add up.
+    """
+
+    def __init__(self, task, cfg):
+        super().__init__(task)
+        self.cfg = cfg
+        self.sentence_avg = getattr(cfg, "sentence_avg", False)
+        dictionary = task.target_dictionary
+        self.eos = dictionary.eos()
+        self.num_tokens = len(dictionary)
+        self.register_buffer("special_ids", torch.tensor(never_sampled_ids(dictionary), dtype=torch.long),
+                             persistent=False)
+
+    def resolve_reward(self, own_name, flag, default):
+        """The reward of this criterion (a :class:`~fairseq_seqlevel.rewards.BoundReward`)."""
+        if own_name is None and getattr(self.task, "reward", None) is not None:
+            return self.task.reward
+        return self.bind_own_reward(own_name or default, flag)
+
+    def bind_own_reward(self, name, flag):
+        """Reward ``name`` bound like the task's (for optional per-criterion rewards)."""
+        cfg = getattr(self.task, "cfg", None)
+        return bind_reward(name, self.task.target_dictionary, getattr(cfg, "reward_level", "token"),
+                           getattr(cfg, "subword_style", "auto"), flag=flag)
+
+    def sample_size_of(self, sample, tokens=None):
+        """fairseq's normalizer: sentences with ``--sentence-avg``, else tokens."""
+        if self.sentence_avg:
+            return sample["target"].size(0)
+        return sample["ntokens"] if tokens is None else tokens
+
+    def stock_logging_output(self, loss, nll_loss, sample, sample_size, **extra):
+        return {
+            "loss": loss.data, "nll_loss": nll_loss.data, "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0), "sample_size": sample_size, **extra,
+        }
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        log_stock_metrics(logging_outputs)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

@@ -1,0 +1,2 @@
+"""Drives a fairseq model: gradient paths data parallelism sees, batched
+sampling, roll-outs and teacher forcing."""

@@ -1,0 +1,109 @@
+"""A registry reward bound to a target dictionary: ``reward(hyp, refs)`` on raw ids.
+
+The task binds ``--reward`` once and criterions bind their own ``--<prefix>-reward``
+the same way.  ``dictionary`` is duck-typed (``symbols``, ``pad()``, ``eos()``,
+...): a ``fairseq.data.Dictionary`` works, and nothing here imports fairseq.
+"""
+
+import logging
+
+import torch
+
+from fairseq_seqlevel.errors import ConfigError, check
+
+from .bleu import BleuStats, bleu_stats, corpus_bleu_from_stats
+from .registry import get_reward
+from .words import BPE_CONTINUATION, SP_SPACE, WordMerger
+
+logger = logging.getLogger(__name__)
+
+
+def detect_subword_style(symbols):
+    """Guess the subword convention of a dictionary from its symbols."""
+    if any(s.startswith(SP_SPACE) for s in symbols):
+        return "sentencepiece"
+    if any(s.endswith(BPE_CONTINUATION) for s in symbols):
+        return "subword_nmt"
+    return "none"
+
+
+class BoundReward:
+    """A registry reward bound to a dictionary: ``reward(hyp, refs)``.
+
+    ``hyp``: B x T target ids; ``refs``: B x T' or B x R x T' (with eos and
+    pad as in fairseq targets).  With a word merger, ids are first turned into
+    word ids on the same device; the pad id is kept so rewards can mask.
+    """
+
+    def __init__(self, reward, pad, eos, merger=None):
+        self.reward = reward
+        self.merger = merger
+        # After merging, words are padded with the merger's pad and carry no eos.
+        self.pad = pad if merger is None else merger.pad
+        self.eos = eos if merger is None else None
+
+    @property
+    def name(self):
+        return self.reward.name
+
+    @property
+    def higher_is_better(self):
+        return self.reward.higher_is_better
+
+    def _words(self, hyp, refs):
+        if self.merger is None:
+            return hyp, refs
+        shape = refs.shape
+        flat_refs = refs.reshape(-1, shape[-1]) if refs.dim() == 3 else refs
+        words_refs = self.merger(flat_refs)
+        if refs.dim() == 3:
+            words_refs = words_refs.reshape(shape[0], shape[1], -1)
+        return self.merger(hyp), words_refs
+
+    def __call__(self, hyp, refs):
+        hyp, refs = self._words(hyp, refs)
+        return self.reward(hyp, refs, self.pad, eos=self.eos)
+
+    def cost(self, hyp, refs):
+        hyp, refs = self._words(hyp, refs)
+        return self.reward.cost(hyp, refs, self.pad, eos=self.eos)
+
+    def prefix(self, hyp, refs):
+        check(self.merger is None,
+              "--reward-level word: rewards of every prefix need token-level scoring; "
+              "use --reward-level token with this criterion")
+        return self.reward.prefix(hyp, refs, self.pad, eos=self.eos)
+
+    def bleu_stats(self, hyp, refs):
+        """Corpus BLEU statistics of the batch on the reward's tokens, as one
+        flat vector [matches(4), totals(4), hyp_len, ref_len] (summable)."""
+        hyp, refs = self._words(hyp, refs)
+        stats = bleu_stats(hyp, refs, self.pad, eos=self.eos).sum()
+        return torch.cat([stats.matches, stats.totals, stats.hyp_len.view(1), stats.ref_len.view(1)])
+
+
+def bleu_from_flat_stats(flat):
+    """Corpus BLEU in [0, 100] from summed :meth:`BoundReward.bleu_stats` vectors."""
+    flat = torch.as_tensor(flat).long()
+    stats = BleuStats(flat[0:4], flat[4:8], flat[8], flat[9])
+    return 100.0 * float(corpus_bleu_from_stats(stats))
+
+
+def validate_reward_name(name, flag):
+    try:
+        get_reward(name)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from None
+
+
+def bind_reward(name, tgt_dict, reward_level="token", subword_style="auto", flag="--reward"):
+    """Build registry reward ``name`` bound to ``tgt_dict`` (pad, eos, word merging)."""
+    validate_reward_name(name, flag)
+    reward = get_reward(name)
+    merger = None
+    if reward_level == "word":
+        style = detect_subword_style(tgt_dict.symbols) if subword_style == "auto" else subword_style
+        if style != "none":
+            merger = WordMerger.from_dictionary(tgt_dict, style)
+        logger.info(f"{flag} {name} at word level (subwords: {style})")
+    return BoundReward(reward, tgt_dict.pad(), tgt_dict.eos(), merger)
