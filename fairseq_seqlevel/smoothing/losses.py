@@ -5,10 +5,10 @@ import logging
 
 import torch
 
-from fairseq_seqlevel.errors import check, file_problem
+from fairseq_seqlevel.errors import InputFileError, check, file_problem
 from fairseq_seqlevel.sampling.vocab import never_sampled_ids
 
-from .embeddings import load_text_embeddings
+from .embeddings import EmbeddingFileError, load_text_embeddings
 from .targets import SparseTokenTargets, smoothed_token_loss_many
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ def build_token_targets(cfg, dictionary):
           "(build one with examples/build_token_embeddings.py)")
     try:
         embeddings, report = load_text_embeddings(path, dictionary)
+    except EmbeddingFileError as e:  # "path:line: why"
+        raise InputFileError(f"--token-embeddings {e}") from None
     except OSError as e:
         # a checkpoint remembers the path; fairseq-validate/generate can point elsewhere
         raise file_problem("--token-embeddings", path,
