@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "fairseq-fixed": ["fairseq-fixed==0.12.3.1"],
-        "test": ["pytest", "rapidfuzz", "scipy"],
+        "test": ["pytest", "rapidfuzz", "sacrebleu>=2.0", "scipy"],
         "bench": ["matplotlib", "rapidfuzz"],
     },
 )

@@ -10,13 +10,11 @@ import math
 from collections import Counter
 
 import pytest
+import scipy.stats as scipy_stats  # a test dependency: missing means failing
 import torch
 
 from conftest import levenshtein
-
-scipy_stats = pytest.importorskip("scipy.stats")
-
-from fairseq_seqlevel.sampling.raml import (  # noqa: E402
+from fairseq_seqlevel.sampling.raml import (
     RamlSamples,
     edit_distance_log_prior,
     edit_sampler,
@@ -26,7 +24,7 @@ from fairseq_seqlevel.sampling.raml import (  # noqa: E402
     importance_weights,
     ngram_sampler,
 )
-from fairseq_seqlevel.sampling.vocab import (  # noqa: E402
+from fairseq_seqlevel.sampling.vocab import (
     SubstitutionVocab,
     batch_vocab,
     draw_different_candidates,
