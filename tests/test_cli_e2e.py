@@ -72,3 +72,17 @@ def test_help_lists_our_criterions():
     out = run_cli("train", "--user-dir", USER_DIR, "--help")
     choices = re.search(r"--criterion \{([^}]*)\}", out.stdout).group(1).split(",")
     assert {"raml", "token_smooth"} <= set(choices)
+
+
+def test_missing_extra_references_is_one_line(toy_data, tmp_path):
+    """A reference set missing for a split stops training: no silent fallback to one reference."""
+    out = run_cli("train", toy_data, *TRAIN, *TINY_LSTM, "--save-dir", tmp_path / "c",
+                  "--criterion", "cross_entropy", "--max-update", "1", "--extra-references", "ref2,kjv",
+                  check=False)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    err_lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    prefix = toy_data / "valid.src-tgt.kjv"
+    assert err_lines == [f"error: --extra-references kjv: {prefix}.bin/.idx not found (split valid)"], \
+        out.stderr[-2000:]
+    assert out.stderr.rstrip().splitlines()[-1] == err_lines[0]

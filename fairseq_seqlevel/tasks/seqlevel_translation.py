@@ -7,7 +7,9 @@ What it adds to ``translation``:
   ``--reward-level word``, to a subword -> word merger, so criterions call
   ``task.reward(hyp, refs)`` on raw padded target-id tensors.
 * ``--extra-references kjv,...`` loads ``{split}.{src}-{tgt}.{name}`` beside
-  the usual files; batches then carry ``sample["references"]`` (B x R x T').
+  the usual files (every split loaded must have them: a missing file is an
+  error, not a silent fallback to one reference); batches then carry
+  ``sample["references"]`` (B x R x T').
 * ``--eval-reward``: validation decodes greedily and logs the mean sentence
   reward over all references (``reward``) and the multi-reference corpus
   BLEU of those outputs on the reward's tokens (``greedy_bleu``).
@@ -26,7 +28,7 @@ from fairseq.logging import metrics
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from fairseq_seqlevel.errors import check
+from fairseq_seqlevel.errors import InputFileError, check
 from fairseq_seqlevel.rewards.binding import bind_reward, bleu_from_flat_stats, validate_reward_name
 from fairseq_seqlevel.tasks.multi_reference_dataset import MultiReferenceDataset
 
@@ -57,7 +59,8 @@ class SeqlevelTranslationConfig(TranslationConfig):
     extra_references: Optional[str] = field(
         default=None,
         metadata={"help": "comma-separated extra reference sets, loaded from "
-                  "{split}.{src}-{tgt}.{name}.bin/.idx (binarized with the target dict)"},
+                  "{split}.{src}-{tgt}.{name}.bin/.idx (binarized with the target dict); "
+                  "every split loaded must have them"},
     )
     eval_reward: bool = field(
         default=False,
@@ -105,10 +108,10 @@ class SeqlevelTranslationTask(TranslationTask):
         for name in self.extra_reference_names:
             prefix = os.path.join(data_path, f"{split}.{src}-{tgt}.{name}")
             refs = data_utils.load_indexed_dataset(prefix, self.tgt_dict, self.cfg.dataset_impl)
+            # Never fall back to one reference silently: a typo in the name
+            # would train and validate against a different objective.
             if refs is None:
-                # Extra references are optional per split (e.g. only valid/test).
-                logger.warning(f"--extra-references: {prefix}.bin not found, split {split} has one reference")
-                continue
+                raise InputFileError(f"--extra-references {name}: {prefix}.bin/.idx not found (split {split})")
             extra[name] = refs
         self.datasets[split] = MultiReferenceDataset(self.datasets[split], extra, self.tgt_dict.pad())
 
