@@ -1,5 +1,6 @@
 """The stock fairseq CLIs drive the plugin end to end on toy data."""
 
+import random
 import re
 
 import sacrebleu
@@ -86,3 +87,37 @@ def test_missing_extra_references_is_one_line(toy_data, tmp_path):
     assert err_lines == [f"error: --extra-references kjv: {prefix}.bin/.idx not found (split valid)"], \
         out.stderr[-2000:]
     assert out.stderr.rstrip().splitlines()[-1] == err_lines[0]
+
+
+def write_toy_embeddings(data, path, dim=4, seed=0):
+    """A word2vec text file with a random vector for every word of the toy target dictionary."""
+    rng = random.Random(seed)
+    words = [line.split()[0] for line in (data / "dict.tgt.txt").read_text().splitlines()]
+    lines = [f"{w} " + " ".join(f"{rng.gauss(0, 1):.5f}" for _ in range(dim)) for w in words]
+    path.write_text(f"{len(lines)} {dim}\n" + "\n".join(lines) + "\n")
+    return path
+
+
+def test_validate_after_embeddings_moved(toy_data, tmp_path):
+    """A token_smooth checkpoint remembers its --token-embeddings path: once the
+    file has moved, fairseq-validate says so in one line, and the override the
+    message suggests makes fairseq-validate work."""
+    emb = write_toy_embeddings(toy_data, tmp_path / "emb.txt")
+    ckpt = tmp_path / "ckpt"
+    _train(toy_data, ckpt, "--criterion", "token_smooth", "--token-embeddings", emb,
+           "--max-epoch", "1", "--no-epoch-checkpoints", "--no-save-optimizer-state")
+    moved = emb.rename(tmp_path / "moved.txt")
+    validate = [toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation",
+                "--path", ckpt / "checkpoint_last.pt", "--max-tokens", "400", "--no-progress-bar"]
+
+    out = run_cli("validate", *validate, check=False)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    last = out.stderr.rstrip().splitlines()[-1]
+    assert last.startswith(f"error: --token-embeddings {emb}: No such file or directory"), out.stderr[-2000:]
+    hint = re.search(r"""--model-overrides "(\{.*NEW_PATH.*\})\"""", last)
+    assert hint, last
+
+    out = run_cli("validate", *validate, "--model-overrides", hint.group(1).replace("NEW_PATH", str(moved)))
+    assert re.search(r"valid on 'valid' subset \| loss [0-9.]+ \| nll_loss [0-9.]+", out.stdout + out.stderr), \
+        (out.stdout + out.stderr)[-3000:]
