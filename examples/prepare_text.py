@@ -26,7 +26,9 @@ into place at the very end, so a failure leaves nothing half-written.  An
 existing destination is refused unless ``--force`` (then the new directory is
 built first and swapped in).
 
-Bad input gives one line ``error: ...`` on stderr and exit code 2.
+Bad input gives one line ``error: ...`` on stderr and exit code 2.  Ctrl-C or
+SIGTERM removes the temporary directory, stops fairseq-preprocess and exits
+130 / 143.
 
 Usage::
 
@@ -41,6 +43,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,14 +59,76 @@ class PrepareError(Exception):
     """A user-facing problem, reported as one line on stderr (exit code 2)."""
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup runs as on Ctrl-C.
+
+    A BaseException (like KeyboardInterrupt): no ``except Exception`` swallows it.
+    """
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Deferred:
+    depth = 0  # > 0: inside a few lines that must not be cut by an interrupt
+    pending = None  # the signal that arrived meanwhile
+
+
+def _raise_for(signum):
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    # a second SIGTERM must not interrupt the cleanup the first one started
+    signal.signal(signum, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _on_interrupt(signum, frame):
+    if _Deferred.depth:
+        _Deferred.pending = _Deferred.pending or signum
+        return
+    _raise_for(signum)
+
+
+def defer_interrupts():
+    """Hold Ctrl-C / SIGTERM (under :func:`run_cli`) until :func:`resume_interrupts`."""
+    _Deferred.depth += 1
+
+
+def resume_interrupts():
+    """End a :func:`defer_interrupts`; raise the interrupt that came meanwhile.
+
+    Call it inside the ``try`` whose handler cleans up what the deferred
+    lines made, so that no moment is left where an interrupt skips it.
+    """
+    _Deferred.depth -= 1
+    if _Deferred.depth == 0 and _Deferred.pending is not None:
+        signum, _Deferred.pending = _Deferred.pending, None
+        _raise_for(signum)
+
+
 def run_cli(main_fn, argv=None):
-    """Run ``main_fn(argv)``; turn PrepareError/OSError into one line + exit 2."""
+    """Run ``main_fn(argv)``; turn PrepareError/OSError into one line + exit 2.
+
+    Ctrl-C and SIGTERM unwind normally (the temporary output directory is
+    removed, a running fairseq-preprocess is killed) and exit 130 / 143.
+    """
+    previous = {s: signal.signal(s, _on_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return main_fn(argv) or 0
     except PrepareError as e:
         msg = str(e)
     except OSError as e:  # e.g. permission denied, disk full
         msg = f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Terminated as e:
+        print(f"error: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     print(f"error: {' '.join(msg.split())}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
@@ -189,16 +254,27 @@ def check_dest(dest, force):
 def atomic_dir(dest, force=False):
     """Yield a fresh temp dir next to ``dest``; move it to ``dest`` on success.
 
-    On any exception (or Ctrl-C) the temp dir is removed and ``dest`` is left
-    untouched.  With ``force`` an existing ``dest`` is swapped out only after
-    the new one is complete.
+    On any exception (or Ctrl-C, SIGTERM under :func:`run_cli`) the temp dir
+    is removed and ``dest`` is left untouched.  With ``force`` an existing
+    ``dest`` is swapped out only after the new one is complete.  Interrupts
+    are held while the temp dir is created, renamed into place and removed,
+    so none leaves it behind or ``dest`` half swapped.
     """
     dest = check_dest(dest, force)
     parent, base = os.path.split(dest)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    tmp = None
+    # `held` tracks the interrupt hold (plain statements: no signal handler
+    # runs between them and the counter update)
+    held = True
+    _Deferred.depth += 1
     try:
+        tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+        held = False
+        resume_interrupts()
         yield tmp
+        held = True
+        _Deferred.depth += 1
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
@@ -216,8 +292,14 @@ def atomic_dir(dest, force=False):
         else:
             os.rename(tmp, dest)
     finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not held:
+            held = True
+            _Deferred.depth += 1
+        try:
+            if tmp is not None and os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            resume_interrupts()  # an interrupt that came meanwhile is raised now
 
 
 def write_lines(path, lines):
@@ -298,16 +380,41 @@ for argv in json.loads(sys.argv[1]):
 
 
 def fairseq_preprocess(*runs):
-    """Run ``fairseq-preprocess ARGS`` for each ARGS list, in order."""
+    """Run ``fairseq-preprocess ARGS`` for each ARGS list, in order.
+
+    The child runs in a process group of its own (with any ``--workers``
+    processes it starts); if this process is interrupted (Ctrl-C, SIGTERM,
+    any exception) the whole group is killed and reaped before the exception
+    goes on, so nothing keeps writing into the temporary directory that the
+    caller is about to remove.
+    """
     cmd = [sys.executable, "-c", _PREPROCESS_DRIVER, json.dumps([list(r) for r in runs])]
     env = dict(os.environ, PYTHONHASHSEED="0")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    # An interrupt while Popen waits for the exec would leave the child
+    # running with nobody to kill it: hold it until the clean-up is armed.
+    defer_interrupts()
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, start_new_session=True)
+    except BaseException:
+        resume_interrupts()
+        raise
+    try:
+        resume_interrupts()
+        stdout, stderr = proc.communicate()
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise
     if proc.returncode != 0:
-        tail = [l for l in (proc.stderr + proc.stdout).splitlines() if l.strip()]
+        tail = [l for l in (stderr + stdout).splitlines() if l.strip()]
         raise PrepareError(
             f"fairseq-preprocess failed (exit {proc.returncode}): "
             f"{tail[-1] if tail else 'no output'}")
-    return proc.stdout
+    return stdout
 
 
 def _pref_args(prefix_dir, splits):

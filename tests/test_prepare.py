@@ -392,3 +392,115 @@ def test_spelling_bad_input(tmp_path):
     proc = run("prepare_spelling.py", "--input", tmp_path / "none.tsv.gz", "--dest", dest)
     assert_one_line_error(proc, tmp_path / "none.tsv.gz")
     assert_nothing_left(dest)
+
+
+# --------------------------------------------------------------------------
+# SIGTERM: cleaned up like Ctrl-C
+# --------------------------------------------------------------------------
+
+def _processes():
+    """{pid: (ppid, pgrp, cmdline)} of the processes we can see in /proc."""
+    procs = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        if fields[0] != "Z":  # a zombie writes nothing
+            procs[int(entry)] = (int(fields[1]), int(fields[2]), cmdline)
+    return procs
+
+
+def _wait_for(condition, timeout=60.0, what="condition"):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (Linux)")
+@pytest.mark.parametrize("script, moment", [
+    ("prepare_text.py", "preprocess"),
+    ("prepare_text.py", "tmpdir"),
+    ("prepare_bible.py", "preprocess"),
+    ("prepare_spelling.py", "preprocess"),
+])
+def test_sigterm_cleans_up(tmp_path, script, moment):
+    """SIGTERM while the temp dir exists (or while fairseq-preprocess runs in it):
+    exit non-zero, no temp dir, no DEST, no process left writing into it."""
+    import signal
+
+    dest = tmp_path / "out" / "d"
+    if script == "prepare_text.py":
+        args = text_args(write_corpus(tmp_path / "in", n=(60, 6, 6)), dest, "--extra-refs", "kjv")
+    elif script == "prepare_bible.py":  # the embedded verses
+        args = ["--dest", dest, "--vocab-size", "300", "--max-words", "6"]
+    else:
+        args = ["--dest", dest, "--train-size", "300", "--valid-size", "30", "--test-size", "30"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / script), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    temp_dirs = lambda: [p for p in dest.parent.iterdir() if p.name.startswith(".d.tmp-")] \
+        if dest.parent.exists() else []  # noqa: E731
+    writers = lambda tmp: {pid: p for pid, p in _processes().items()  # noqa: E731
+                           if str(tmp) in p[2] and pid != proc.pid}
+    try:
+        tmp = _wait_for(temp_dirs, what="the temporary directory")[0]
+        children = {}
+        if moment == "preprocess":
+            children = _wait_for(lambda: {pid: p for pid, p in _processes().items()
+                                          if p[0] == proc.pid and str(tmp) in p[2]},
+                                 what="fairseq-preprocess writing into the temporary directory")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0, (out, err)
+        assert writers(tmp) == {}  # no orphaned fairseq-preprocess still writing there
+        live = _processes()
+        for pid, (_, pgrp, _) in children.items():  # the child, and its process group
+            assert pid not in live
+            assert not [p for p, (_, g, _) in live.items() if g == pgrp]
+        assert not tmp.exists() and temp_dirs() == []
+        assert not dest.exists()
+        assert (err.strip().splitlines() or [""])[-1] == "error: terminated by SIGTERM", err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in writers(dest.parent):  # orphans this test started: do not leave them running
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_while_preprocess_starts_still_kills_it(monkeypatch):
+    """A SIGTERM that lands while Popen is still returning (before the caller
+    holds the child) is held until the clean-up is armed: the child dies too."""
+    import signal
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        child = real_popen(*args, **kwargs)
+        started.append(child)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return child
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    previous = signal.signal(signal.SIGTERM, prepare_text._on_interrupt)
+    try:
+        with pytest.raises(prepare_text.Terminated):
+            prepare_text.fairseq_preprocess(["--help"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(started) == 1 and started[0].returncode == -signal.SIGKILL
+    assert prepare_text._Deferred.depth == 0 and prepare_text._Deferred.pending is None
