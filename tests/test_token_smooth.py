@@ -153,3 +153,42 @@ def test_lazy_sample_losses_equal_expanded_scoring(toy_data, embeddings, alpha):
     (w * loss1).sum().backward()
     (w * loss2).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_eos_keeps_a_one_hot_target_even_with_a_vector(toy_data, mle, tmp_path):
+    """</s> has a vector in the file, almost equal to a word's: at eos positions
+    the loss is the plain NLL, and no word's smoothed target gives eos mass."""
+    from test_raml import dense_smoothed_targets, write_embeddings
+
+    task, model, _ = mle
+    d = task.target_dictionary
+    pad, eos = d.pad(), d.eos()
+    gen = torch.Generator().manual_seed(0)
+    words = {d[i]: torch.randn(4, generator=gen).tolist() for i in range(d.nspecial, len(d))}
+    twin = d[d.nspecial + 1]  # the word whose direction eos nearly shares
+    eos_vector = [x * 1.5 + 1e-3 for x in words[twin]]
+    emb = write_embeddings(tmp_path / "emb.txt", [("</s>", eos_vector), *words.items()])
+    alpha, tau = 0.8, 0.3
+    crit = _criterion(toy_data, "--criterion", "token_smooth", "--token-smooth-alpha", str(alpha),
+                      "--token-smooth-temperature", str(tau), "--token-embeddings", emb)
+    batch = first_batch(task)
+    target = batch["target"]
+    assert target.eq(eos).any() and target.eq(d.index(twin)).any()
+    lprobs = model.get_normalized_probs(model(**batch["net_input"]), log_probs=True).detach()
+
+    def loss_on(kept):  # the criterion's loss with every other target position padded away
+        sample = dict(batch, target=target.masked_fill(~kept, pad))
+        with torch.no_grad():
+            return crit(model, sample)[0]
+
+    at_eos = target.eq(eos)
+    nll_eos = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)[at_eos].sum()
+    torch.testing.assert_close(loss_on(at_eos), nll_eos)
+
+    R = dense_smoothed_targets(emb, d, tau)  # eos: one-hot row, zero column
+    assert R[eos, eos] == 1 and R[:, eos].sum() == 1
+    at_words = target.ne(eos) & target.ne(pad)
+    y = target[at_words]
+    lp = lprobs[at_words]
+    hand = (alpha * -(R[y] * lp).sum(-1) + (1 - alpha) * -lp.gather(-1, y.unsqueeze(-1)).squeeze(-1)).sum()
+    torch.testing.assert_close(loss_on(at_words), hand)
