@@ -41,6 +41,12 @@ then translates only part of the test set and validation skips sentences.
 Upstream fairseq 0.12.2 keeps that batch.  When the installed fairseq shows
 the behaviour (probed on a tiny input, so a fixed release is left alone) we
 restore the upstream semantics.
+
+pytorch_ddp on CPU
+------------------
+``DistributedFairseqModel`` passes ``device_ids=[device_id]`` to torch's
+``DistributedDataParallel`` even for a CPU model, which torch >= 2 rejects;
+:func:`allow_cpu_pytorch_ddp` drops those two arguments for CPU modules only.
 """
 
 import argparse
@@ -136,5 +142,33 @@ def keep_last_batch():
     return True
 
 
+def allow_cpu_pytorch_ddp():
+    """Let ``--ddp-backend pytorch_ddp`` wrap a CPU model (multi-process CPU training).
+
+    fairseq's ``DistributedFairseqModel`` always passes ``device_ids=[device_id]``,
+    which torch >= 2 rejects for CPU modules ("device_ids ... only work with
+    ... GPU modules"); for them only, ``device_ids``/``output_device`` are
+    dropped, which is what torch expects for CPU.  GPU models are untouched.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fairseq.models import distributed_fairseq_model as dfm
+
+    if getattr(dfm.DistributedDataParallel, "_fairseq_seqlevel", False):
+        return False
+
+    class CpuAwareDistributedDataParallel(DistributedDataParallel):
+        _fairseq_seqlevel = True
+
+        def __init__(self, module, device_ids=None, output_device=None, **kwargs):
+            if all(p.device.type == "cpu" for p in module.parameters()):
+                device_ids = output_device = None
+            super().__init__(module, device_ids=device_ids, output_device=output_device, **kwargs)
+
+    dfm.DistributedDataParallel = CpuAwareDistributedDataParallel
+    return True
+
+
 allow_fairseq_checkpoints()
 keep_last_batch()
+allow_cpu_pytorch_ddp()

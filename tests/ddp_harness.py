@@ -278,7 +278,7 @@ def _child_main():
         importlib.import_module(module)
     import torch.distributed as dist
 
-    _allow_cpu_ddp()
+    from fairseq_seqlevel import compat  # CPU pytorch_ddp (compat.allow_cpu_pytorch_ddp)  # noqa: F401
     timeout = timedelta(seconds=spec.collective_timeout)
     store = dist.FileStore(spec.store, spec.world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.world_size, timeout=2 * timeout)
@@ -302,27 +302,6 @@ def _child_main():
         store.set(f"done/{index}/{rank}", "1")
         store.wait([f"done/{index}/{r}" for r in range(spec.world_size)], 3 * timeout)
     dist.destroy_process_group()
-
-
-def _allow_cpu_ddp():
-    """DistributedFairseqModel passes ``device_ids=[cfg.device_id]``, which
-    torch >= 2 rejects for CPU modules; drop it for them (nothing else changes)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    from fairseq.models import distributed_fairseq_model as dfm
-
-    if getattr(dfm.DistributedDataParallel, "_cpu_shim", False):
-        return
-
-    class CpuDistributedDataParallel(DistributedDataParallel):
-        _cpu_shim = True
-
-        def __init__(self, module, device_ids=None, output_device=None, **kwargs):
-            if all(p.device.type == "cpu" for p in module.parameters()):
-                device_ids = output_device = None
-            super().__init__(module, device_ids=device_ids, output_device=output_device, **kwargs)
-
-    dfm.DistributedDataParallel = CpuDistributedDataParallel
 
 
 def _build(case, backend, world_size, rank):
