@@ -548,7 +548,9 @@ def parse_args(argv=None):
     p.add_argument("--extra-refs", nargs="*", default=[], metavar="REF",
                    help="extra target-side references, files {split}.{REF}")
     p.add_argument("--extra-ref-splits", nargs="+", choices=SPLITS, default=None,
-                   help="splits that have the extra references (default: all --splits)")
+                   help="splits that have the extra references (default: all --splits); fairseq --extra-references "
+                        "then needs them in every split it loads, so pass it only to fairseq-generate/validate "
+                        "on those splits")
     p.add_argument("--vocab-size", type=int, default=8000,
                    help="joint sentencepiece vocabulary size (default 8000; a "
                         "smaller one is used if the train text cannot fill it)")

@@ -15,7 +15,6 @@ What it adds to ``translation``:
   BLEU of those outputs on the reward's tokens (``greedy_bleu``).
 """
 
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -31,8 +30,6 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from fairseq_seqlevel.errors import InputFileError, check
 from fairseq_seqlevel.rewards.binding import bind_reward, bleu_from_flat_stats, validate_reward_name
 from fairseq_seqlevel.tasks.multi_reference_dataset import MultiReferenceDataset
-
-logger = logging.getLogger(__name__)
 
 REWARD_LEVELS = ChoiceEnum(["token", "word"])
 SUBWORD_STYLES = ChoiceEnum(["auto", "sentencepiece", "subword_nmt", "none"])
