@@ -3,6 +3,8 @@
 * configuration: :func:`load_config` (tomllib + validation + ``--quick``
   overrides), :func:`expand` (placeholders), :func:`check_criterion` (does
   fairseq know this criterion and these flags?);
+* inputs: :func:`ensure_data`, :func:`ensure_token_embeddings` (run the
+  config's commands that build them when missing);
 * commands: :func:`train_command`, :func:`pretrain_command`,
   :func:`finetune_command`;
 * logs: :func:`parse_log`, :func:`curve`, :func:`mean_curve`;
@@ -59,6 +61,10 @@ SETTING_KEYS = {
     "task": (True, str), "covers": (False, list), "batches": (False, int),
     "synthetic_vocab": (False, int), "synthetic_sentences": (False, int),
     "synthetic_len": (False, list),
+}
+SAMPLER_KEYS = {  # [speed.sampler]: decoding.sampler vs fairseq's SequenceGenerator
+    "setting": (True, str), "samples": (False, int), "max_len_a": (False, (int, float)),
+    "max_len_b": (False, int), "batches": (False, int), "max_ratio": (False, (int, float)),
 }
 
 
@@ -165,6 +171,11 @@ def validate_config(raw):
             for task in setting.get("covers", []):
                 if task not in tasks:
                     errors.append(f"{where}.covers: unknown task '{task}'")
+    sampler = (raw.get("speed") or {}).get("sampler")
+    if sampler is not None:
+        _check_table("speed.sampler", sampler, SAMPLER_KEYS, errors)
+        if isinstance(sampler, dict) and sampler.get("setting") not in settings:
+            errors.append(f"speed.sampler.setting: unknown speed setting {sampler.get('setting')!r}")
     return errors
 
 
@@ -269,6 +280,46 @@ def resolve_path(path):
 def token_embeddings_path(cfg, task_name, workdir):
     lang = cfg["tasks"][task_name].get("target_lang", "tgt")
     return Path(workdir) / task_name / f"token_embeddings.{lang}.txt"
+
+
+# ---------------------------------------------------------------------------
+# data and token embeddings (quality.py and speed.py)
+# ---------------------------------------------------------------------------
+
+def ensure_data(cfg, task_name, logdir):
+    """The task's data directory, prepared with its ``prepare`` command if ``check_file`` is missing."""
+    task = cfg["tasks"][task_name]
+    data = resolve_path(task["data"])
+    check = data / task.get("check_file", "")
+    if data.is_dir() and check.exists():
+        return data
+    if not task.get("prepare"):
+        raise RuntimeError(f"{task_name}: data {data} missing and no 'prepare' command in the config")
+    cmd = expand(task["prepare"], task_mapping(cfg, task_name, logdir))
+    print(f"[{task_name}] preparing data: {command_text(cmd)}", flush=True)
+    code, _ = run_logged(cmd, Path(logdir) / task_name / "prepare.log")
+    if code != 0 or not check.exists():
+        raise RuntimeError(f"{task_name}: data preparation failed:\n"
+                           + log_tail(Path(logdir) / task_name / "prepare.log"))
+    return data
+
+
+def ensure_token_embeddings(cfg, task_name, workdir):
+    """The task's token embeddings (``{token_embeddings}``), built on first use."""
+    path = token_embeddings_path(cfg, task_name, workdir)
+    if path.exists():
+        return path
+    task = cfg["tasks"][task_name]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(REPO / "examples" / "build_token_embeddings.py"),
+           "--data", str(resolve_path(task["data"])), "--lang", task.get("target_lang", "tgt"),
+           "--out", str(path)]
+    print(f"[{task_name}] building token embeddings: {command_text(cmd)}", flush=True)
+    code, _ = run_logged(cmd, path.with_suffix(".log"))
+    if code != 0:
+        raise RuntimeError(f"{task_name}: building token embeddings failed:\n"
+                           + log_tail(path.with_suffix(".log")))
+    return path
 
 
 # ---------------------------------------------------------------------------

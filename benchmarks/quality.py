@@ -110,40 +110,6 @@ def check_runnable(cfg, runs, workdir):
 # steps
 # ---------------------------------------------------------------------------
 
-def ensure_data(cfg, task_name, logdir):
-    task = cfg["tasks"][task_name]
-    data = H.resolve_path(task["data"])
-    check = data / task.get("check_file", "")
-    if data.is_dir() and check.exists():
-        return data
-    if not task.get("prepare"):
-        raise RuntimeError(f"{task_name}: data {data} missing and no 'prepare' command in the config")
-    cmd = H.expand(task["prepare"], H.task_mapping(cfg, task_name, logdir))
-    log(f"[{task_name}] preparing data: {H.command_text(cmd)}")
-    code, _ = H.run_logged(cmd, Path(logdir) / task_name / "prepare.log")
-    if code != 0 or not check.exists():
-        raise RuntimeError(f"{task_name}: data preparation failed:\n"
-                           + H.log_tail(Path(logdir) / task_name / "prepare.log"))
-    return data
-
-
-def ensure_token_embeddings(cfg, task_name, workdir):
-    path = H.token_embeddings_path(cfg, task_name, workdir)
-    if path.exists():
-        return path
-    task = cfg["tasks"][task_name]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(REPO / "examples" / "build_token_embeddings.py"),
-           "--data", str(H.resolve_path(task["data"])), "--lang", task.get("target_lang", "tgt"),
-           "--out", str(path)]
-    log(f"[{task_name}] building token embeddings: {H.command_text(cmd)}")
-    code, _ = H.run_logged(cmd, path.with_suffix(".log"))
-    if code != 0:
-        raise RuntimeError(f"{task_name}: building token embeddings failed:\n"
-                           + H.log_tail(path.with_suffix(".log")))
-    return path
-
-
 def score(cfg, task_name, checkpoint):
     """(metric name, value, all scores) of a checkpoint on the task's eval split."""
     from evaluate import evaluate
@@ -381,12 +347,12 @@ def main(argv=None):
     rows, curves, pretrains, failed = [], {}, {}, []
     for task in tasks:
         try:
-            ensure_data(cfg, task, workdir)
+            H.ensure_data(cfg, task, workdir)
             task_runs = [r for r in runs if r[0] == task]
             needs_emb = any("token_embeddings" in H.placeholders(H.criterion_flags(cfg, c, task))
                             for _, c, _ in task_runs)
             if needs_emb:
-                ensure_token_embeddings(cfg, task, workdir)
+                H.ensure_token_embeddings(cfg, task, workdir)
             pre = pretrain(cfg, task, workdir, force=args.force_pretrain)
         except (RuntimeError, H.ConfigError) as e:
             log(f"error: {e}")

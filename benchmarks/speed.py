@@ -3,6 +3,7 @@
 
     python benchmarks/speed.py [--quick] [--json PATH] [--settings a,b] [--criterions a,b]
         [--config benchmarks/config.toml] [--workdir work/bench] [--no-memory] [--no-reward]
+        [--no-sampler | --sampler-only]
 
 For every speed setting of ``benchmarks/config.toml`` ([speed.settings.*]):
 the task's model and a fixed set of batches are built once (real training
@@ -32,6 +33,22 @@ the setting is timed on exactly those batches and that model:
   ``ru_maxrss`` reports); ``peak_mem_mb`` is the increase (MB),
   ``peak_rss_mb`` the absolute peak.
 
+Then, if the config has a ``[speed.sampler]`` table: the batched sampler
+(``fairseq_seqlevel.decoding.sampler.sample``, ``samples`` multinomial samples
+per source) against fairseq's ``SequenceGenerator`` with ``--sampling`` and
+beam ``samples`` (which returns that many samples per source), on the model
+and batches of its setting, the two interleaved batch by batch in ``rounds``
+rounds after one warm-up (skipped when ``--settings`` leaves its setting
+out); reported: median round times, their ratio (ours /
+fairseq), the median per-round ratio and the CPU-time ratio.  Both use the
+same caps (``max_len_a`` 0 gives every source the same one: fairseq takes the
+batch's padded source width, the sampler each source's length).  The
+setting's model is randomly initialized, so nearly every sample of both runs
+to the cap: the same decoding work for both (a trained model would let the
+sampler drop finished samples early, where fairseq waits for a source's last
+sample).  ``--sampler-only`` runs just this and merges it into an existing
+output file.
+
 Then ``benchmarks/reward_speed.py --json`` (batched torch rewards vs
 sacrebleu / rapidfuzz loops) runs and its numbers are merged in.
 
@@ -39,7 +56,8 @@ Output (``--json``, default benchmarks/results/speed.json, or
 benchmarks/results/quick/speed.json with --quick): ``{criterion:
 {"step_time_vs_mle", "peak_mem_mb", "setting", "by_setting": {...}}}`` where the
 top-level numbers come from the criterion's main setting (the one covering
-its first quality task), plus ``_meta``, ``_targets`` and ``_reward_speed``.
+its first quality task), plus ``_meta``, ``_targets``, ``_sampler`` and
+``_reward_speed``.
 """
 
 import argparse
@@ -83,6 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, help="override the config's rounds")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-reward", action="store_true", help="skip benchmarks/reward_speed.py")
+    p.add_argument("--no-sampler", action="store_true", help="skip the sampler vs SequenceGenerator measurement")
+    p.add_argument("--sampler-only", action="store_true",
+                   help="only the sampler vs SequenceGenerator measurement, merged into the existing --json file")
     p.add_argument("--memory-worker", nargs=2, metavar=("SETTING", "CRITERION"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -132,12 +153,10 @@ class Setting:
             self.data_dir = write_synthetic_data(self.workdir / "speed" / f"synthetic_{self.spec['synthetic_vocab']}",
                                                  self.spec["synthetic_vocab"])
             return
-        from benchmarks.quality import ensure_data, ensure_token_embeddings
-
-        self.data_dir = ensure_data(self.cfg, self.task_name, self.workdir)
+        self.data_dir = H.ensure_data(self.cfg, self.task_name, self.workdir)
         if any("token_embeddings" in H.placeholders(H.criterion_flags(self.cfg, c, self.task_name))
                for c in criterions):
-            ensure_token_embeddings(self.cfg, self.task_name, self.workdir)
+            H.ensure_token_embeddings(self.cfg, self.task_name, self.workdir)
 
     def build(self):
         import torch
@@ -369,6 +388,91 @@ def run_reward_speed(args, cfg, out_dir):
 
 
 # ---------------------------------------------------------------------------
+# sampler vs SequenceGenerator
+# ---------------------------------------------------------------------------
+
+def time_sampler(cfg, spec, workdir, rounds, warmup=1):
+    """decoding.sampler.sample vs SequenceGenerator(--sampling, beam n): both
+    draw ``samples`` multinomial samples per source of the same batches."""
+    from argparse import Namespace
+
+    import torch
+
+    from fairseq_seqlevel.decoding.sampler import sample
+
+    setting = Setting(cfg, spec["setting"], workdir)
+    setting.prepare_files([])
+    setting.build()
+    model, task = setting.model, setting.task
+    n, max_len_a, max_len_b = int(spec.get("samples", 5)), spec.get("max_len_a", 0), int(spec.get("max_len_b", 200))
+    batches = setting.batches[:int(spec.get("batches", len(setting.batches)))]
+    generator = task.build_generator([model], Namespace(beam=n, sampling=True, max_len_a=max_len_a,
+                                                        max_len_b=max_len_b))
+    model.eval()  # both run in eval mode without gradients (as fairseq-generate)
+
+    def ours(batch):
+        out = sample(model, batch["net_input"], n=n, strategy="multinomial", max_len_a=max_len_a,
+                     max_len_b=max_len_b)
+        return int(out.lengths.sum())
+
+    def fairseq(batch):
+        hyps = generator.forward(batch)
+        assert all(len(h) == n for h in hyps)
+        return sum(len(x["tokens"]) for h in hyps for x in h)
+
+    methods = {"ours": ours, "fairseq": fairseq}
+    wall = {m: [] for m in methods}
+    cpu = {m: [] for m in methods}
+    tokens = dict.fromkeys(methods, 0)
+    for r in range(warmup + rounds):
+        w_round, c_round = dict.fromkeys(methods, 0.0), dict.fromkeys(methods, 0.0)
+        for b, batch in enumerate(batches):
+            order = list(methods) if (r + b) % 2 == 0 else list(methods)[::-1]
+            for name in order:
+                torch.manual_seed(1000 * r + b)
+                w, c = time.perf_counter(), time.process_time()
+                made = methods[name](batch)
+                w_round[name] += time.perf_counter() - w
+                c_round[name] += time.process_time() - c
+                if r == warmup:
+                    tokens[name] += made
+        if r >= warmup:
+            for name in methods:
+                wall[name].append(round(w_round[name], 4))
+                cpu[name].append(round(c_round[name], 4))
+    model.train()
+    med = {m: statistics.median(wall[m]) for m in methods}
+    ratio = med["ours"] / med["fairseq"]
+    out = {"setting": spec["setting"], "samples_per_source": n, "max_len_a": max_len_a, "max_len_b": max_len_b,
+           "batches": len(batches), "sources": sum(b["nsentences"] for b in batches),
+           "model": "the setting's model (random initialization)", "rounds": rounds, "warmup_rounds": warmup,
+           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
+           "ours": "fairseq_seqlevel.decoding.sampler.sample(strategy='multinomial', n=samples)",
+           "fairseq": "task.build_generator(beam=samples, sampling=True) -> SequenceGenerator",
+           "ours_median_s": round(med["ours"], 4), "fairseq_median_s": round(med["fairseq"], 4),
+           "ratio": round(ratio, 3),
+           "median_paired_ratio": round(statistics.median(o / f for o, f in zip(wall["ours"], wall["fairseq"])), 3),
+           "cpu_time_ratio": round(statistics.median(cpu["ours"]) / statistics.median(cpu["fairseq"]), 3),
+           "ours_s": wall["ours"], "fairseq_s": wall["fairseq"],
+           "ours_tokens_per_round": tokens["ours"], "fairseq_tokens_per_round": tokens["fairseq"]}
+    if "max_ratio" in spec:
+        out["max_ratio"] = spec["max_ratio"]
+        out["ok"] = ratio <= spec["max_ratio"]
+    return out
+
+
+def print_sampler(res):
+    target = "" if "max_ratio" not in res else \
+        f"  target <= {res['max_ratio']}x: {'ok' if res['ok'] else 'MISSED'}"
+    log(f"\n[sampler vs SequenceGenerator] {res['setting']}: {res['samples_per_source']} samples per source, "
+        f"{res['batches']} batches = {res['sources']} sources, caps {res['max_len_a']}*|src| + {res['max_len_b']}, "
+        f"{res['ours_tokens_per_round']} / {res['fairseq_tokens_per_round']} tokens per round")
+    log(f"  sampler {res['ours_median_s']:.3f} s/round, SequenceGenerator {res['fairseq_median_s']:.3f} s/round "
+        f"(medians of {res['rounds']}): {res['ratio']:.2f}x (paired {res['median_paired_ratio']:.2f}x, "
+        f"CPU {res['cpu_time_ratio']:.2f}x){target}")
+
+
+# ---------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------
 
@@ -466,6 +570,19 @@ def main(argv=None):
                   file=sys.stderr)
             return 2
     rounds = args.rounds or int(cfg["speed"].get("rounds", 7))
+    sampler_spec = None if args.no_sampler else cfg["speed"].get("sampler")
+    if args.sampler_only:
+        if sampler_spec is None:
+            print(f"error: --sampler-only: {cfg['path']} has no [speed.sampler] table", file=sys.stderr)
+            return 2
+        t0 = time.time()
+        res = time_sampler(cfg, sampler_spec, workdir, rounds)
+        print_sampler(res)
+        out = H.read_json(out_path, {})
+        out["_sampler"] = res
+        H.write_json(out_path, out)
+        log(f"\nwrote _sampler into {out_path} ({H.fmt_duration(time.time() - t0)})")
+        return 0
     log(f"speed: {cfg['mode']} run, {rounds} rounds after 1 warm-up, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; timing forward+backward (no optimizer step)")
     by_setting, meta_settings, t0 = {}, {}, time.time()
@@ -508,6 +625,11 @@ def main(argv=None):
     for sname in by_setting:
         print_setting(sname, meta_settings[sname], by_setting[sname], targets)
 
+    sampler = None
+    if sampler_spec is not None and sampler_spec["setting"] in settings:
+        sampler = time_sampler(cfg, sampler_spec, workdir, rounds)
+        print_sampler(sampler)
+
     reward = None if args.no_reward else run_reward_speed(args, cfg, out_path.parent)
     meta = {"mode": cfg["mode"], "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "rounds": rounds, "warmup_rounds": 1,
@@ -517,6 +639,8 @@ def main(argv=None):
                       f"steps, fresh process, {cfg['speed'].get('memory_steps', 3)} forward+backward steps",
             "settings": meta_settings, "wall_s": round(time.time() - t0, 1)}
     out = build_output(cfg, by_setting, meta, targets, reward)
+    if sampler is not None:
+        out["_sampler"] = sampler
     H.write_json(out_path, out)
     log(f"\nwrote {out_path} ({H.fmt_duration(time.time() - t0)})")
     missed = [t for t in targets if t["ok"] is False]

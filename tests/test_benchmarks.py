@@ -305,3 +305,29 @@ def test_speed_end_to_end(toy_bench, tmp_path):
         assert data[crit]["setting"] == "toy" and data[crit]["peak_mem_mb"] >= 0
     assert "no_such_criterion" in data["unknown"]["skipped"]
     assert data["_meta"]["settings"]["toy"]["batches"] == 1
+
+
+def test_speed_sampler_only_merges_into_the_output(toy_bench, tmp_path):
+    """--sampler-only: decoding.sampler vs SequenceGenerator(--sampling) on the
+    toy setting, added to an existing speed.json without touching the rest."""
+    config = tmp_path / "toy_sampler.toml"
+    config.write_text(toy_bench["config"].read_text()
+                      + '\n[speed.sampler]\nsetting = "toy"\nsamples = 2\nmax_len_b = 3\nmax_ratio = 100.0\n')
+    out = tmp_path / "speed.json"
+    out.write_text(json.dumps({"mle": {"step_time_vs_mle": 1.0}}))
+    code = speed.main(["--config", str(config), "--workdir", str(toy_bench["root"] / "work"),
+                       "--rounds", "1", "--json", str(out), "--sampler-only"])
+    assert code == 0
+    data = json.loads(out.read_text())
+    res = data["_sampler"]
+    assert data["mle"] == {"step_time_vs_mle": 1.0}
+    assert res["samples_per_source"] == 2 and res["ok"] is True and res["ratio"] > 0
+    # both drew 2 samples of at most 3 tokens + eos per source
+    assert 0 < res["ours_tokens_per_round"] <= 4 * 2 * res["sources"]
+    assert 0 < res["fairseq_tokens_per_round"] <= 4 * 2 * res["sources"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text(config.read_text().replace('setting = "toy"\nsamples', 'setting = "nope"\nsampels'))
+    with pytest.raises(H.ConfigError, match=r"speed.sampler.setting: unknown speed setting 'nope'"):
+        H.load_config(bad)
+    with pytest.raises(H.ConfigError, match=r"unknown key 'sampels'"):
+        H.load_config(bad)
