@@ -38,6 +38,16 @@ def decoder_lprobs(model, encoder_out, prev_output_tokens):
     return model.get_normalized_probs(net_output, log_probs=True), net_output
 
 
+def rows_lprobs(model, net_input, rows, per_source, pad, eos):
+    """Teacher-forced log-probabilities ``[B·m, T, V]`` of ``rows`` ``[B·m, T]``
+    (``m = per_source`` rows per source, source-major), the encoder run once per
+    source.  Gradient-carrying callers run it as the model's forward:
+    ``forward_through(model, rows_lprobs, net_input, rows, m, pad, eos)``."""
+    encoder_out = expand_encoder_out(model, encode(model, net_input), per_source)
+    net_output = model.decoder(prev_output_tokens_from_target(rows, pad, eos), encoder_out=encoder_out)
+    return model.get_normalized_probs(net_output, log_probs=True)
+
+
 def token_nll(lprobs, target, pad):
     """Per-token negative log-likelihood N x T, 0 at pad positions."""
     nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,181 @@
+"""``risk``: minimum risk training (Shen et al. 2016; Edunov et al. 2018 "Risk").
+
+For each source x a candidate set U(x) of ``--risk-candidates n`` outputs is
+drawn without gradients (the shared sampler, or fairseq's beam search n-best
+with ``--risk-search beam``); duplicates count once and ``--risk-include-reference``
+adds y*.  With s(u|x) the model's sequence log-probability (divided by the
+length with ``--risk-length-normalize``), re-scored with gradients in one
+teacher-forced pass,
+
+    Q(u|x) = exp(α·s(u|x)) / Σ_{u'∈U(x)} exp(α·s(u'|x))        (α = --risk-sharpness)
+    risk(x) = Σ_{u∈U(x)} Q(u|x)·cost(u, y*)                     (cost = 1 − BLEU by default)
+    loss    = (1 − w)·risk + w·label-smoothed NLL(y*)           (w = --risk-mle-weight)
+
+Normalization: fairseq divides the loss by the batch's target tokens, so each
+sentence's risk is weighted by its reference length |y*| (the batch then
+contributes its length-weighted mean risk, on the token scale of the NLL
+term); with ``--sentence-avg`` both are per sentence.  w = 1 is exactly
+``label_smoothed_cross_entropy``.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+from fairseq.data import data_utils
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from omegaconf import II
+
+from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of
+from fairseq_seqlevel.decoding.model import eval_mode, forward_through, unwrap
+from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
+from fairseq_seqlevel.decoding.teacher_forcing import rows_lprobs
+from fairseq_seqlevel.errors import check
+
+SEARCHES = ["sample", "beam"]
+
+
+@dataclass
+class RiskConfig(FairseqDataclass):
+    risk_candidates: int = field(default=8, metadata={"help": "n: candidates per source in U(x)"})
+    risk_search: ChoiceEnum(SEARCHES) = field(
+        default="sample", metadata={"help": "sample: n multinomial samples (the shared sampler); "
+                                    "beam: the n-best of fairseq's beam search (beam n)"})
+    risk_include_reference: bool = field(default=False, metadata={"help": "add the reference y* to U(x)"})
+    risk_sharpness: float = field(default=1.0, metadata={"help": "α of Q ∝ exp(α·s(u|x))"})
+    risk_length_normalize: bool = field(
+        default=False, metadata={"help": "s(u|x) = log-probability / length (Edunov et al. 2018)"})
+    risk_mle_weight: float = field(
+        default=0.0, metadata={"help": "w: (1-w)·risk + w·label-smoothed NLL of the reference (1 = stock "
+                               "label_smoothed_cross_entropy)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "ε of the NLL term (as label_smoothed_cross_entropy)"})
+    risk_reward: Optional[str] = field(
+        default=None, metadata={"help": "cost = the reward's cost (1 - BLEU, normalized edit/Hamming); "
+                                "default: the task's --reward, bleu in a stock task"})
+    risk_max_len_a: float = field(default=1.2, metadata={"help": "candidates: at most a·|x| + b tokens"})
+    risk_max_len_b: int = field(default=10, metadata={"help": "candidates: at most a·|x| + b tokens"})
+    sentence_avg: bool = II("optimization.sentence_avg")
+
+
+def check_risk_config(cfg):
+    check(cfg.risk_candidates >= 1, f"--risk-candidates must be >= 1, got {cfg.risk_candidates}")
+    check(str(cfg.risk_search) in SEARCHES, f"--risk-search must be one of {', '.join(SEARCHES)}, got {cfg.risk_search}")
+    check(math.isfinite(cfg.risk_sharpness) and cfg.risk_sharpness > 0,
+          f"--risk-sharpness must be > 0, got {cfg.risk_sharpness}")
+    check(0.0 <= cfg.risk_mle_weight <= 1.0, f"--risk-mle-weight must be in [0, 1], got {cfg.risk_mle_weight}")
+    check(0.0 <= cfg.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    check(cfg.risk_max_len_a >= 0 and cfg.risk_max_len_b >= 1,
+          f"--risk-max-len-a must be >= 0 and --risk-max-len-b >= 1, got {cfg.risk_max_len_a}, {cfg.risk_max_len_b}")
+
+
+# ------------------------------------------------------------------ pure math
+
+
+def distinct_candidates(candidates, valid):
+    """``valid`` [B, m] minus every candidate equal to an earlier valid one of its
+    source (``candidates`` [B, m, T]): each distinct sequence counted once."""
+    same = (candidates.unsqueeze(2) == candidates.unsqueeze(1)).all(dim=-1)  # [B, m, m]
+    earlier = torch.ones_like(same[0]).tril(diagonal=-1)  # j < i
+    duplicate = (same & earlier & valid.unsqueeze(1)).any(dim=2)
+    return valid & ~duplicate
+
+
+def sequence_scores(token_lprobs, tokens, pad, length_normalize):
+    """s(u|x) [N]: Σ_t log p(u_t | u_<t, x) over non-pad tokens (eos included), or its mean."""
+    mask = tokens.ne(pad)
+    total = token_lprobs.masked_fill(~mask, 0.0).sum(dim=-1)
+    if length_normalize:
+        total = total / mask.sum(dim=-1).clamp(min=1)
+    return total
+
+
+def expected_risk(scores, costs, valid, sharpness):
+    """Σ_u Q(u)·cost(u) per source [B], Q = softmax(α·s) over the valid candidates
+    (scores, costs, valid: [B, m]); also returns Q."""
+    logits = (sharpness * scores.float()).masked_fill(~valid, -math.inf)
+    q = torch.softmax(logits, dim=1).masked_fill(~valid, 0.0)
+    return (q * costs.float().masked_fill(~valid, 0.0)).sum(dim=1), q
+
+
+# ------------------------------------------------------------------ criterion
+
+
+@register_criterion("risk", dataclass=RiskConfig)
+class RiskCriterion(SeqlevelCriterion):
+    def __init__(self, task, cfg: RiskConfig):
+        check_risk_config(cfg)
+        super().__init__(task, cfg)
+        self.reward = self.resolve_reward(cfg.risk_reward, "--risk-reward", default="bleu")
+        self._beam_search = None
+
+    def candidates(self, model, sample):
+        """U(x) before deduplication: [B·n, T] right-padded, eos-terminated (no grad)."""
+        cfg, net_input = self.cfg, sample["net_input"]
+        if cfg.risk_search == "sample":
+            return sample_outputs(model, net_input, n=cfg.risk_candidates, strategy="multinomial",
+                                  max_len_a=cfg.risk_max_len_a, max_len_b=cfg.risk_max_len_b).tokens
+        from fairseq.sequence_generator import SequenceGenerator
+
+        inner = unwrap(model)
+        if self._beam_search is None or self._beam_search.model.single_model is not inner:
+            self._beam_search = SequenceGenerator([inner], self.task.target_dictionary, beam_size=cfg.risk_candidates,
+                                                  max_len_a=cfg.risk_max_len_a, max_len_b=cfg.risk_max_len_b)
+        with eval_mode(inner):
+            hypos = self._beam_search.generate([inner], {"net_input": net_input})
+        n = cfg.risk_candidates
+        # beam search may return fewer than n hypotheses; repeat the last (deduplicated later)
+        rows = [h[min(k, len(h) - 1)]["tokens"] for h in hypos for k in range(n)]
+        return data_utils.collate_tokens(rows, self.padding_idx).to(sample["target"].device)
+
+    def forward(self, model, sample, reduce=True):
+        cfg, pad = self.cfg, self.padding_idx
+        target = sample["target"]
+        batch_size, w = target.size(0), cfg.risk_mle_weight
+        sample_size = self.sample_size_of(sample)
+        if w == 1.0:  # stock label smoothing, no candidates
+            net_output = model(**sample["net_input"])
+            lprobs = model.get_normalized_probs(net_output, log_probs=True)
+            loss, nll = label_smoothed_nll_loss(lprobs, target, cfg.label_smoothing, ignore_index=pad)
+            return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size)
+
+        n = cfg.risk_candidates
+        found = self.candidates(model, sample)
+        width = max(found.size(1), target.size(1))
+        # rows per source: [y*, u_1..u_n]; y* is always scored (NLL term), a candidate only if asked
+        rows = torch.cat([pad_right(target, width, pad).unsqueeze(1),
+                          pad_right(found, width, pad).view(batch_size, n, width)], dim=1)
+        valid = torch.ones(rows.shape[:2], dtype=torch.bool, device=rows.device)
+        valid[:, 0] = cfg.risk_include_reference
+        valid = distinct_candidates(rows, valid)
+        with torch.no_grad():
+            refs = references_of(sample)
+            costs = self.reward.cost(rows.view(-1, width), refs.repeat_interleave(n + 1, dim=0))
+            costs = costs.float().view(batch_size, n + 1)
+        flat = rows.view(-1, width)
+        lprobs = forward_through(model, rows_lprobs, sample["net_input"], flat, n + 1, pad, self.eos)
+        token_lprobs = lprobs.gather(-1, flat.unsqueeze(-1)).squeeze(-1).float()
+        ref_lprobs = lprobs.view(batch_size, n + 1, *lprobs.shape[1:])[:, 0]
+        scores = sequence_scores(token_lprobs, flat, pad, cfg.risk_length_normalize)
+        risk, q = expected_risk(scores.view(batch_size, n + 1), costs, valid, cfg.risk_sharpness)
+        ref_len = target.ne(pad).sum(dim=1)
+        weight = torch.ones_like(risk) if self.sentence_avg else ref_len.to(risk.dtype)
+        loss = (1.0 - w) * (weight * risk).sum()
+        ls_loss, nll = label_smoothed_nll_loss(ref_lprobs[:, :target.size(1)], target, cfg.label_smoothing,
+                                               ignore_index=pad)
+        if w > 0:
+            loss = loss + w * ls_loss
+        extra = {
+            "risk_sum": risk.sum().detach(), "risk_cost_sum": costs.masked_fill(~valid, 0.0).sum().detach(),
+            "risk_candidates": int(valid.sum()), "risk_sources": batch_size,
+        }
+        return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size, **extra)
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        log_mean(logging_outputs, "risk", "risk_sum", "risk_sources")  # expected cost under Q
+        log_mean(logging_outputs, "risk_cost", "risk_cost_sum", "risk_candidates")  # mean candidate cost
+        log_mean(logging_outputs, "risk_distinct", "risk_candidates", "risk_sources", round=2)

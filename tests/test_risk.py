@@ -1,0 +1,127 @@
+"""risk: the label-smoothing limit, the reference-only candidate set, and the
+loss and gradient against a brute-force computation over an enumerated set."""
+
+import itertools
+
+import pytest
+import torch
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+from conftest import TINY_LSTM, USER_DIR, build_training, first_batch
+from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
+from fairseq_seqlevel.errors import ConfigError
+from test_raml import _assert_same, _loss_and_grads
+from test_searnn import TINY_TRANSFORMER
+
+ARCHS = {"lstm": TINY_LSTM, "transformer": TINY_TRANSFORMER}
+
+
+def _build(toy_data, *args, arch="lstm"):
+    torch.manual_seed(3)
+    return build_training([toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation", *ARCHS[arch],
+                           "--dropout", "0", "--seed", "3", "--extra-references", "ref2", *args])
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+def test_mle_weight_one_is_label_smoothing(toy_data, arch):
+    _, task, model, stock = _build(toy_data, "--criterion", "label_smoothed_cross_entropy",
+                                   "--label-smoothing", "0.1", arch=arch)
+    _, _, _, risk = _build(toy_data, "--criterion", "risk", "--risk-mle-weight", "1", "--label-smoothing", "0.1",
+                           arch=arch)
+    batch = first_batch(task)
+    _assert_same(_loss_and_grads(model, risk, batch), _loss_and_grads(model, stock, batch))
+
+
+def _padded(seqs, pad):
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+
+
+def test_reference_only_gives_zero_risk_and_gradient(toy_data):
+    _, task, model, risk = _build(toy_data, "--criterion", "risk", "--risk-candidates", "3",
+                                  "--risk-include-reference")
+    batch = first_batch(task)
+    target = batch["target"]
+    risk.candidates = lambda model, sample: sample["target"].repeat_interleave(3, dim=0)
+    loss, _, log, grads = _loss_and_grads(model, risk, batch)
+    assert log["risk_candidates"] == target.size(0)  # every copy of y* counted once
+    assert float(loss) == 0.0 and float(log["risk_sum"]) == 0.0
+    assert grads and all(float(g.abs().max()) == 0.0 for g in grads.values())
+
+
+def _enumerated(dictionary, eos, pad, batch_size, symbols=("w1", "w2", "w3")):
+    """Every sequence of 1-2 of three words, + eos, and one duplicate, for every source."""
+    ids = [dictionary.index(s) for s in symbols]
+    seqs = [list(p) for k in (1, 2) for p in itertools.product(ids, repeat=k)]
+    seqs = seqs + [seqs[4]]  # a duplicate must count once
+    one = _padded([s + [eos] for s in seqs], pad)
+    return one, one.repeat(batch_size, 1)
+
+
+def _brute_force(model, batch, candidates, reward, pad, eos, sharpness, length_normalize, w, eps):
+    """One forward per (source, candidate), Python loops, autograd."""
+    src, src_len, target = batch["net_input"]["src_tokens"], batch["net_input"]["src_lengths"], batch["target"]
+    refs = batch["references"]
+    total = 0.0
+    for b in range(target.size(0)):
+        x = src[b][src[b].ne(pad)].unsqueeze(0)  # this source alone, unpadded
+        distinct = []
+        for row in candidates:
+            seq = row[row.ne(pad)].tolist()
+            if seq not in distinct:
+                distinct.append(seq)
+        scores, costs = [], []
+        for seq in distinct:
+            tokens = torch.tensor([seq])
+            net_output = model(x, src_len[b:b + 1], prev_output_tokens_from_target(tokens, pad, eos))
+            lp = model.get_normalized_probs(net_output, log_probs=True)[0]
+            s = lp.gather(-1, tokens[0].unsqueeze(-1)).sum()
+            scores.append(s / len(seq) if length_normalize else s)
+            costs.append(float(reward.cost(tokens, refs[b:b + 1])[0]))
+        q = torch.softmax(sharpness * torch.stack(scores), dim=0)
+        ref_len = int(target[b].ne(pad).sum())
+        total = total + (1 - w) * ref_len * (q * torch.tensor(costs)).sum()
+        tgt = target[b:b + 1, :ref_len]
+        net_output = model(x, src_len[b:b + 1], prev_output_tokens_from_target(tgt, pad, eos))
+        lp = model.get_normalized_probs(net_output, log_probs=True)
+        total = total + w * label_smoothed_nll_loss(lp, tgt, eps, ignore_index=pad)[0]
+    return total
+
+
+@pytest.mark.parametrize("arch,normalize,w", [("lstm", False, 0.0), ("lstm", True, 0.3), ("transformer", False, 0.3)])
+def test_loss_and_gradient_equal_brute_force(toy_data, arch, normalize, w):
+    sharpness = 2.0
+    flags = ["--criterion", "risk", "--risk-sharpness", str(sharpness), "--risk-mle-weight", str(w),
+             "--label-smoothing", "0.1", *(["--risk-length-normalize"] if normalize else [])]
+    _, task, model, risk = _build(toy_data, *flags, arch=arch)
+    batch = first_batch(task, n=6)
+    d = task.target_dictionary
+    one, all_rows = _enumerated(d, d.eos(), d.pad(), batch["target"].size(0))
+    risk.cfg.risk_candidates = one.size(0)
+    risk.candidates = lambda model, sample: all_rows
+    got = _loss_and_grads(model, risk, batch)
+    assert got[2]["risk_candidates"] == batch["target"].size(0) * (one.size(0) - 1)
+
+    model.zero_grad()
+    expected = _brute_force(model, batch, one, risk.reward, d.pad(), d.eos(), sharpness, normalize, w, 0.1)
+    expected.backward()
+    torch.testing.assert_close(got[0], expected.detach(), rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[3][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sampled_candidates_train(toy_data):
+    """The default path end to end: sampled candidates, finite loss and gradients."""
+    _, task, model, risk = _build(toy_data, "--criterion", "risk", "--risk-candidates", "4")
+    loss, _, log, grads = _loss_and_grads(model, risk, first_batch(task))
+    assert torch.isfinite(loss) and float(loss) > 0
+    assert 1 <= log["risk_candidates"] <= 4 * log["nsentences"]
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("flag,value", [("--risk-sharpness", "0"), ("--risk-candidates", "0"),
+                                        ("--risk-mle-weight", "1.5")])
+def test_bad_flags(toy_data, flag, value):
+    with pytest.raises(ConfigError, match=flag):
+        _build(toy_data, "--criterion", "risk", flag, value)
