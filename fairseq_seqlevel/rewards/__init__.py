@@ -11,6 +11,7 @@ from .edit import (edit_distance, hamming, normalized_edit_distance, normalized_
                    prefix_edit_distance, prefix_hamming, prefix_normalized_edit_distance,
                    prefix_normalized_hamming)
 from .ngrams import PAIRWISE_ELEMENT_BUDGET
+from .pairwise import PAIRWISE_DISTANCES, bleu34_distance, pairwise_distances
 from .registry import Reward, available_rewards, get_reward, register_reward
 from .words import WordMerger
 from .binding import BoundReward, bind_reward, detect_subword_style  # noqa: E402  (needs the above)
@@ -21,7 +22,7 @@ __all__ = [
     "edit_distance", "hamming", "normalized_edit_distance", "normalized_hamming",
     "prefix_edit_distance", "prefix_hamming", "prefix_normalized_edit_distance",
     "prefix_normalized_hamming",
-    "PAIRWISE_ELEMENT_BUDGET",
+    "PAIRWISE_ELEMENT_BUDGET", "PAIRWISE_DISTANCES", "bleu34_distance", "pairwise_distances",
     "Reward", "available_rewards", "get_reward", "register_reward",
     "WordMerger",
     "BoundReward", "bind_reward", "detect_subword_style",

@@ -1,0 +1,148 @@
+"""``seq_exploration``: self-critical training with sequence-level exploration (chen2019).
+
+For each source, s samples ỹ_1..ỹ_s (``--sle-samples``) and the greedy output
+are decoded in one batched call of the shared sampler (no gradients); the
+samples are re-scored with gradients in one teacher-forced pass.  Surrogate
+loss per source (eq. 15–16):
+
+    L = (1/s) Σ_j [ −α·(Δ(ỹ_j, y*) − b)·log p(ỹ_j|x)
+                    −(1−α)·(2/s)·Σ_k (d(ỹ_j, ỹ_k) − b_d)·log p(ỹ_j|x) ]
+
+Δ = the task's reward (every reference), b = Δ of the greedy output (the
+self-critical baseline of Rennie et al. 2017), d = ``--sle-distance`` between
+samples (1 − (BLEU-3 + BLEU-4)/2 on target ids as in §4.3, or normalized
+edit distance), b_d = (1/s²) Σ_j Σ_k d(ỹ_j, ỹ_k) (§4.3).  α = 1 is SCST
+(the paper's SLL); ``--sle-entropy-weight β`` subtracts β × the summed
+per-token entropy of the model along the samples (SLL-ME).
+
+Normalization as ``risk``: each source's loss is weighted by its reference
+length, so fairseq's division by the batch's target tokens gives a
+length-weighted mean (per sentence with ``--sentence-avg``).  The reference
+is teacher-forced in the same pass, for the logged ``nll_loss`` only.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from omegaconf import II
+
+from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of
+from fairseq_seqlevel.decoding.model import forward_through
+from fairseq_seqlevel.decoding.sampler import draw, sample as sample_outputs
+from fairseq_seqlevel.decoding.teacher_forcing import rows_lprobs
+from fairseq_seqlevel.errors import check
+from fairseq_seqlevel.rewards import PAIRWISE_DISTANCES, pairwise_distances
+
+
+@dataclass
+class SeqExplorationConfig(FairseqDataclass):
+    sle_samples: int = field(default=5, metadata={"help": "s: samples per source"})
+    sle_alpha: float = field(default=0.75, metadata={"help": "α: weight of the reward term (1 = SCST)"})
+    sle_distance: ChoiceEnum(list(PAIRWISE_DISTANCES)) = field(
+        default="bleu34", metadata={"help": "d between samples: bleu34 = 1 - (BLEU-3 + BLEU-4)/2, "
+                                    "edit = normalized edit distance"})
+    sle_entropy_weight: float = field(
+        default=0.0, metadata={"help": "β: minus β x per-token entropy along the samples (SLL-ME)"})
+    sle_reward: Optional[str] = field(
+        default=None, metadata={"help": "Δ: default the task's --reward (bleu in a stock task)"})
+    sle_max_len_a: float = field(default=1.2, metadata={"help": "samples: at most a·|x| + b tokens"})
+    sle_max_len_b: int = field(default=10, metadata={"help": "samples: at most a·|x| + b tokens"})
+    sentence_avg: bool = II("optimization.sentence_avg")
+
+
+def check_sle_config(cfg):
+    check(cfg.sle_samples >= 1, f"--sle-samples must be >= 1, got {cfg.sle_samples}")
+    check(0.0 <= cfg.sle_alpha <= 1.0, f"--sle-alpha must be in [0, 1], got {cfg.sle_alpha}")
+    check(cfg.sle_alpha == 1.0 or cfg.sle_samples >= 2,
+          f"--sle-alpha < 1 needs --sle-samples >= 2 (distances between samples), got {cfg.sle_samples}")
+    check(str(cfg.sle_distance) in PAIRWISE_DISTANCES,
+          f"--sle-distance must be one of {', '.join(PAIRWISE_DISTANCES)}, got {cfg.sle_distance}")
+    check(cfg.sle_entropy_weight >= 0, f"--sle-entropy-weight must be >= 0, got {cfg.sle_entropy_weight}")
+    check(cfg.sle_max_len_a >= 0 and cfg.sle_max_len_b >= 1,
+          f"--sle-max-len-a must be >= 0 and --sle-max-len-b >= 1, got {cfg.sle_max_len_a}, {cfg.sle_max_len_b}")
+
+
+def exploration_advantages(rewards, baseline, distances, alpha):
+    """Multiplier of −log p(ỹ_j|x) in eq. 16, per sample [B, s]:
+    α·(Δ_j − b) + (1−α)·(2/s)·Σ_k (d_jk − b_d), b_d the mean of all s² distances."""
+    s = rewards.size(1)
+    advantage = alpha * (rewards - baseline.unsqueeze(1))
+    if alpha < 1.0:
+        mean_distance = distances.mean(dim=(1, 2), keepdim=True)
+        advantage = advantage + (1.0 - alpha) * (2.0 / s) * (distances - mean_distance).sum(dim=2)
+    return advantage
+
+
+@register_criterion("seq_exploration", dataclass=SeqExplorationConfig)
+class SeqExplorationCriterion(SeqlevelCriterion):
+    def __init__(self, task, cfg: SeqExplorationConfig):
+        check_sle_config(cfg)
+        super().__init__(task, cfg)
+        self.reward = self.resolve_reward(cfg.sle_reward, "--sle-reward", default="bleu")
+
+    def draw(self, model, sample):
+        """(samples [B·s, T], greedy [B, T]) in one decoding loop: row 0 of each
+        source's s + 1 rows is greedy, the others multinomial (no grad)."""
+        per_source = self.cfg.sle_samples + 1
+
+        def greedy_first(step, lprobs, prefix, rows):
+            drawn = draw(lprobs.softmax(dim=-1))
+            return torch.where(rows % per_source == 0, lprobs.argmax(dim=-1), drawn)
+
+        out = sample_outputs(model, sample["net_input"], n=per_source, choose=greedy_first,
+                             max_len_a=self.cfg.sle_max_len_a, max_len_b=self.cfg.sle_max_len_b)
+        grouped = out.tokens.view(-1, per_source, out.tokens.size(1))
+        return grouped[:, 1:].reshape(-1, grouped.size(2)), grouped[:, 0]
+
+    def forward(self, model, sample, reduce=True):
+        cfg, pad = self.cfg, self.padding_idx
+        target, refs = sample["target"], references_of(sample)
+        batch_size, s = target.size(0), cfg.sle_samples
+        samples, greedy = self.draw(model, sample)
+        width = samples.size(1)
+        with torch.no_grad():
+            rewards = self.reward(samples, refs.repeat_interleave(s, dim=0)).float().view(batch_size, s)
+            baseline = self.reward(greedy, refs).float()
+            distances = (pairwise_distances(samples.view(batch_size, s, width), pad, self.eos, cfg.sle_distance)
+                         if cfg.sle_alpha < 1.0 else rewards.new_zeros(batch_size, s, s))
+            advantage = exploration_advantages(rewards, baseline, distances, cfg.sle_alpha)
+        # one teacher-forced pass over [y*, ỹ_1..ỹ_s] per source: y* only for the logged nll_loss
+        width = max(width, target.size(1))
+        rows = torch.cat([pad_right(target, width, pad).unsqueeze(1),
+                          pad_right(samples, width, pad).view(batch_size, s, width)], dim=1).view(-1, width)
+        lprobs = forward_through(model, rows_lprobs, sample["net_input"], rows, s + 1, pad, self.eos)
+        token_lprobs = lprobs.gather(-1, rows.unsqueeze(-1)).squeeze(-1).float()
+        token_lprobs = token_lprobs.masked_fill(rows.eq(pad), 0.0).view(batch_size, s + 1, width)
+        nll = -token_lprobs[:, 0].sum().detach()
+        mask = rows.view(batch_size, s + 1, width)[:, 1:].ne(pad)
+        seq_lprobs = token_lprobs[:, 1:].sum(dim=2)
+        per_source = -(advantage * seq_lprobs).mean(dim=1)
+        entropy = None
+        if cfg.sle_entropy_weight > 0:
+            sample_lprobs = lprobs.float().view(batch_size, s + 1, width, -1)[:, 1:]
+            entropy = -(sample_lprobs.exp() * sample_lprobs).sum(dim=-1).masked_fill(~mask, 0.0).sum(dim=2)
+            per_source = per_source - cfg.sle_entropy_weight * entropy.mean(dim=1)
+        ref_len = target.ne(pad).sum(dim=1)
+        weight = torch.ones_like(per_source) if self.sentence_avg else ref_len.to(per_source.dtype)
+        loss = (weight * per_source).sum()
+        sample_size = self.sample_size_of(sample)
+        extra = {
+            "sle_reward_sum": rewards.sum(), "sle_nsamples": rewards.numel(),
+            "sle_greedy_reward_sum": baseline.sum(),
+            "sle_distance_sum": distances.sum(), "sle_npairs": batch_size * s * (s - 1),
+        }
+        if entropy is not None:
+            extra["sle_entropy_sum"] = entropy.sum().detach()
+            extra["sle_ntokens"] = int(mask.sum())
+        return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size, **extra)
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        log_mean(logging_outputs, "sle_reward", "sle_reward_sum", "sle_nsamples", round=4)
+        log_mean(logging_outputs, "sle_greedy_reward", "sle_greedy_reward_sum", "nsentences", round=4)
+        log_mean(logging_outputs, "sle_distance", "sle_distance_sum", "sle_npairs", round=4)
+        log_mean(logging_outputs, "sle_entropy", "sle_entropy_sum", "sle_ntokens", round=4)

@@ -1,0 +1,159 @@
+"""seq_exploration: α = 1 is SCST (against an independent computation), the
+diversity term pushes towards the sample farthest from the others, pairwise
+distances equal sacrebleu."""
+
+import pytest
+import torch
+from sacrebleu.metrics import BLEU
+
+from conftest import TINY_LSTM, USER_DIR, build_training, first_batch, levenshtein
+from fairseq_seqlevel.criterions.seq_exploration import exploration_advantages
+from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
+from fairseq_seqlevel.errors import ConfigError
+from fairseq_seqlevel.rewards import pairwise_distances
+from test_raml import _loss_and_grads
+from test_searnn import TINY_TRANSFORMER
+
+ARCHS = {"lstm": TINY_LSTM, "transformer": TINY_TRANSFORMER}
+
+
+def _build(toy_data, *args, arch="lstm"):
+    torch.manual_seed(3)
+    return build_training([toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation", *ARCHS[arch],
+                           "--dropout", "0", "--seed", "3", "--extra-references", "ref2",
+                           "--criterion", "seq_exploration", *args])
+
+
+def _fixed_outputs(batch, dictionary, s, seed=0):
+    """Random eos-terminated outputs: s samples and one greedy output per source."""
+    g = torch.Generator().manual_seed(seed)
+    B, pad, eos = batch["target"].size(0), dictionary.pad(), dictionary.eos()
+    words = torch.tensor([dictionary.index(f"w{i}") for i in range(12)])
+
+    def rows(n):
+        lengths = torch.randint(1, 6, (n,), generator=g)
+        out = torch.full((n, 6), pad)
+        for r in range(n):  # test data only
+            out[r, :lengths[r]] = words[torch.randint(0, 12, (int(lengths[r]),), generator=g)]
+            out[r, lengths[r]] = eos
+        return out
+
+    return rows(B * s), rows(B)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+def test_alpha_one_is_scst(toy_data, arch):
+    s = 3
+    _, task, model, crit = _build(toy_data, "--sle-alpha", "1", "--sle-samples", str(s), arch=arch)
+    batch = first_batch(task, n=6)
+    d = task.target_dictionary
+    samples, greedy = _fixed_outputs(batch, d, s)
+    crit.draw = lambda model, sample: (samples, greedy)
+    got = _loss_and_grads(model, crit, batch)
+
+    # independent SCST: one forward per (source, sample), rewards one row at a time
+    model.zero_grad()
+    src, src_len, refs = batch["net_input"]["src_tokens"], batch["net_input"]["src_lengths"], batch["references"]
+    pad, eos, total = d.pad(), d.eos(), 0.0
+    for b in range(batch["target"].size(0)):
+        x = src[b][src[b].ne(pad)].unsqueeze(0)
+        baseline = float(task.reward(greedy[b:b + 1], refs[b:b + 1])[0])
+        per_source = 0.0
+        for j in range(s):
+            y = samples[b * s + j]
+            y = y[y.ne(pad)].unsqueeze(0)
+            lp = model.get_normalized_probs(model(x, src_len[b:b + 1], prev_output_tokens_from_target(y, pad, eos)),
+                                            log_probs=True)
+            log_p = lp.gather(-1, y.unsqueeze(-1)).sum()
+            reward = float(task.reward(y, refs[b:b + 1])[0])
+            per_source = per_source - (reward - baseline) * log_p / s
+        total = total + int(batch["target"][b].ne(pad).sum()) * per_source
+    total.backward()
+    torch.testing.assert_close(got[0], total.detach(), rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[3][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert got[2]["sle_npairs"] == batch["target"].size(0) * s * (s - 1)
+
+
+def test_diversity_gradient_raises_the_farthest_sample(toy_data):
+    _, task, model, crit = _build(toy_data, "--sle-alpha", "0", "--sle-samples", "3",
+                                  "--sle-distance", "edit")
+    batch = first_batch(task, n=1)
+    d = task.target_dictionary
+    pad, eos = d.pad(), d.eos()
+    w = [d.index(f"w{i}") for i in range(12)]
+    near = torch.tensor([w[1], w[2], w[3], eos])
+    far = torch.tensor([w[7], w[8], w[9], eos])
+    samples = torch.stack([near, near, far])
+    crit.draw = lambda model, sample: (samples, near.unsqueeze(0))
+
+    # advantages: row sums of d minus s·mean(d): near -1/3, near -1/3, far +2/3, times (2/s)
+    dist = pairwise_distances(samples.unsqueeze(0), pad, eos, "edit")
+    adv = exploration_advantages(torch.zeros(1, 3), torch.zeros(1), dist, alpha=0.0)
+    torch.testing.assert_close(adv, torch.tensor([[-1 / 3, -1 / 3, 2 / 3]]) * (2 / 3))
+
+    def log_p(row):
+        y = row.unsqueeze(0)
+        lp = model.get_normalized_probs(model(batch["net_input"]["src_tokens"], batch["net_input"]["src_lengths"],
+                                              prev_output_tokens_from_target(y, pad, eos)), log_probs=True)
+        return lp.gather(-1, y.unsqueeze(-1)).sum()
+
+    with torch.no_grad():
+        gap_before = float(log_p(far) - log_p(near))
+    loss, _, _, grads = _loss_and_grads(model, crit, batch)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p -= 1e-3 * grads[name]
+        gap_after = float(log_p(far) - log_p(near))
+    assert gap_after > gap_before
+
+
+def test_pairwise_distances_equal_sacrebleu_and_levenshtein():
+    g = torch.Generator().manual_seed(1)
+    B, s, pad, eos = 4, 4, 1, 2
+    samples = torch.randint(4, 9, (B, s, 7), generator=g)
+    for b in range(B):
+        for j in range(s):
+            end = int(torch.randint(2, 7, (1,), generator=g))
+            samples[b, j, end] = eos
+            samples[b, j, end + 1:] = pad
+    bleu = pairwise_distances(samples, pad, eos, "bleu34")
+    edit = pairwise_distances(samples, pad, eos, "edit")
+
+    def text(row):
+        return row[:int((row == eos).nonzero()[0])].tolist()
+
+    scorers = {o: BLEU(tokenize="none", effective_order=True, max_ngram_order=o) for o in (3, 4)}
+    for b in range(B):
+        for j in range(s):
+            for k in range(s):
+                if j == k:
+                    assert bleu[b, j, k] == 0 and edit[b, j, k] == 0
+                    continue
+                h, r = text(samples[b, j]), text(samples[b, k])
+                hs, rs = " ".join(map(str, h)), " ".join(map(str, r))
+                expected = 1 - (scorers[3].sentence_score(hs, [rs]).score + scorers[4].sentence_score(hs, [rs]).score) / 200
+                assert abs(float(bleu[b, j, k]) - expected) < 1e-5
+                assert abs(float(edit[b, j, k]) - levenshtein(h, r) / len(r)) < 1e-6
+
+
+def test_sampled_outputs_train(toy_data):
+    from fairseq_seqlevel.decoding.sampler import sample
+
+    _, task, model, crit = _build(toy_data, "--sle-samples", "3", "--sle-entropy-weight", "0.01")
+    batch = first_batch(task)
+    samples, greedy = crit.draw(model, batch)
+    expected = sample(model, batch["net_input"], strategy="greedy", max_len_a=1.2, max_len_b=10).tokens
+    assert torch.equal(greedy[:, :expected.size(1)], expected) and samples.size(0) == 3 * greedy.size(0)
+    assert greedy[:, expected.size(1):].eq(task.target_dictionary.pad()).all()
+    loss, _, log, grads = _loss_and_grads(model, crit, batch)
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert log["sle_nsamples"] == 3 * log["nsentences"] and log["sle_ntokens"] > 0
+
+
+@pytest.mark.parametrize("args,flag", [(["--sle-samples", "1"], "--sle-alpha"), (["--sle-alpha", "2"], "--sle-alpha"),
+                                       (["--sle-entropy-weight", "-1"], "--sle-entropy-weight")])
+def test_bad_flags(toy_data, args, flag):
+    with pytest.raises(ConfigError, match=flag):
+        _build(toy_data, *args)
