@@ -11,7 +11,8 @@ cases check that the harness sees that, and DDP's "Expected to have finished
 reduction" error of a parameter left out of the loss.
 
 New criterion (erac, vaml, ...): add a line to ``make_cases`` and its name to
-``CASES``.  One spawned pair of processes runs all cases under both backends.
+``CASES``; a ``patch`` that replaces the criterion's random draws with ones
+derived from the example ids (``_fixed_rows``) makes it deterministic.  One spawned pair of processes runs all cases under both backends.
 """
 
 import random
@@ -99,17 +100,17 @@ class UnusedParameterCriterion(CriticCriterion):
 # --------------------------------------------- deterministic raml samples
 
 
-def _fixed_draw(criterion, sample):
-    """L same-length samples per example derived from its id: sample l
-    substitutes one token at position (id + l) mod |y*| (eos kept)."""
+def _fixed_rows(criterion, sample, num_samples, offset=0):
+    """``num_samples`` same-length variants of each target derived from its
+    id: variant l substitutes one token at position (id + l) mod |y*| (eos
+    kept).  Returns (rows [B·L, T], number of changed tokens [B·L])."""
     target, ids = sample["target"], sample["id"].tolist()
     dictionary = criterion.task.target_dictionary
     pad, first, vocab = dictionary.pad(), dictionary.nspecial, len(dictionary)
-    num_samples = criterion.cfg.raml_samples
     rows, distance = [], []
     for b, example in enumerate(ids):
         length = int(target[b].ne(pad).sum()) - 1  # tokens before eos
-        for l in range(num_samples):
+        for l in range(offset, offset + num_samples):
             row = target[b].clone()
             changed = 0
             if length > 0:
@@ -118,10 +119,26 @@ def _fixed_draw(criterion, sample):
                 row[pos] = token
             rows.append(row)
             distance.append(changed)
-    n = len(rows)
-    drawn = SimpleNamespace(tokens=torch.stack(rows), distance=torch.tensor(distance),
-                            log_q=torch.zeros(n))
+    return torch.stack(rows), torch.tensor(distance)
+
+
+def _fixed_draw(criterion, sample):
+    """raml's ``draw_samples`` with :func:`_fixed_rows` and uniform weights."""
+    num_samples = criterion.cfg.raml_samples
+    tokens, distance = _fixed_rows(criterion, sample, num_samples)
+    n = tokens.size(0)
+    drawn = SimpleNamespace(tokens=tokens, distance=distance, log_q=torch.zeros(n))
     return drawn, torch.full((n,), 1.0 / num_samples), None
+
+
+def _fixed_candidates(criterion, model, sample):
+    return _fixed_rows(criterion, sample, criterion.cfg.risk_candidates)[0]
+
+
+def _fixed_outputs(criterion, model, sample):
+    samples = _fixed_rows(criterion, sample, criterion.cfg.sle_samples)[0]
+    greedy = _fixed_rows(criterion, sample, 1, offset=criterion.cfg.sle_samples)[0]
+    return samples, greedy
 
 
 def fixed_raml_samples(criterion):
@@ -129,11 +146,22 @@ def fixed_raml_samples(criterion):
     criterion.draw_samples = partial(_fixed_draw, criterion)
 
 
+def fixed_risk_candidates(criterion):
+    """``patch``: risk's sampled candidate sets replaced by :func:`_fixed_rows`."""
+    criterion.candidates = partial(_fixed_candidates, criterion)
+
+
+def fixed_sle_outputs(criterion):
+    """``patch``: seq_exploration's samples and greedy outputs replaced by :func:`_fixed_rows`."""
+    criterion.draw = partial(_fixed_outputs, criterion)
+
+
 # ------------------------------------------------------------------ cases
 
 CASES = [
     "mle", "mle_transformer", "raml", "raml_sampled", "raml_lazy", "raml_transformer", "token_smooth",
     "searnn", "searnn_reference", "searnn_learned", "critic",
+    "risk", "risk_sampled", "risk_transformer", "seq_exploration", "seq_exploration_sampled", "scst",
 ]
 SELF_TESTS = ["bypass", "unused_parameter"]
 
@@ -146,6 +174,8 @@ def make_cases(toy_data, embeddings):
     mle = ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
     raml = ["--criterion", "raml", "--raml-alpha", "0.5", "--raml-samples", "3"]
     searnn = ["--criterion", "searnn_kl", "--searnn-max-len-b", "2"]
+    risk = ["--criterion", "risk", "--risk-candidates", "3", "--risk-mle-weight", "0.3", "--label-smoothing", "0.1"]
+    sle = ["--criterion", "seq_exploration", "--sle-samples", "3"]
     det = dict(deterministic_check=True)
     fixed = dict(deterministic_check=True, patch=fixed_raml_samples)
     ours = dict(imports=[THIS_MODULE])
@@ -169,6 +199,15 @@ def make_cases(toy_data, embeddings):
         Case("searnn_learned", base(*searnn, "--searnn-roll-in", "learned", "--searnn-roll-out", "learned"),
              batches_fn=examples(3), **det),
         Case("critic", base("--criterion", "ddp_test_critic"), **det, **ours),
+        Case("risk", base(*risk, "--risk-include-reference"), deterministic_check=True,
+             patch=fixed_risk_candidates),
+        Case("risk_sampled", base(*risk)),
+        Case("risk_transformer", base(*risk, arch=TINY_TRANSFORMER), deterministic_check=True,
+             patch=fixed_risk_candidates),
+        Case("seq_exploration", base(*sle, "--sle-entropy-weight", "0.01"), deterministic_check=True,
+             patch=fixed_sle_outputs),
+        Case("seq_exploration_sampled", base(*sle)),
+        Case("scst", base(*sle, "--sle-alpha", "1"), deterministic_check=True, patch=fixed_sle_outputs),
         Case("bypass", base("--criterion", "ddp_test_bypass"), **det, **ours),
         Case("unused_parameter", base("--criterion", "ddp_test_unused"), **det, **ours),
     ]
