@@ -125,3 +125,24 @@ def test_sampled_candidates_train(toy_data):
 def test_bad_flags(toy_data, flag, value):
     with pytest.raises(ConfigError, match=flag):
         _build(toy_data, "--criterion", "risk", flag, value)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+def test_chunked_output_layer_equals_autograd(toy_data, arch, monkeypatch):
+    """The two-stage chunked pass (losses first, then Σ ∂risk/∂loss_n ∇loss_n)
+    gives the loss and gradients of plain autograd through the full log-softmax."""
+    from fairseq_seqlevel.decoding import teacher_forcing
+
+    monkeypatch.setattr(teacher_forcing, "CHUNK_LOGITS", 300)  # several chunks
+    _, task, model, risk = _build(toy_data, "--criterion", "risk", "--risk-candidates", "5", "--risk-mle-weight",
+                                  "0.3", "--label-smoothing", "0.1", "--risk-length-normalize",
+                                  "--risk-include-reference", arch=arch)
+    batch = first_batch(task)
+    fixed = risk.candidates(model, batch)
+    risk.candidates = lambda model, sample: fixed
+    risk.fused = None
+    chunked = _loss_and_grads(model, risk, batch)
+    risk.fused = False
+    plain = _loss_and_grads(model, risk, batch)
+    _assert_same(chunked, plain)
+    assert chunked[2]["risk_candidates"] > batch["target"].size(0)

@@ -157,3 +157,25 @@ def test_sampled_outputs_train(toy_data):
 def test_bad_flags(toy_data, args, flag):
     with pytest.raises(ConfigError, match=flag):
         _build(toy_data, *args)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+def test_chunked_output_layer_equals_autograd(toy_data, arch, monkeypatch):
+    """The chunked pass with two loss components per row (NLL and entropy)
+    gives the loss and gradients of plain autograd."""
+    from fairseq_seqlevel.decoding import teacher_forcing
+
+    monkeypatch.setattr(teacher_forcing, "CHUNK_LOGITS", 300)
+    _, task, model, crit = _build(toy_data, "--sle-samples", "3", "--sle-entropy-weight", "0.05", arch=arch)
+    batch = first_batch(task)
+    fixed = _fixed_outputs(batch, task.target_dictionary, 3)
+    crit.draw = lambda model, sample: fixed
+    crit.fused = None
+    chunked = _loss_and_grads(model, crit, batch)
+    crit.fused = False
+    plain = _loss_and_grads(model, crit, batch)
+    torch.testing.assert_close(chunked[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked[2]["nll_loss"], plain[2]["nll_loss"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked[2]["sle_entropy_sum"], plain[2]["sle_entropy_sum"], rtol=1e-5, atol=1e-4)
+    for name in plain[3]:
+        torch.testing.assert_close(chunked[3][name], plain[3][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -20,6 +20,7 @@ term); with ``--sentence-avg`` both are per sentence.  w = 1 is exactly
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional
 
 import torch
@@ -32,7 +33,7 @@ from omegaconf import II
 from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of
 from fairseq_seqlevel.decoding.model import eval_mode, forward_through, unwrap
 from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
-from fairseq_seqlevel.decoding.teacher_forcing import rows_lprobs
+from fairseq_seqlevel.decoding.teacher_forcing import rows_objective, sequence_nll
 from fairseq_seqlevel.errors import check
 
 SEARCHES = ["sample", "beam"]
@@ -110,6 +111,7 @@ class RiskCriterion(SeqlevelCriterion):
         super().__init__(task, cfg)
         self.reward = self.resolve_reward(cfg.risk_reward, "--risk-reward", default="bleu")
         self._beam_search = None
+        self.fused = None  # rows_objective: chunked output layer when the model allows it
 
     def candidates(self, model, sample):
         """U(x) before deduplication: [B·n, T] right-padded, eos-terminated (no grad)."""
@@ -155,23 +157,42 @@ class RiskCriterion(SeqlevelCriterion):
             costs = self.reward.cost(rows.view(-1, width), refs.repeat_interleave(n + 1, dim=0))
             costs = costs.float().view(batch_size, n + 1)
         flat = rows.view(-1, width)
-        lprobs = forward_through(model, rows_lprobs, sample["net_input"], flat, n + 1, pad, self.eos)
-        token_lprobs = lprobs.gather(-1, flat.unsqueeze(-1)).squeeze(-1).float()
-        ref_lprobs = lprobs.view(batch_size, n + 1, *lprobs.shape[1:])[:, 0]
-        scores = sequence_scores(token_lprobs, flat, pad, cfg.risk_length_normalize)
-        risk, q = expected_risk(scores.view(batch_size, n + 1), costs, valid, cfg.risk_sharpness)
+        lengths = flat.ne(pad).sum(dim=1).clamp(min=1).view(batch_size, n + 1)
         ref_len = target.ne(pad).sum(dim=1)
-        weight = torch.ones_like(risk) if self.sentence_avg else ref_len.to(risk.dtype)
-        loss = (1.0 - w) * (weight * risk).sum()
-        ls_loss, nll = label_smoothed_nll_loss(ref_lprobs[:, :target.size(1)], target, cfg.label_smoothing,
-                                               ignore_index=pad)
-        if w > 0:
-            loss = loss + w * ls_loss
+        weight = torch.ones(batch_size, device=target.device) if self.sentence_avg else ref_len.float()
+
+        def risk_of(nll):  # per-row sequence NLL [B·(n+1)] -> (1 - w)·Σ_b weight_b·risk_b
+            scores = -nll.view(batch_size, n + 1)
+            if cfg.risk_length_normalize:
+                scores = scores / lengths
+            return (1.0 - w) * (weight * expected_risk(scores, costs, valid, cfg.risk_sharpness)[0]).sum()
+
+        loss, row_nll = forward_through(model, self._score, sample["net_input"], flat, n + 1, risk_of, target)
+        scores = -row_nll.view(batch_size, n + 1)
+        if cfg.risk_length_normalize:
+            scores = scores / lengths
+        risk, _ = expected_risk(scores, costs, valid, cfg.risk_sharpness)
+        nll = row_nll.view(batch_size, n + 1)[:, 0].sum()
         extra = {
             "risk_sum": risk.sum().detach(), "risk_cost_sum": costs.masked_fill(~valid, 0.0).sum().detach(),
             "risk_candidates": int(valid.sum()), "risk_sources": batch_size,
         }
         return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size, **extra)
+
+    def _score(self, model, net_input, rows, per_source, objective, target):
+        """The risk (chunked output layer) plus, for w > 0, the reference's
+        label-smoothed NLL; run as the model's forward (forward_through)."""
+        pad = self.padding_idx
+        loss, _, row_nll, features = rows_objective(
+            model, net_input, rows, per_source, pad, self.eos, partial(sequence_nll, pad=pad), objective,
+            fused=self.fused)
+        w = self.cfg.risk_mle_weight
+        if w > 0:
+            ref_features = features.view(-1, per_source, *features.shape[1:])[:, 0, :target.size(1)]
+            lprobs = model.get_normalized_probs((model.decoder.output_layer(ref_features), None), log_probs=True)
+            ls_loss, _ = label_smoothed_nll_loss(lprobs, target, self.cfg.label_smoothing, ignore_index=pad)
+            loss = loss + w * ls_loss
+        return loss, row_nll
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

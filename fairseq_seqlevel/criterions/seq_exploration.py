@@ -22,6 +22,7 @@ is teacher-forced in the same pass, for the logged ``nll_loss`` only.
 """
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional
 
 import torch
@@ -32,7 +33,7 @@ from omegaconf import II
 from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of
 from fairseq_seqlevel.decoding.model import forward_through
 from fairseq_seqlevel.decoding.sampler import draw, sample as sample_outputs
-from fairseq_seqlevel.decoding.teacher_forcing import rows_lprobs
+from fairseq_seqlevel.decoding.teacher_forcing import rows_objective, sequence_nll, token_nll
 from fairseq_seqlevel.errors import check
 from fairseq_seqlevel.rewards import PAIRWISE_DISTANCES, pairwise_distances
 
@@ -65,6 +66,14 @@ def check_sle_config(cfg):
           f"--sle-max-len-a must be >= 0 and --sle-max-len-b >= 1, got {cfg.sle_max_len_a}, {cfg.sle_max_len_b}")
 
 
+def nll_and_entropy(lprobs, target, pad):
+    """``loss_fn`` with two components per row: (NLL, Σ_t entropy of p(·|y_<t)) [n, 2], and the NLL."""
+    mask = target.ne(pad)
+    nll = token_nll(lprobs, target, pad).sum(dim=-1)
+    entropy = -(lprobs.exp() * lprobs).sum(dim=-1).masked_fill(~mask, 0.0).sum(dim=-1)
+    return torch.stack([nll, entropy], dim=-1), nll
+
+
 def exploration_advantages(rewards, baseline, distances, alpha):
     """Multiplier of −log p(ỹ_j|x) in eq. 16, per sample [B, s]:
     α·(Δ_j − b) + (1−α)·(2/s)·Σ_k (d_jk − b_d), b_d the mean of all s² distances."""
@@ -82,6 +91,7 @@ class SeqExplorationCriterion(SeqlevelCriterion):
         check_sle_config(cfg)
         super().__init__(task, cfg)
         self.reward = self.resolve_reward(cfg.sle_reward, "--sle-reward", default="bleu")
+        self.fused = None  # rows_objective: chunked output layer when the model allows it
 
     def draw(self, model, sample):
         """(samples [B·s, T], greedy [B, T]) in one decoding loop: row 0 of each
@@ -113,30 +123,30 @@ class SeqExplorationCriterion(SeqlevelCriterion):
         width = max(width, target.size(1))
         rows = torch.cat([pad_right(target, width, pad).unsqueeze(1),
                           pad_right(samples, width, pad).view(batch_size, s, width)], dim=1).view(-1, width)
-        lprobs = forward_through(model, rows_lprobs, sample["net_input"], rows, s + 1, pad, self.eos)
-        token_lprobs = lprobs.gather(-1, rows.unsqueeze(-1)).squeeze(-1).float()
-        token_lprobs = token_lprobs.masked_fill(rows.eq(pad), 0.0).view(batch_size, s + 1, width)
-        nll = -token_lprobs[:, 0].sum().detach()
-        mask = rows.view(batch_size, s + 1, width)[:, 1:].ne(pad)
-        seq_lprobs = token_lprobs[:, 1:].sum(dim=2)
-        per_source = -(advantage * seq_lprobs).mean(dim=1)
-        entropy = None
-        if cfg.sle_entropy_weight > 0:
-            sample_lprobs = lprobs.float().view(batch_size, s + 1, width, -1)[:, 1:]
-            entropy = -(sample_lprobs.exp() * sample_lprobs).sum(dim=-1).masked_fill(~mask, 0.0).sum(dim=2)
-            per_source = per_source - cfg.sle_entropy_weight * entropy.mean(dim=1)
         ref_len = target.ne(pad).sum(dim=1)
-        weight = torch.ones_like(per_source) if self.sentence_avg else ref_len.to(per_source.dtype)
-        loss = (weight * per_source).sum()
+        weight = torch.ones(batch_size, device=target.device) if self.sentence_avg else ref_len.float()
+        beta = cfg.sle_entropy_weight
+        loss_fn = partial(nll_and_entropy, pad=pad) if beta > 0 else partial(sequence_nll, pad=pad)
+
+        def surrogate(row_loss):  # eq. 15-16, minus β·entropy; row_loss [B·(s+1)] or [B·(s+1), 2]
+            per_row = row_loss.view(batch_size, s + 1, -1)[:, 1:]
+            per_source = (advantage * per_row[..., 0]).mean(dim=1)
+            if beta > 0:
+                per_source = per_source - beta * per_row[..., 1].mean(dim=1)
+            return (weight * per_source).sum()
+
+        loss, row_loss, row_nll, _ = forward_through(model, rows_objective, sample["net_input"], rows, s + 1, pad,
+                                                     self.eos, loss_fn, surrogate, fused=self.fused)
+        nll = row_nll.view(batch_size, s + 1)[:, 0].sum()
         sample_size = self.sample_size_of(sample)
         extra = {
             "sle_reward_sum": rewards.sum(), "sle_nsamples": rewards.numel(),
             "sle_greedy_reward_sum": baseline.sum(),
             "sle_distance_sum": distances.sum(), "sle_npairs": batch_size * s * (s - 1),
         }
-        if entropy is not None:
-            extra["sle_entropy_sum"] = entropy.sum().detach()
-            extra["sle_ntokens"] = int(mask.sum())
+        if beta > 0:
+            extra["sle_entropy_sum"] = row_loss.view(batch_size, s + 1, 2)[:, 1:, 1].sum()
+            extra["sle_ntokens"] = int(samples.ne(pad).sum())
         return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size, **extra)
 
     @classmethod

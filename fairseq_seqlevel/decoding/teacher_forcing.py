@@ -38,16 +38,6 @@ def decoder_lprobs(model, encoder_out, prev_output_tokens):
     return model.get_normalized_probs(net_output, log_probs=True), net_output
 
 
-def rows_lprobs(model, net_input, rows, per_source, pad, eos):
-    """Teacher-forced log-probabilities ``[B·m, T, V]`` of ``rows`` ``[B·m, T]``
-    (``m = per_source`` rows per source, source-major), the encoder run once per
-    source.  Gradient-carrying callers run it as the model's forward:
-    ``forward_through(model, rows_lprobs, net_input, rows, m, pad, eos)``."""
-    encoder_out = expand_encoder_out(model, encode(model, net_input), per_source)
-    net_output = model.decoder(prev_output_tokens_from_target(rows, pad, eos), encoder_out=encoder_out)
-    return model.get_normalized_probs(net_output, log_probs=True)
-
-
 def token_nll(lprobs, target, pad):
     """Per-token negative log-likelihood N x T, 0 at pad positions."""
     nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
@@ -210,3 +200,68 @@ def weighted_row_losses(model, encoder_out, prev_output_tokens, target, coef, lo
         lprobs, _ = decoder_lprobs(model, encoder_out, prev_output_tokens)
     loss, nll = loss_fn(lprobs, target)
     return (coef.to(loss.dtype) * loss).sum(), loss.detach(), nll.detach()
+
+
+def _chunked_row_losses(features, weight, bias, target, loss_fn, rows_per_chunk):
+    """Per-row (loss, nll) without gradients, the logits one chunk of rows at a time (fp32)."""
+    losses, nlls = [], []
+    with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
+        w = weight.float()
+        b = bias.float() if bias is not None else None
+        for start in range(0, features.size(0), rows_per_chunk):
+            end = min(start + rows_per_chunk, features.size(0))
+            lprobs = torch.log_softmax(torch.nn.functional.linear(features[start:end].float(), w, b), dim=-1)
+            loss, nll = loss_fn(lprobs, target[start:end])
+            losses.append(loss)
+            nlls.append(nll)
+    return torch.cat(losses), torch.cat(nlls)
+
+
+def row_objective(model, encoder_out, prev_output_tokens, target, loss_fn, objective, fused=None):
+    """Teacher-forced ``objective(row_loss)`` for any differentiable function of the
+    per-row losses (risk's softmax over a candidate set, a policy gradient, ...).
+
+    ``loss_fn`` as for :func:`weighted_row_losses` (its loss may have K
+    components per row, ``[n, K]``); ``objective(row_loss [N] or [N, K]) ->
+    scalar`` is evaluated on the detached fp32 losses, and its gradient
+    c = ∂objective/∂row_loss turns the backward pass into Σ_n c_n ∇loss_n: the
+    chunked output layer of :func:`weighted_row_losses`, so the N x T x V
+    log-probabilities never exist at once (one extra chunked projection computes
+    the losses first).  Returns ``(loss, row_loss, row_nll, features)``:
+    ``loss`` has the value of the objective and its exact gradient; ``features``
+    (the decoder's last hidden states) let a caller add terms on some rows.
+    """
+    features, _ = model.decoder.extract_features(prev_output_tokens, encoder_out=encoder_out)
+    use_fused = fused is not False and (fused or fused_projection_supported(model, features))
+    if use_fused:
+        weight, bias = output_projection(model.decoder)
+        rows_per_chunk = max(1, CHUNK_LOGITS // max(features.size(1) * weight.size(0), 1))
+        row_loss, row_nll = _chunked_row_losses(features, weight, bias, target, loss_fn, rows_per_chunk)
+    else:
+        lprobs = model.get_normalized_probs((model.decoder.output_layer(features), None), log_probs=True)
+        graph_loss, row_nll = loss_fn(lprobs, target)
+        row_loss, row_nll = graph_loss.detach(), row_nll.detach()
+    with torch.enable_grad():
+        scored = row_loss.float().requires_grad_()
+        value = objective(scored)
+        (coef,) = torch.autograd.grad(value, scored)
+    if use_fused:
+        total, _, _ = _FusedRowLoss.apply(features, weight, bias, coef, target, loss_fn, rows_per_chunk)
+    else:
+        total = (coef.to(graph_loss.dtype) * graph_loss).sum()
+    return total - total.detach() + value.detach(), row_loss, row_nll, features
+
+
+def rows_objective(model, net_input, rows, per_source, pad, eos, loss_fn, objective, fused=None):
+    """:func:`row_objective` of ``rows`` ``[B·m, T]`` (``m = per_source`` rows per
+    source, source-major), the encoder run once per source.  Gradient-carrying:
+    run it as the model's forward (``forward_through(model, rows_objective, ...)``)."""
+    encoder_out = expand_encoder_out(model, encode(model, net_input), per_source)
+    prev = prev_output_tokens_from_target(rows, pad, eos)
+    return row_objective(model, encoder_out, prev, rows, loss_fn, objective, fused=fused)
+
+
+def sequence_nll(lprobs, target, pad):
+    """``loss_fn`` of whole sequences: (NLL [n], NLL [n]) summed over non-pad tokens."""
+    nll = token_nll(lprobs, target, pad).sum(dim=-1)
+    return nll, nll
