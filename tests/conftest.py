@@ -90,6 +90,27 @@ def first_batch(task, split="train", n=16):
     return dataset.collater([dataset[i] for i in range(min(n, len(dataset)))])
 
 
+def mle_steps(task, model, steps, lr=0.02, batch_size=24):
+    """A few plain-NLL Adam steps on the toy training set: a model whose greedy
+    outputs vary and stop (a random tiny model repeats one token up to the cap)."""
+    import torch
+
+    task.load_dataset("train")
+    ds, pad = task.dataset("train"), task.target_dictionary.pad()
+    batches = [ds.collater([ds[i] for i in range(j, min(j + batch_size, len(ds)))])
+               for j in range(0, len(ds), batch_size)]
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for step in range(steps):
+        b = batches[step % len(batches)]
+        lp = model.get_normalized_probs(model(**b["net_input"]), log_probs=True)
+        nll = -lp.gather(-1, b["target"].unsqueeze(-1)).squeeze(-1).masked_fill(b["target"].eq(pad), 0.0)
+        loss = nll.sum() / b["ntokens"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
 def levenshtein(a, b):
     """Plain dynamic-programming edit distance between two sequences (test oracle)."""
     prev = list(range(len(b) + 1))

@@ -10,9 +10,9 @@ import torch
 from fairseq.sequence_generator import SequenceGenerator
 from scipy import stats
 
-from conftest import TINY_LSTM, USER_DIR, build_training, first_batch
+from conftest import TINY_LSTM, USER_DIR, build_training, first_batch, mle_steps
 from fairseq_seqlevel.decoding.sampler import Samples, draw, last_steps, sample
-from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, token_nll
+from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
 
 TINY_TRANSFORMER = [
     "--arch", "transformer", "--encoder-layers", "1", "--decoder-layers", "1",
@@ -40,20 +40,9 @@ def _build(toy_data, arch="lstm", seed=3):
 
 
 def _pretrain(toy_data, arch, steps, lr=0.02):
-    """A few MLE steps: greedy outputs that vary and stop (a random tiny model
-    repeats one token up to the length cap)."""
+    """A few MLE steps: greedy outputs that vary and stop."""
     task, model = _build(toy_data, arch)
-    task.load_dataset("train")
-    ds, pad = task.dataset("train"), task.target_dictionary.pad()
-    batches = [ds.collater([ds[i] for i in range(j, min(j + 24, len(ds)))]) for j in range(0, len(ds), 24)]
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for step in range(steps):
-        b = batches[step % len(batches)]
-        lp = model.get_normalized_probs(model(**b["net_input"]), log_probs=True)
-        loss = token_nll(lp, b["target"], pad).sum() / b["ntokens"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    mle_steps(task, model, steps, lr)
     model.eval()
     return task, model
 

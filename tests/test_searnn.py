@@ -8,12 +8,11 @@ import torch
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 from fairseq.logging import metrics
 
-from conftest import TINY_LSTM, USER_DIR, build_training, first_batch, run_cli
+from conftest import TINY_LSTM, USER_DIR, build_training, first_batch, mle_steps, run_cli
 from fairseq_seqlevel import rewards
 from fairseq_seqlevel.criterions import searnn
 from fairseq_seqlevel.errors import ConfigError
 from fairseq_seqlevel.decoding import rollouts
-from fairseq_seqlevel.decoding.teacher_forcing import token_nll
 from test_raml import _assert_same, _loss_and_grads
 
 TINY_TRANSFORMER = [
@@ -50,21 +49,9 @@ def _stock_mle(toy_data, arch="lstm", extra=()):
 
 
 def _pretrain(toy_data, arch, steps, lr=0.02):
-    """A few MLE steps: a model whose greedy outputs vary and stop (a random
-    tiny model repeats one token up to the length cap)."""
+    """A few MLE steps: greedy outputs that vary and stop."""
     _, task, model, _ = _stock_mle(toy_data, arch)
-    task.load_dataset("train")
-    ds, pad = task.dataset("train"), task.target_dictionary.pad()
-    batches = [ds.collater([ds[i] for i in range(j, min(j + 24, len(ds)))]) for j in range(0, len(ds), 24)]
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for step in range(steps):
-        b = batches[step % len(batches)]
-        lp = model.get_normalized_probs(model(**b["net_input"]), log_probs=True)
-        loss = token_nll(lp, b["target"], pad).sum() / b["ntokens"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return task, model
+    return task, mle_steps(task, model, steps, lr)
 
 
 @pytest.fixture(scope="module")
