@@ -1,0 +1,71 @@
+"""Where a sampling criterion's step goes: drawing its outputs (no grad) vs the
+whole step, on the speed settings' model and batches, MLE step alongside.
+
+    python benchmarks/sample_cost.py [--setting bible] [--criterions risk,seq_exploration] [--repeats 3]
+
+Medians over ``--repeats`` of the first batch; also the mean output length
+against the reference length (the speed settings' model is untrained, so
+samples run to their length cap).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import harness as H  # noqa: E402
+from benchmarks import speed as S  # noqa: E402
+
+DRAWS = {"risk": lambda c: c.candidates, "seq_exploration": lambda c: (lambda m, b: c.draw(m, b)[0]),
+         "scst": lambda c: (lambda m, b: c.draw(m, b)[0])}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--setting", default="bible")
+    p.add_argument("--criterions", default="risk,seq_exploration")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    S.quiet()
+    cfg = H.load_config(str(H.DEFAULT_CONFIG))
+    setting = S.Setting(cfg, args.setting, H.DEFAULT_WORKDIR)
+    setting.prepare_files([])
+    setting.build()
+    model, batch = setting.model, setting.batches[0]
+    pad = setting.task.target_dictionary.pad()
+
+    def timed(fn):
+        times = []
+        for _ in range(args.repeats + 1):  # one warm-up
+            start = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:]), out
+
+    def step(criterion):
+        model.zero_grad()
+        criterion(model, batch)[0].backward()
+
+    mle = setting.build_criterion(H.CONTROL)
+    mle_s, _ = timed(lambda: step(mle))
+    ref_len = float(batch["target"].ne(pad).sum(dim=1).float().mean())
+    print(f"[{args.setting}] {batch['nsentences']} sentences, reference length {ref_len:.1f}; "
+          f"MLE step {mle_s:.3f} s")
+    for name in args.criterions.split(","):
+        criterion = setting.build_criterion(name)
+        draw_s, tokens = timed(lambda: DRAWS[name](criterion)(model, batch))
+        step_s, _ = timed(lambda: step(criterion))
+        out_len = float(tokens.ne(pad).sum(dim=1).float().mean())
+        print(f"  {name:<16} draw {draw_s:.3f} s ({draw_s / mle_s:.1f}x MLE), whole step {step_s:.3f} s "
+              f"({step_s / mle_s:.1f}x), rest {(step_s - draw_s) / mle_s:.1f}x; {tokens.size(0)} outputs "
+              f"of mean length {out_len:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
