@@ -146,3 +146,23 @@ def test_chunked_output_layer_equals_autograd(toy_data, arch, monkeypatch):
     plain = _loss_and_grads(model, risk, batch)
     _assert_same(chunked, plain)
     assert chunked[2]["risk_candidates"] > batch["target"].size(0)
+
+
+def test_beam_candidates_are_the_generator_nbest(toy_data):
+    """--risk-search beam: U(x) is fairseq's beam-n n-best, in its order, padded."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    _, task, model, risk = _build(toy_data, "--criterion", "risk", "--risk-candidates", "3",
+                                  "--risk-search", "beam", "--risk-max-len-b", "4")
+    batch = first_batch(task, n=5)
+    got = risk.candidates(model, batch)
+    assert model.training  # restored after the no-grad search
+    model.eval()
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=3, max_len_a=1.2, max_len_b=4)
+    with torch.no_grad():
+        hypos = generator.generate([model], {"net_input": batch["net_input"]})
+    pad = task.target_dictionary.pad()
+    expected = [h[k]["tokens"] for h in hypos for k in range(3)]
+    assert got.size(0) == len(expected)
+    for row, tokens in zip(got, expected):
+        assert torch.equal(row[row.ne(pad)], tokens)

@@ -122,10 +122,12 @@ class RiskCriterion(SeqlevelCriterion):
         from fairseq.sequence_generator import SequenceGenerator
 
         inner = unwrap(model)
-        if self._beam_search is None or self._beam_search.model.single_model is not inner:
-            self._beam_search = SequenceGenerator([inner], self.task.target_dictionary, beam_size=cfg.risk_candidates,
-                                                  max_len_a=cfg.risk_max_len_a, max_len_b=cfg.risk_max_len_b)
+        # inside eval_mode: SequenceGenerator's constructor puts the model in eval mode
         with eval_mode(inner):
+            if self._beam_search is None or self._beam_search.model.single_model is not inner:
+                self._beam_search = SequenceGenerator(
+                    [inner], self.task.target_dictionary, beam_size=cfg.risk_candidates,
+                    max_len_a=cfg.risk_max_len_a, max_len_b=cfg.risk_max_len_b)
             hypos = self._beam_search.generate([inner], {"net_input": net_input})
         n = cfg.risk_candidates
         # beam search may return fewer than n hypotheses; repeat the last (deduplicated later)
