@@ -15,6 +15,24 @@ TINY_LSTM = [
     "--encoder-hidden-size", "16", "--decoder-hidden-size", "16",
     "--decoder-out-embed-dim", "16", "--decoder-attention", "True",
 ]
+TINY_TRANSFORMER = [
+    "--arch", "transformer", "--encoder-layers", "1", "--decoder-layers", "1",
+    "--encoder-embed-dim", "16", "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "16",
+    "--decoder-ffn-embed-dim", "16", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+]
+ARCHS = {"lstm": TINY_LSTM, "transformer": TINY_TRANSFORMER}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models, many small steps: extra threads only contend (2 shared cores).
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_cli(module, *args, check=True, input=None, cwd=None):

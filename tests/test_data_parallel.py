@@ -27,14 +27,9 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
-from conftest import TINY_LSTM, USER_DIR
+from conftest import TINY_LSTM, TINY_TRANSFORMER, USER_DIR
 from ddp_harness import Case, check_report, examples, run_matrix, summary
 
-TINY_TRANSFORMER = [
-    "--arch", "transformer", "--encoder-layers", "1", "--decoder-layers", "1",
-    "--encoder-embed-dim", "16", "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "16",
-    "--decoder-ffn-embed-dim", "16", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
-]
 BACKENDS = ["pytorch_ddp", "legacy_ddp"]
 THIS_MODULE = __name__  # the child imports it to register the test criterions
 

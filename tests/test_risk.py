@@ -7,14 +7,10 @@ import pytest
 import torch
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
-from conftest import TINY_LSTM, USER_DIR, build_training, first_batch
+from conftest import ARCHS, USER_DIR, build_training, first_batch
 from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
 from fairseq_seqlevel.errors import ConfigError
 from test_raml import _assert_same, _loss_and_grads
-from test_searnn import TINY_TRANSFORMER
-
-ARCHS = {"lstm": TINY_LSTM, "transformer": TINY_TRANSFORMER}
-
 
 def _build(toy_data, *args, arch="lstm"):
     torch.manual_seed(3)

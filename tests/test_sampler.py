@@ -10,25 +10,13 @@ import torch
 from fairseq.sequence_generator import SequenceGenerator
 from scipy import stats
 
-from conftest import TINY_LSTM, USER_DIR, build_training, first_batch, mle_steps
+from conftest import ARCHS, USER_DIR, build_training, first_batch, mle_steps
 from fairseq_seqlevel.decoding.sampler import Samples, draw, last_steps, sample
 from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
 
-TINY_TRANSFORMER = [
-    "--arch", "transformer", "--encoder-layers", "1", "--decoder-layers", "1",
-    "--encoder-embed-dim", "16", "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "16",
-    "--decoder-ffn-embed-dim", "16", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
-]
-ARCHS = {"lstm": TINY_LSTM, "transformer": TINY_TRANSFORMER}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models, many small steps: extra threads only contend (2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(toy_data, arch="lstm", seed=3):

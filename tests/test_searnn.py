@@ -8,29 +8,17 @@ import torch
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 from fairseq.logging import metrics
 
-from conftest import TINY_LSTM, USER_DIR, build_training, first_batch, mle_steps, run_cli
+from conftest import ARCHS, TINY_LSTM, USER_DIR, build_training, first_batch, mle_steps, run_cli
 from fairseq_seqlevel import rewards
 from fairseq_seqlevel.criterions import searnn
 from fairseq_seqlevel.errors import ConfigError
 from fairseq_seqlevel.decoding import rollouts
 from test_raml import _assert_same, _loss_and_grads
 
-TINY_TRANSFORMER = [
-    "--arch", "transformer", "--encoder-layers", "1", "--decoder-layers", "1",
-    "--encoder-embed-dim", "16", "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "16",
-    "--decoder-ffn-embed-dim", "16", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
-]
-ARCHS = {"lstm": TINY_LSTM, "transformer": TINY_TRANSFORMER}
 REFERENCE = ["--searnn-roll-in", "reference", "--searnn-roll-out", "reference"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models, many small steps: extra threads only contend (2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(toy_data, *args, arch="lstm", task="seqlevel_translation", seed=3):

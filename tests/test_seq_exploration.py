@@ -6,16 +6,12 @@ import pytest
 import torch
 from sacrebleu.metrics import BLEU
 
-from conftest import TINY_LSTM, USER_DIR, build_training, first_batch, levenshtein
+from conftest import ARCHS, USER_DIR, build_training, first_batch, levenshtein
 from fairseq_seqlevel.criterions.seq_exploration import exploration_advantages
 from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
 from fairseq_seqlevel.errors import ConfigError
 from fairseq_seqlevel.rewards import pairwise_distances
 from test_raml import _loss_and_grads
-from test_searnn import TINY_TRANSFORMER
-
-ARCHS = {"lstm": TINY_LSTM, "transformer": TINY_TRANSFORMER}
-
 
 def _build(toy_data, *args, arch="lstm"):
     torch.manual_seed(3)
