@@ -72,12 +72,8 @@ class SeqlevelCriterion(FairseqCriterion):
         """The reward of this criterion (a :class:`~fairseq_seqlevel.rewards.BoundReward`)."""
         if own_name is None and getattr(self.task, "reward", None) is not None:
             return self.task.reward
-        return self.bind_own_reward(own_name or default, flag)
-
-    def bind_own_reward(self, name, flag):
-        """Reward ``name`` bound like the task's (for optional per-criterion rewards)."""
         cfg = getattr(self.task, "cfg", None)
-        return bind_reward(name, self.task.target_dictionary, getattr(cfg, "reward_level", "token"),
+        return bind_reward(own_name or default, self.task.target_dictionary, getattr(cfg, "reward_level", "token"),
                            getattr(cfg, "subword_style", "auto"), flag=flag)
 
     def sample_size_of(self, sample, tokens=None):

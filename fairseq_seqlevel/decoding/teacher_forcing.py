@@ -176,6 +176,15 @@ class _FusedRowLoss(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+def _chunked_projection(model, features, fused):
+    """(weight, bias, rows_per_chunk) of the chunked output layer, or None when
+    ``fused`` is False or the model's output layer is not a plain projection."""
+    if fused is False or not (fused or fused_projection_supported(model, features)):
+        return None
+    weight, bias = output_projection(model.decoder)
+    return weight, bias, max(1, CHUNK_LOGITS // max(features.size(1) * weight.size(0), 1))
+
+
 def weighted_row_losses(model, encoder_out, prev_output_tokens, target, coef, loss_fn, fused=None):
     """Teacher-forced Σ_n coef_n · loss_n over rows, and the per-row loss / NLL.
 
@@ -189,11 +198,9 @@ def weighted_row_losses(model, encoder_out, prev_output_tokens, target, coef, lo
     coef = coef.detach()
     if fused is not False:
         features, _ = model.decoder.extract_features(prev_output_tokens, encoder_out=encoder_out)
-        if fused or fused_projection_supported(model, features):
-            weight, bias = output_projection(model.decoder)
-            per_row = features.size(1) * weight.size(0)
-            rows_per_chunk = max(1, CHUNK_LOGITS // max(per_row, 1))
-            return _FusedRowLoss.apply(features, weight, bias, coef, target, loss_fn, rows_per_chunk)
+        chunked = _chunked_projection(model, features, fused)
+        if chunked is not None:
+            return _FusedRowLoss.apply(features, *chunked[:2], coef, target, loss_fn, chunked[2])
         net_output = (model.decoder.output_layer(features), None)
         lprobs = model.get_normalized_probs(net_output, log_probs=True)
     else:
@@ -232,11 +239,9 @@ def row_objective(model, encoder_out, prev_output_tokens, target, loss_fn, objec
     (the decoder's last hidden states) let a caller add terms on some rows.
     """
     features, _ = model.decoder.extract_features(prev_output_tokens, encoder_out=encoder_out)
-    use_fused = fused is not False and (fused or fused_projection_supported(model, features))
-    if use_fused:
-        weight, bias = output_projection(model.decoder)
-        rows_per_chunk = max(1, CHUNK_LOGITS // max(features.size(1) * weight.size(0), 1))
-        row_loss, row_nll = _chunked_row_losses(features, weight, bias, target, loss_fn, rows_per_chunk)
+    chunked = _chunked_projection(model, features, fused)
+    if chunked is not None:
+        row_loss, row_nll = _chunked_row_losses(features, *chunked[:2], target, loss_fn, chunked[2])
     else:
         lprobs = model.get_normalized_probs((model.decoder.output_layer(features), None), log_probs=True)
         graph_loss, row_nll = loss_fn(lprobs, target)
@@ -245,8 +250,8 @@ def row_objective(model, encoder_out, prev_output_tokens, target, loss_fn, objec
         scored = row_loss.float().requires_grad_()
         value = objective(scored)
         (coef,) = torch.autograd.grad(value, scored)
-    if use_fused:
-        total, _, _ = _FusedRowLoss.apply(features, weight, bias, coef, target, loss_fn, rows_per_chunk)
+    if chunked is not None:
+        total, _, _ = _FusedRowLoss.apply(features, *chunked[:2], coef, target, loss_fn, chunked[2])
     else:
         total = (coef.to(graph_loss.dtype) * graph_loss).sum()
     return total - total.detach() + value.detach(), row_loss, row_nll, features
