@@ -47,6 +47,17 @@ pytorch_ddp on CPU
 ``DistributedFairseqModel`` passes ``device_ids=[device_id]`` to torch's
 ``DistributedDataParallel`` even for a CPU model, which torch >= 2 rejects;
 :func:`allow_cpu_pytorch_ddp` drops those two arguments for CPU modules only.
+
+A criterion's training state without parameters
+-----------------------------------------------
+fairseq checkpoints a criterion's ``state_dict`` only when it has parameters,
+and ``Trainer.load_checkpoint`` never restores ``task_state`` (only
+``load_model_ensemble`` does).  A criterion whose schedule is training state
+(``interpolation``'s annealed λ) defines ``training_state_dict()`` and
+``load_training_state_dict(d)``: :func:`keep_criterion_training_state` saves
+the former in the checkpoint's ``extra_state`` (broadcast to every rank on
+load) and gives it back on resume, unless meters are reset
+(``--reset-meters``, ``--finetune-from-model``: a fresh start).
 """
 
 import argparse
@@ -169,6 +180,51 @@ def allow_cpu_pytorch_ddp():
     return True
 
 
+CRITERION_STATE_KEY = "seqlevel_criterion_state"
+
+
+def keep_criterion_training_state():
+    """Checkpoint ``criterion.training_state_dict()`` in ``extra_state`` and
+    restore it on resume (module docstring).  Idempotent."""
+    from fairseq.trainer import Trainer
+
+    if getattr(Trainer, "_seqlevel_keeps_criterion_state", False):
+        return
+    state_dict, load_checkpoint = Trainer.state_dict, Trainer.load_checkpoint
+
+    def state_dict_with_criterion_state(self):
+        state = state_dict(self)
+        get = getattr(self.get_criterion(), "training_state_dict", None)
+        if get is not None:
+            state["extra_state"][CRITERION_STATE_KEY] = get()
+        return state
+
+    def load_checkpoint_with_criterion_state(self, filename, reset_optimizer=False, reset_lr_scheduler=False,
+                                             optimizer_overrides=None, reset_meters=False):
+        extra_state = load_checkpoint(self, filename, reset_optimizer=reset_optimizer,
+                                      reset_lr_scheduler=reset_lr_scheduler,
+                                      optimizer_overrides=optimizer_overrides, reset_meters=reset_meters)
+        load = getattr(self.get_criterion(), "load_training_state_dict", None)
+        if load is not None and extra_state and CRITERION_STATE_KEY in extra_state and not reset_meters:
+            load(extra_state[CRITERION_STATE_KEY])
+        return extra_state
+
+    Trainer.state_dict = state_dict_with_criterion_state
+    Trainer.load_checkpoint = load_checkpoint_with_criterion_state
+    Trainer._seqlevel_keeps_criterion_state = True
+
+
+def trainer_num_updates():
+    """The trainer's update count, from the ``num_updates`` value it logs to
+    fairseq's ``default`` metrics (0 before the first update).  A criterion is
+    not told the update number; this is where fairseq keeps it."""
+    from fairseq.logging import metrics
+
+    meter = metrics.get_meter("default", "num_updates")
+    return int(meter.val) if meter is not None and meter.val is not None else 0
+
+
 allow_fairseq_checkpoints()
 keep_last_batch()
 allow_cpu_pytorch_ddp()
+keep_criterion_training_state()

@@ -136,6 +136,16 @@ def _fixed_outputs(criterion, model, sample):
     return samples, greedy
 
 
+def _fixed_sequences(criterion, model, sample, lambdas):
+    rows = _fixed_rows(criterion, sample, 1)[0]
+    return rows, rows.ne(criterion.padding_idx).long() * 2
+
+
+def fixed_interp_sequences(criterion):
+    """``patch``: interpolation's constructed sequences replaced by :func:`_fixed_rows`."""
+    criterion.construct = partial(_fixed_sequences, criterion)
+
+
 def fixed_raml_samples(criterion):
     """``patch``: raml's random samples replaced by :func:`_fixed_draw`."""
     criterion.draw_samples = partial(_fixed_draw, criterion)
@@ -157,6 +167,7 @@ CASES = [
     "mle", "mle_transformer", "raml", "raml_sampled", "raml_lazy", "raml_transformer", "token_smooth",
     "searnn", "searnn_reference", "searnn_learned", "critic",
     "risk", "risk_sampled", "risk_transformer", "seq_exploration", "seq_exploration_sampled", "scst",
+    "interpolation", "interpolation_sampled", "interpolation_transformer",
 ]
 SELF_TESTS = ["bypass", "unused_parameter"]
 
@@ -171,6 +182,7 @@ def make_cases(toy_data, embeddings):
     searnn = ["--criterion", "searnn_kl", "--searnn-max-len-b", "2"]
     risk = ["--criterion", "risk", "--risk-candidates", "3", "--risk-mle-weight", "0.3", "--label-smoothing", "0.1"]
     sle = ["--criterion", "seq_exploration", "--sle-samples", "3"]
+    interp = ["--criterion", "interpolation", "--interp-lambdas", "0.3,0.3,0.4", "--interp-anneal", "none"]
     det = dict(deterministic_check=True)
     fixed = dict(deterministic_check=True, patch=fixed_raml_samples)
     ours = dict(imports=[THIS_MODULE])
@@ -203,6 +215,10 @@ def make_cases(toy_data, embeddings):
              patch=fixed_sle_outputs),
         Case("seq_exploration_sampled", base(*sle)),
         Case("scst", base(*sle, "--sle-alpha", "1"), deterministic_check=True, patch=fixed_sle_outputs),
+        Case("interpolation", base(*interp), deterministic_check=True, patch=fixed_interp_sequences),
+        Case("interpolation_sampled", base(*interp)),
+        Case("interpolation_transformer", base(*interp, arch=TINY_TRANSFORMER), deterministic_check=True,
+             patch=fixed_interp_sequences),
         Case("bypass", base("--criterion", "ddp_test_bypass"), **det, **ours),
         Case("unused_parameter", base("--criterion", "ddp_test_unused"), **det, **ours),
     ]

@@ -4,3 +4,4 @@ from fairseq_seqlevel.criterions import raml, token_smooth  # noqa: F401
 from fairseq_seqlevel.criterions import searnn  # noqa: F401
 from fairseq_seqlevel.criterions import risk  # noqa: F401
 from fairseq_seqlevel.criterions import seq_exploration  # noqa: F401
+from fairseq_seqlevel.criterions import interpolation  # noqa: F401

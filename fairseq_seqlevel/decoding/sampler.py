@@ -116,7 +116,7 @@ def _check(n, strategy, temperature, topk, topp, min_len, choose):
 
 def sample(model, net_input, n: int = 1, strategy: str = "greedy", temperature: float = 1.0, topk: int = 0,
            topp: float = 1.0, max_len_a: float = 0, max_len_b: float = 200, min_len: int = 1,
-           choose: Optional[Choose] = None) -> Samples:
+           choose: Optional[Choose] = None, last_step: Optional[Tensor] = None) -> Samples:
     """``n`` outputs per source of ``net_input`` (``src_tokens``, ``src_lengths``).
 
     Args:
@@ -137,6 +137,9 @@ def sample(model, net_input, n: int = 1, strategy: str = "greedy", temperature: 
             tokens are kept as they are (it may end a row before ``min_len``)
             except at a row's limit, where eos is forced; it must not return
             pad nor modify its arguments.
+        last_step: ``[B]`` per source, the step at which eos is forced,
+            instead of the limit from ``max_len_a``/``max_len_b`` (still capped
+            by the model's ``max_decoder_positions``).
 
     Returns :class:`Samples`; ``lprobs`` holds the unmasked temperature-1
     model log-prob of each emitted token, whatever chose it.
@@ -147,16 +150,21 @@ def sample(model, net_input, n: int = 1, strategy: str = "greedy", temperature: 
     # (plain DDP) would hide the decoder whose beam size eval_mode resets to 1
     with eval_mode(inner):
         return _decode(inner, net_input, n, strategy, temperature, topk, topp, max_len_a, max_len_b, min_len,
-                       choose)
+                       choose, last_step)
 
 
-def _decode(model, net_input, n, strategy, temperature, topk, topp, max_len_a, max_len_b, min_len, choose):
+def _decode(model, net_input, n, strategy, temperature, topk, topp, max_len_a, max_len_b, min_len, choose,
+            last_step=None):
     dictionary = model.decoder.dictionary
     pad, eos = dictionary.pad(), dictionary.eos()
     src_lengths = net_input["src_lengths"]
     device = net_input["src_tokens"].device
     num_rows = src_lengths.numel() * n
-    last = last_steps(src_lengths, max_len_a, max_len_b, model.max_decoder_positions()).repeat_interleave(n)
+    if last_step is None:
+        last = last_steps(src_lengths, max_len_a, max_len_b, model.max_decoder_positions())
+    else:
+        last = last_step.to(device=src_lengths.device, dtype=torch.long).clamp(0, model.max_decoder_positions() - 1)
+    last = last.repeat_interleave(n)
     if num_rows == 0:
         return Samples(torch.empty((0, 0), dtype=torch.long, device=device),
                        torch.empty((0, 0), dtype=torch.float, device=device),

@@ -1,0 +1,290 @@
+"""``interpolation``: the interpolation algorithm of tan2019 (Algorithm 1, Appendix C.2).
+
+Per target position t a branch z ~ Cat(λ1, λ2, λ3) picks the token:
+z = 1 samples from exp(c·log p_θ(·|y_<t, x)) (the model on its own prefix),
+z = 2 from exp(c·ΔR(·|y_<t, y*)) (the reward increment of every token, all
+references), z = 3 takes y*_t.  The constructed sequence is decoded by the
+shared sampler (one decoder step per position, batched, no gradients), then
+trained by maximum likelihood in one teacher-forced ``model(...)`` pass.
+
+λ anneals (``--interp-anneal``) by moves of ``--interp-anneal-step`` taken
+from λ3: the first to λ1, the next four to λ2, and so on (Appendix C.2),
+either when the validation reward stops improving or every N updates;
+``inverse_sigmoid`` is scheduled sampling's decay (Bengio et al. 2015).
+Special cases and where the schedule's state lives: README, "interpolation".
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.logging import metrics
+from omegaconf import II
+
+from fairseq_seqlevel.compat import trainer_num_updates
+from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, references_of
+from fairseq_seqlevel.decoding.model import unwrap
+from fairseq_seqlevel.decoding.sampler import draw, sample as sample_outputs
+from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
+from fairseq_seqlevel.errors import ConfigError, check
+from fairseq_seqlevel.rewards.binding import bind_reward
+from fairseq_seqlevel.rewards.increments import next_token_gains
+
+ANNEALS = ("none", "validation", "updates", "inverse_sigmoid")
+MODEL, REWARD, REFERENCE = 1, 2, 3  # the values of z
+
+
+@dataclass
+class InterpolationConfig(FairseqDataclass):
+    interp_lambdas: str = field(
+        default="0.04,0,0.96", metadata={"help": "initial λ1,λ2,λ3: P(model token), P(reward token), "
+                                         "P(reference token) (Appendix C.2: 0.04,0,0.96)"})
+    interp_temperature: float = field(default=1.0, metadata={"help": "c: tokens ~ exp(c·log p) / exp(c·ΔR)"})
+    interp_anneal: ChoiceEnum(list(ANNEALS)) = field(
+        default="validation", metadata={"help": "validation: one move when the validation reward stops "
+                                        "improving (the paper); updates: one move every "
+                                        "--interp-anneal-every updates; inverse_sigmoid: scheduled sampling, "
+                                        "λ = (1-ε, 0, ε), ε = k/(k+exp(updates/k)); none: fixed λ"})
+    interp_anneal_every: int = field(default=1000, metadata={"help": "updates between moves (--interp-anneal updates)"})
+    interp_anneal_step: float = field(default=0.06, metadata={"help": "mass one move takes from λ3"})
+    interp_reward_moves: int = field(
+        default=4, metadata={"help": "moves to λ2 after each move to λ1 (Appendix C.2: 4)"})
+    interp_ss_k: float = field(default=500.0, metadata={"help": "k of --interp-anneal inverse_sigmoid"})
+    interp_reward: Optional[str] = field(
+        default=None, metadata={"help": "R of ΔR and of the validation signal: default the task's --reward "
+                                "(bleu in a stock task); ΔR is always computed on target tokens"})
+    interp_max_len_a: float = field(default=1.2, metadata={"help": "at most a·|y*| + b tokens (never fewer than |y*|)"})
+    interp_max_len_b: int = field(default=10, metadata={"help": "at most a·|y*| + b tokens (never fewer than |y*|)"})
+    sentence_avg: bool = II("optimization.sentence_avg")
+
+
+def parse_lambdas(text: str) -> Tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1.0) > 1e-6:
+        raise ConfigError(f"--interp-lambdas must be three non-negative numbers summing to 1 "
+                          f"(λ1,λ2,λ3), got {text!r}")
+    return values
+
+
+def check_interpolation_config(cfg):
+    parse_lambdas(cfg.interp_lambdas)
+    check(cfg.interp_temperature > 0, f"--interp-temperature must be > 0, got {cfg.interp_temperature}")
+    check(str(cfg.interp_anneal) in ANNEALS,
+          f"--interp-anneal must be one of {', '.join(ANNEALS)}, got {cfg.interp_anneal}")
+    check(cfg.interp_anneal_every >= 1, f"--interp-anneal-every must be >= 1, got {cfg.interp_anneal_every}")
+    check(0 < cfg.interp_anneal_step <= 1, f"--interp-anneal-step must be in (0, 1], got {cfg.interp_anneal_step}")
+    check(cfg.interp_reward_moves >= 0, f"--interp-reward-moves must be >= 0, got {cfg.interp_reward_moves}")
+    check(cfg.interp_ss_k >= 1, f"--interp-ss-k must be >= 1, got {cfg.interp_ss_k}")
+    check(cfg.interp_max_len_a >= 0 and cfg.interp_max_len_b >= 0,
+          f"--interp-max-len-a and -b must be >= 0, got {cfg.interp_max_len_a}, {cfg.interp_max_len_b}")
+
+
+# ---- the schedule (pure) ----------------------------------------------------
+
+def annealed_lambdas(initial: Sequence[float], moves: int, step: float = 0.06,
+                     reward_moves: int = 4) -> Tuple[float, float, float]:
+    """λ after ``moves`` moves: move k (from 0) adds ``step`` to λ1 when
+    k % (reward_moves + 1) == 0, else to λ2, taking it from λ3 (the last move
+    takes what is left; λ3 never goes below 0)."""
+    l1, l2, l3 = (float(v) for v in initial)
+    for k in range(moves):  # at most 1/step moves do anything
+        take = min(step, l3)
+        if take <= 1e-12:
+            break
+        if k % (reward_moves + 1) == 0:
+            l1 += take
+        else:
+            l2 += take
+        l3 = max(l3 - take, 0.0)
+    return l1, l2, l3
+
+
+def inverse_sigmoid_lambdas(num_updates: int, k: float) -> Tuple[float, float, float]:
+    """Scheduled sampling: the reference with probability ε = k / (k + exp(i / k)),
+    the model's own token otherwise (Bengio et al. 2015; tan2019 C.2 calls ε the
+    model's probability, which would start at ~1: we follow Bengio et al.)."""
+    eps = 1.0 / (1.0 + math.exp(min(num_updates / k - math.log(k), 700.0)))
+    return 1.0 - eps, 0.0, eps
+
+
+def after_validation(state: dict, reward: float) -> dict:
+    """One validation result: a move when it does not improve on the best
+    reward since the last move (then the next validation starts afresh, as in
+    the authors' code); the new state."""
+    best = state.get("best")
+    if best is not None and not reward > best:
+        return {"moves": state["moves"] + 1, "best": None}
+    return {"moves": state["moves"], "best": reward}
+
+
+# ---- the constructed sequences -----------------------------------------------
+
+def draw_branches(lambdas: Sequence[float], shape, device) -> torch.Tensor:
+    """z ∈ {1, 2, 3} of every (row, step), i.i.d. ~ Cat(λ)."""
+    u = torch.rand(shape, device=device)
+    l1, l2 = float(lambdas[0]), float(lambdas[1])
+    z = torch.full(shape, REFERENCE, dtype=torch.long, device=device)
+    z.masked_fill_(u < l1 + l2, REWARD)
+    z.masked_fill_(u < l1, MODEL)
+    return z
+
+
+def interpolation_choose(z, target, refs, gain_reward, temperature, banned, pad, eos, num_tokens):
+    """The sampler's ``choose`` rule of Algorithm 1 (lines 5-12) for rows whose
+    branches are ``z [B, T]``, reference ``target [B, T*]`` and all references
+    ``refs [B, R, T']``; ``banned``: ids the reward branch never picks."""
+    reward_possible = bool(z.eq(REWARD).any())
+
+    def choose(step, lprobs, prefix, rows):
+        zs = z[rows, step]
+        chosen = draw((temperature * lprobs).softmax(dim=-1))  # z = 1 (exp(-inf) = 0 keeps the limits)
+        truth = target[rows, step] if step < target.size(1) else torch.full_like(zs, eos)
+        chosen = torch.where(zs.eq(REFERENCE), truth.masked_fill(truth.eq(pad), eos), chosen)
+        if reward_possible:
+            sel = zs.eq(REWARD).nonzero().squeeze(1)
+            if sel.numel():
+                gains = next_token_gains(gain_reward, prefix.index_select(0, sel),
+                                         refs.index_select(0, rows.index_select(0, sel)), pad, num_tokens)
+                allowed = ~torch.isneginf(lprobs.index_select(0, sel))
+                allowed[:, banned] = False
+                logits = (temperature * gains).masked_fill(~allowed, -math.inf)
+                chosen = chosen.index_copy(0, sel, draw(logits.softmax(dim=-1)))
+        return chosen
+
+    return choose
+
+
+def construct_sequences(model, sample, lambdas, gain_reward, temperature, banned, max_len_a, max_len_b):
+    """(tokens [B, T] eos-terminated right-padded, z [B, T] of each token) built
+    by Algorithm 1 with the shared sampler (no gradients)."""
+    target, refs = sample["target"], references_of(sample)
+    dictionary = unwrap(model).decoder.dictionary
+    pad, eos = dictionary.pad(), dictionary.eos()
+    ref_len = target.ne(pad).sum(dim=1)  # with eos
+    last = torch.maximum((ref_len.double() * max_len_a + max_len_b).long(), ref_len - 1)
+    z = draw_branches(lambdas, (target.size(0), int(last.max()) + 1 if target.numel() else 1), target.device)
+    choose = interpolation_choose(z, target, refs, gain_reward, temperature, banned, pad, eos, len(dictionary))
+    out = sample_outputs(model, sample["net_input"], n=1, choose=choose, last_step=last, min_len=1)
+    tokens = out.tokens
+    return tokens, z[:, :tokens.size(1)].masked_fill(tokens.eq(pad), 0)
+
+
+def teacher_forced_nll(model, net_input, tokens, pad, eos):
+    """(Σ token NLL, [B, T] NLL) of ``tokens`` in one ``model(...)`` pass, as
+    fairseq's ``label_smoothed_cross_entropy`` computes it with ε = 0."""
+    prev = prev_output_tokens_from_target(tokens, pad, eos)
+    net_output = model(**{**net_input, "prev_output_tokens": prev})
+    lprobs = model.get_normalized_probs(net_output, log_probs=True)
+    nll = -lprobs.gather(dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1)
+    nll = nll.masked_fill(tokens.eq(pad), 0.0)
+    return nll.sum(), nll
+
+
+@register_criterion("interpolation", dataclass=InterpolationConfig)
+class InterpolationCriterion(SeqlevelCriterion):
+    # Validation rewards reach the criterion through reduce_metrics, a
+    # classmethod that fairseq calls on every rank with the logging outputs
+    # already summed over workers (dummy batches left out): the same numbers
+    # everywhere, no collective of our own.  They wait here until the next
+    # training forward, which is the end of that validation.
+    _validation_tally: List[float] = [0.0, 0]
+
+    def __init__(self, task, cfg: InterpolationConfig):
+        check_interpolation_config(cfg)
+        super().__init__(task, cfg)
+        self.initial_lambdas = parse_lambdas(cfg.interp_lambdas)
+        name = cfg.interp_reward or getattr(getattr(task, "cfg", None), "reward", None) or "bleu"
+        # ΔR compares token ids (next_token_gains needs a token-level reward); the
+        # validation signal is the task's reward as the task scores it
+        self.gain_reward = bind_reward(name, task.target_dictionary, "token", flag="--interp-reward")
+        self.valid_reward = self.resolve_reward(cfg.interp_reward, "--interp-reward", default="bleu")
+        self.register_buffer("banned_ids", torch.tensor(
+            [i for i in self.special_ids.tolist() if i != self.eos], dtype=torch.long), persistent=False)
+        self.schedule = {"moves": 0, "best": None}
+
+    # ---- schedule state (saved through compat.keep_criterion_training_state)
+    def training_state_dict(self):
+        return dict(self.schedule)
+
+    def load_training_state_dict(self, state):
+        self.schedule = {"moves": int(state.get("moves", 0)), "best": state.get("best")}
+
+    def current_lambdas(self):
+        cfg = self.cfg
+        if cfg.interp_anneal == "inverse_sigmoid":
+            return inverse_sigmoid_lambdas(trainer_num_updates(), cfg.interp_ss_k)
+        if cfg.interp_anneal == "updates":
+            moves = trainer_num_updates() // cfg.interp_anneal_every
+        elif cfg.interp_anneal == "validation":
+            moves = self.schedule["moves"]
+        else:
+            moves = 0
+        return annealed_lambdas(self.initial_lambdas, moves, cfg.interp_anneal_step, cfg.interp_reward_moves)
+
+    def construct(self, model, sample, lambdas):
+        """(tokens, z) of Algorithm 1 for the batch (no gradients)."""
+        target = sample["target"]
+        if lambdas[2] >= 1.0:  # only reference tokens: the sequence is y*
+            return target, target.ne(self.padding_idx).long() * REFERENCE
+        return construct_sequences(model, sample, lambdas, self.gain_reward, self.cfg.interp_temperature,
+                                   self.banned_ids, self.cfg.interp_max_len_a, self.cfg.interp_max_len_b)
+
+    def _consume_validation(self):
+        tally = type(self)._validation_tally
+        if tally[1] > 0:
+            reward = tally[0] / tally[1]
+            tally[0], tally[1] = 0.0, 0
+            if self.cfg.interp_anneal == "validation":
+                self.schedule = after_validation(self.schedule, reward)
+
+    def forward(self, model, sample, reduce=True):
+        pad, target = self.padding_idx, sample["target"]
+        extra = {}
+        if self.training:
+            self._consume_validation()
+            lambdas = self.current_lambdas()
+            tokens, z = self.construct(model, sample, lambdas)
+            extra.update({
+                "interp_lambda1_sum": lambdas[0], "interp_lambda2_sum": lambdas[1],
+                "interp_lambda3_sum": lambdas[2], "interp_nforwards": 1,
+                "interp_model_tokens": int(z.eq(MODEL).sum()), "interp_reward_tokens": int(z.eq(REWARD).sum()),
+                "interp_reference_tokens": int(z.eq(REFERENCE).sum()),
+            })
+        else:
+            tokens = target  # validation: the reference's NLL, comparable to MLE's
+            if self.cfg.interp_anneal == "validation":
+                greedy = sample_outputs(model, sample["net_input"], n=1, strategy="greedy",
+                                        max_len_a=1.2, max_len_b=10).tokens
+                extra["interp_valid_reward_sum"] = float(self.valid_reward(greedy, references_of(sample)).sum())
+                extra["interp_valid_count"] = target.size(0)
+        loss, _ = teacher_forced_nll(model, sample["net_input"], tokens, pad, self.eos)
+        ntokens = int(tokens.ne(pad).sum()) if tokens is not target else sample["ntokens"]
+        sample_size = target.size(0) if self.sentence_avg else ntokens
+        logging_output = {
+            "loss": loss.data, "nll_loss": loss.data, "ntokens": ntokens,
+            "nsentences": target.size(0), "sample_size": sample_size, **extra,
+        }
+        return loss, sample_size, logging_output
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        for i in (1, 2, 3):
+            log_mean(logging_outputs, f"interp_lambda{i}", f"interp_lambda{i}_sum", "interp_nforwards", round=4)
+        ntok = sum(log.get(f"interp_{b}_tokens", 0) for log in logging_outputs for b in ("model", "reward", "reference"))
+        if ntok > 0:
+            for branch in ("model", "reward", "reference"):
+                share = sum(log.get(f"interp_{branch}_tokens", 0) for log in logging_outputs) / ntok
+                metrics.log_scalar(f"interp_from_{branch}", share, ntok, round=4)
+        count = sum(log.get("interp_valid_count", 0) for log in logging_outputs)
+        if count > 0:
+            total = sum(log.get("interp_valid_reward_sum", 0.0) for log in logging_outputs)
+            metrics.log_scalar("interp_valid_reward", total / count, count, round=4)
+            cls._validation_tally[0] += total
+            cls._validation_tally[1] += count

@@ -1,0 +1,193 @@
+"""interpolation: λ = (0,0,1) is stock MLE, the reward branch at c → ∞
+rebuilds the reference, the anneal schedule of Appendix C.2, the validation
+signal, and the λ state across a checkpoint resume."""
+
+import math
+
+import pytest
+import torch
+from fairseq.logging import metrics
+
+from conftest import ARCHS, USER_DIR, build_training, first_batch
+from fairseq_seqlevel.criterions.interpolation import (
+    REFERENCE, InterpolationCriterion, after_validation, annealed_lambdas, construct_sequences,
+    inverse_sigmoid_lambdas)
+from fairseq_seqlevel.errors import ConfigError
+from test_raml import _assert_same, _loss_and_grads
+
+
+def _build(toy_data, *args, arch="lstm"):
+    torch.manual_seed(3)
+    return build_training([toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation", *ARCHS[arch],
+                           "--dropout", "0", "--seed", "3", "--extra-references", "ref2", *args])
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+def test_reference_only_is_stock_mle(toy_data, arch):
+    _, task, model, stock = _build(toy_data, "--criterion", "label_smoothed_cross_entropy",
+                                   "--label-smoothing", "0", arch=arch)
+    _, _, _, interp = _build(toy_data, "--criterion", "interpolation", "--interp-lambdas", "0,0,1",
+                             "--interp-anneal", "none", arch=arch)
+    batch = first_batch(task)
+    got = _loss_and_grads(model, interp, batch)
+    _assert_same(got, _loss_and_grads(model, stock, batch))
+    assert got[2]["interp_reference_tokens"] == batch["ntokens"] and got[2]["interp_model_tokens"] == 0
+
+
+def test_reference_branch_through_the_sampler_is_the_target(toy_data):
+    # the path the criterion skips at λ3 = 1: Algorithm 1 with z = 3 everywhere
+    _, task, model, crit = _build(toy_data, "--criterion", "interpolation")
+    batch = first_batch(task)
+    tokens, z = construct_sequences(model, batch, (0.0, 0.0, 1.0), crit.gain_reward, 1.0, crit.banned_ids, 1.2, 10)
+    assert torch.equal(tokens, batch["target"])
+    assert torch.equal(z, batch["target"].ne(task.target_dictionary.pad()).long() * REFERENCE)
+
+
+def _single_reference(batch, copies, distinct=False):
+    """The batch's sources ``copies`` times each, their first reference only."""
+    target = batch["target"]
+    keep = [b for b in range(target.size(0))
+            if not distinct or len(set(target[b].tolist())) == len(target[b].tolist())]
+    idx = torch.tensor(keep).repeat_interleave(copies)
+    net_input = {k: v.index_select(0, idx) for k, v in batch["net_input"].items() if k != "prev_output_tokens"}
+    t = target.index_select(0, idx)
+    return {"net_input": net_input, "target": t, "references": t.unsqueeze(1), "ntokens": int(t.ne(1).sum())}
+
+
+def test_reward_branch_at_high_c_reproduces_the_reference_hamming(toy_data):
+    _, task, model, crit = _build(toy_data, "--criterion", "interpolation", "--interp-reward", "hamming")
+    sample = _single_reference(first_batch(task), copies=3)
+    torch.manual_seed(0)
+    tokens, z = construct_sequences(model, sample, (0.0, 1.0, 0.0), crit.gain_reward, 1e4, crit.banned_ids, 1.2, 10)
+    assert torch.equal(tokens, sample["target"])
+    assert int(z.eq(2).sum()) == sample["ntokens"]
+
+
+def test_reward_branch_at_high_c_reproduces_the_reference_bleu(toy_data):
+    """BLEU ties at the first step (any reference token is one unigram match), so
+    c → ∞ gives runs of reference n-grams; once y*_1 is chosen first, the n-grams
+    make every later step unique and the output is y* exactly."""
+    _, task, model, crit = _build(toy_data, "--criterion", "interpolation", "--interp-reward", "bleu")
+    pad = task.target_dictionary.pad()
+    sample = _single_reference(first_batch(task, n=64), copies=20, distinct=True)
+    torch.manual_seed(0)
+    tokens, _ = construct_sequences(model, sample, (0.0, 1.0, 0.0), crit.gain_reward, 1e4, crit.banned_ids, 1.2, 10)
+    target = sample["target"]
+    starts_right = tokens[:, 0].eq(target[:, 0])
+    assert target.size(0) >= 60 and int(starts_right.sum()) >= 10
+    for row in range(target.size(0)):  # test assertions only
+        ref, out = target[row][target[row].ne(pad)].tolist(), tokens[row][tokens[row].ne(pad)].tolist()
+        assert set(out[:-1]) <= set(ref[:-1]) and out[-1] == ref[-1]
+        if starts_right[row]:
+            assert out == ref
+
+
+def test_mixed_branches_log_their_shares(toy_data):
+    _, task, model, crit = _build(toy_data, "--criterion", "interpolation", "--interp-lambdas", "0.3,0.3,0.4",
+                                  "--interp-anneal", "none")
+    batch = first_batch(task)
+    torch.manual_seed(0)
+    loss, sample_size, log = crit(model, batch)
+    counts = [log[f"interp_{b}_tokens"] for b in ("model", "reward", "reference")]
+    assert sum(counts) == log["ntokens"] == sample_size and min(counts) > 0
+    assert math.isfinite(float(loss)) and log["interp_lambda1_sum"] == pytest.approx(0.3)
+
+
+def test_anneal_moves_as_appendix_c2():
+    # 0.06 to λ1 once, then to λ2 four times, periodically, λ3 losing 0.06 each time
+    expected, l1, l2 = [], 0.04, 0.0
+    for k in range(16):
+        if k % 5 == 0:
+            l1 += 0.06
+        else:
+            l2 += 0.06
+        expected.append((l1, l2, 0.96 - 0.06 * (k + 1)))
+    for moves, lam in enumerate(expected, start=1):
+        assert annealed_lambdas((0.04, 0, 0.96), moves) == pytest.approx(lam, abs=1e-9)
+    assert annealed_lambdas((0.04, 0, 0.96), 16) == pytest.approx((0.28, 0.72, 0.0), abs=1e-9)
+    assert annealed_lambdas((0.04, 0, 0.96), 40) == annealed_lambdas((0.04, 0, 0.96), 16)
+    assert annealed_lambdas((0.0, 0.0, 0.1), 3) == pytest.approx((0.06, 0.04, 0.0))
+
+
+def test_validation_decisions():
+    state = {"moves": 0, "best": None}
+    moves = []
+    for reward in [0.20, 0.25, 0.24, 0.10, 0.12, 0.12, 0.30]:
+        state = after_validation(state, reward)
+        moves.append(state["moves"])
+    # 0.24 < 0.25: move; 0.10 starts afresh; 0.12 improves; 0.12 does not: move; 0.30 starts afresh
+    assert moves == [0, 0, 1, 1, 1, 2, 2]
+
+
+def test_inverse_sigmoid_is_bengio_decay():
+    for i in (0, 500, 3000):
+        eps = 500 / (500 + math.exp(i / 500))
+        assert inverse_sigmoid_lambdas(i, 500) == pytest.approx((1 - eps, 0.0, eps))
+    assert inverse_sigmoid_lambdas(10 ** 9, 500) == pytest.approx((1.0, 0.0, 0.0))  # no overflow
+
+
+def test_updates_schedule_follows_the_trainer(toy_data):
+    _, task, model, crit = _build(toy_data, "--criterion", "interpolation", "--interp-anneal", "updates",
+                                  "--interp-anneal-every", "100")
+    try:
+        with metrics.aggregate():
+            metrics.log_scalar("num_updates", 250, weight=0)
+        assert crit.current_lambdas() == pytest.approx(annealed_lambdas((0.04, 0, 0.96), 2))
+    finally:
+        metrics.reset()
+
+
+def test_validation_reward_drives_the_schedule(toy_data, monkeypatch):
+    _, task, model, crit = _build(toy_data, "--criterion", "interpolation")
+    valid, train = first_batch(task, "valid"), first_batch(task)
+    rewards = iter([0.5, 0.4, 0.7])
+    InterpolationCriterion._validation_tally[:] = [0.0, 0]
+
+    def validate():
+        value = next(rewards)
+        monkeypatch.setattr(crit, "valid_reward", lambda hyp, refs: torch.full((hyp.size(0),), value))
+        crit.eval()
+        with torch.no_grad():
+            _, _, log = crit(model, valid)
+        with metrics.aggregate():
+            InterpolationCriterion.reduce_metrics([log])
+        crit.train()
+        crit(model, train)
+
+    validate()
+    assert crit.schedule == {"moves": 0, "best": pytest.approx(0.5)}
+    validate()
+    assert crit.schedule == {"moves": 1, "best": None}
+    assert crit.current_lambdas() == pytest.approx((0.10, 0.0, 0.90))
+    validate()
+    assert crit.schedule == {"moves": 1, "best": pytest.approx(0.7)}
+
+
+def test_schedule_survives_resume(toy_data, tmp_path):
+    from fairseq.trainer import Trainer
+
+    flags = ["--criterion", "interpolation", "--optimizer", "sgd", "--lr", "0.1"]
+    cfg, task, model, crit = _build(toy_data, *flags)
+    crit.schedule = {"moves": 3, "best": 0.25}
+    trainer = Trainer(cfg, task, model, crit)
+    path = str(tmp_path / "checkpoint.pt")
+    trainer.consolidate_optimizer()  # as checkpoint_utils.save_checkpoint does first
+    trainer.save_checkpoint(path, {"train_iterator": {"epoch": 1}})
+
+    cfg2, task2, model2, crit2 = _build(toy_data, *flags)
+    Trainer(cfg2, task2, model2, crit2).load_checkpoint(path)
+    assert crit2.schedule == {"moves": 3, "best": 0.25}
+    _, task3, model3, crit3 = _build(toy_data, *flags)
+    Trainer(cfg2, task3, model3, crit3).load_checkpoint(path, reset_meters=True)  # fine-tuning: a fresh start
+    assert crit3.schedule == {"moves": 0, "best": None}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--interp-lambdas", "0.5,0.6,0"], "--interp-lambdas"),
+    (["--interp-lambdas", "1,0"], "--interp-lambdas"),
+    (["--interp-temperature", "0"], "--interp-temperature"),
+    (["--interp-anneal-every", "0"], "--interp-anneal-every"),
+])
+def test_bad_flags_name_the_flag(toy_data, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        _build(toy_data, "--criterion", "interpolation", *flags)
