@@ -191,3 +191,24 @@ def test_schedule_survives_resume(toy_data, tmp_path):
 def test_bad_flags_name_the_flag(toy_data, flags, message):
     with pytest.raises(ConfigError, match=message):
         _build(toy_data, "--criterion", "interpolation", *flags)
+
+
+def test_degenerate_targets_give_finite_losses(toy_data):
+    # an empty reference (eos only) and a one-word one, every branch possible
+    _, task, model, crit = _build(toy_data, "--criterion", "interpolation", "--interp-lambdas", "0.4,0.3,0.3",
+                                  "--interp-anneal", "none")
+    batch = first_batch(task, n=4)
+    d = task.target_dictionary
+    pad, eos, w = d.pad(), d.eos(), d.index("w3")
+    batch["target"][0] = pad
+    batch["target"][0, 0] = eos
+    batch["target"][1] = pad
+    batch["target"][1, :2] = torch.tensor([w, eos])
+    batch["references"][:2] = pad
+    batch["references"][:2, :, :2] = batch["target"][:2, :2].unsqueeze(1)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        loss, sample_size, log = crit(model, batch)
+        loss.backward()
+        assert math.isfinite(float(loss)) and sample_size == log["ntokens"] > 0
+        assert all(math.isfinite(float(p.grad.abs().sum())) for p in model.parameters() if p.grad is not None)

@@ -1,0 +1,5 @@
+"""The reference-reading critic of erac / vaml (dai2018) and its targets and losses."""
+
+from fairseq_seqlevel.critics.network import ReferenceCritic  # noqa: F401
+from fairseq_seqlevel.critics.targets import (  # noqa: F401
+    actor_objective, erac_td_targets, q_variance, soft_q_targets, soft_values, step_rewards, taken)

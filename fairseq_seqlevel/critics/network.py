@@ -1,0 +1,55 @@
+"""Q_φ(ŷ_<t, w; y*) for every vocabulary entry w at every step: the critic reads
+the reference y* (not the source), as in dai2018 and Bahdanau et al. 2017."""
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+class ReferenceCritic(nn.Module):
+    """A bidirectional LSTM over y*, an LSTM over the hypothesis with dot-product
+    attention over the reference states, and a linear layer to |V| values.
+
+    ``forward(refs [N, T'], prev_tokens [N, T]) -> Q [N, T, V]``: ``Q[:, t]``
+    are the values of every next token after the hypothesis prefix whose
+    decoder input is ``prev_tokens[:, :t+1]`` (fairseq's layout: eos, then the
+    tokens), so one pass gives every state of a trajectory.  Pad positions of
+    ``refs`` are masked out of the attention; rows of ``prev_tokens`` may be
+    right-padded (their outputs there are not used).
+    """
+
+    def __init__(self, num_tokens: int, pad: int, embed_dim: int = 256, hidden_size: int = 256, layers: int = 1):
+        super().__init__()
+        if hidden_size % 2:
+            raise ValueError(f"critic hidden size must be even (two reference directions), got {hidden_size}")
+        self.pad = pad
+        self.embed = nn.Embedding(num_tokens, embed_dim, padding_idx=pad)
+        self.reference_encoder = nn.LSTM(embed_dim, hidden_size // 2, num_layers=layers, batch_first=True,
+                                         bidirectional=True)
+        self.decoder = nn.LSTM(embed_dim, hidden_size, num_layers=layers, batch_first=True)
+        self.output = nn.Linear(2 * hidden_size, num_tokens)
+
+    @torch.no_grad()
+    def init_embeddings(self, weight: Tensor) -> None:
+        """Copy the actor's target embeddings (same shape) into the critic's."""
+        if weight.shape != self.embed.weight.shape:
+            raise ValueError(f"critic embeddings are {tuple(self.embed.weight.shape)}, the actor's "
+                             f"{tuple(weight.shape)}: set --critic-embed-dim to the actor's decoder embed dim")
+        self.embed.weight.copy_(weight)
+
+    def encode_reference(self, refs: Tensor):
+        mask = refs.ne(self.pad)
+        lengths = mask.sum(dim=1).clamp(min=1).cpu()  # an all-pad row attends to one pad state
+        packed = pack_padded_sequence(self.embed(refs), lengths, batch_first=True, enforce_sorted=False)
+        states, _ = self.reference_encoder(packed)
+        states, _ = pad_packed_sequence(states, batch_first=True, total_length=refs.size(1))
+        mask[:, 0] = True
+        return states, mask
+
+    def forward(self, refs: Tensor, prev_tokens: Tensor) -> Tensor:
+        ref_states, ref_mask = self.encode_reference(refs)
+        hyp_states, _ = self.decoder(self.embed(prev_tokens))
+        scores = torch.bmm(hyp_states, ref_states.transpose(1, 2))
+        scores = scores.masked_fill(~ref_mask.unsqueeze(1), float("-inf"))
+        context = torch.bmm(scores.softmax(dim=-1), ref_states)
+        return self.output(torch.cat([hyp_states, context], dim=-1))

@@ -1,0 +1,85 @@
+"""Value targets and losses of dai2018, as pure functions of padded tensors.
+
+Layout, for N trajectories of at most T tokens (eos-terminated, right-padded):
+``q [N, T, V]`` where ``q[:, t]`` holds Q(ŷ_{≤t-1}, ·), the values of every
+token after the first t tokens (what :class:`ReferenceCritic` returns for
+fairseq's decoder input); ``mask [N, T]`` marks the real tokens, the last of
+each row being eos.  A step t is terminal when it is the row's last token:
+eos ends the episode, so it has no future value (eq. 8 / the MDP of
+Corollary 1).  ``q`` may hold -inf for tokens that are not allowed in a state.
+"""
+
+import torch
+from torch import Tensor
+
+
+def taken(q: Tensor, tokens: Tensor) -> Tensor:
+    """Q(ŷ_<t, ŷ_t) ``[N, T]``: the value of each trajectory's own token."""
+    return q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def step_rewards(prefix_rewards: Tensor, mask: Tensor, scale: Tensor = None) -> Tensor:
+    """r_t = R(ŷ_≤t) − R(ŷ_<t) ``[N, T]`` (eq. 13) from ``prefix_rewards[:, t] =
+    R(ŷ_≤t)`` (R of the empty prefix is 0), times ``scale [N]`` (dai2018 §6.1:
+    sentence BLEU scaled by the reference length); 0 at pad."""
+    prefix_rewards = prefix_rewards.float()
+    before = torch.cat([prefix_rewards.new_zeros(prefix_rewards.size(0), 1), prefix_rewards[:, :-1]], dim=1)
+    r = prefix_rewards - before
+    if scale is not None:
+        r = r * scale.float().unsqueeze(1)
+    return r.masked_fill(~mask, 0.0)
+
+
+def _next(values: Tensor, mask: Tensor) -> Tensor:
+    """``values [N, T]`` of the state after each step, 0 after the last token."""
+    shifted = torch.cat([values[:, 1:], values.new_zeros(values.size(0), 1)], dim=1)
+    has_next = torch.cat([mask[:, 1:], mask.new_zeros(mask.size(0), 1)], dim=1) & mask
+    return shifted.masked_fill(~has_next, 0.0)
+
+
+def soft_values(q: Tensor, tau: float) -> Tensor:
+    """V(s) = τ·log Σ_w exp(Q(s, w)/τ) ``[N, T]`` (eq. 14); the max at τ = 0."""
+    if tau == 0:
+        return q.max(dim=-1).values
+    return tau * torch.logsumexp(q / tau, dim=-1)
+
+
+def soft_q_targets(q: Tensor, tokens: Tensor, rewards: Tensor, mask: Tensor, tau: float) -> Tensor:
+    """VAML's one-step look-ahead target Q̂ = r_t + V_φ(ŷ_≤t) ``[N, T]`` (eq. 16),
+    V of the next state 0 at the terminal step; gradients flow through V (no
+    target network, "through both sides")."""
+    return rewards + _next(soft_values(q, tau), mask)
+
+
+def erac_td_targets(q_target: Tensor, policy_lprobs: Tensor, rewards: Tensor, mask: Tensor, tau: float) -> Tensor:
+    """ERAC's TD target ``[N, T]`` (eq. 19):
+    Q̂ = r_t + τ·H(π(·|ŷ_≤t)) + Σ_w π(w|ŷ_≤t)·Q_φ̄(ŷ_≤t, w),
+    the future terms 0 at the terminal step; ``q_target`` from the target
+    network, ``policy_lprobs [N, T, V]`` the actor's log-probs at every state
+    (same layout as q).  τ = 0 is the actor-critic target of Bahdanau et al."""
+    probs = policy_lprobs.float().exp()
+    q_target = q_target.float()
+    expected = (probs * q_target.masked_fill(probs.eq(0), 0.0)).sum(dim=-1)
+    if tau:
+        entropy = -(probs * policy_lprobs.float().masked_fill(probs.eq(0), 0.0)).sum(dim=-1)
+        expected = expected + tau * entropy
+    return rewards + _next(expected, mask)
+
+
+def q_variance(q: Tensor, mask: Tensor) -> Tensor:
+    """Σ_t Σ_w (Q(s_t, w) − mean_w Q(s_t, ·))² over the real steps (the critic's
+    variance smoothing, Bahdanau et al. 2017; dai2018 §4.2)."""
+    centered = q - q.mean(dim=-1, keepdim=True)
+    return (centered.pow(2).sum(dim=-1) * mask).sum()
+
+
+def actor_objective(lprobs: Tensor, q: Tensor, mask: Tensor, tau: float) -> Tensor:
+    """−Σ_t [Σ_w π(w|s_t)·Q(s_t, w) + τ·H(π(·|s_t))] with Q constant: its gradient
+    is minus eq. 20 (the expectation over the whole vocabulary, no sampled
+    action, hence no baseline)."""
+    lprobs = lprobs.float()
+    probs = lprobs.exp()
+    per_step = (probs * q.detach().float()).sum(dim=-1)
+    if tau:  # 0·log 0 = 0 for tokens the actor cannot emit
+        per_step = per_step - tau * (probs * lprobs.masked_fill(probs.eq(0), 0.0)).sum(dim=-1)
+    return -(per_step * mask).sum()

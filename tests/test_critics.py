@@ -1,0 +1,147 @@
+"""The critic's targets and losses: Proposition 1 of dai2018 on an enumerated
+MDP, ERAC's TD target by hand, the actor gradient in closed form, the network's
+shapes and masking."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from fairseq_seqlevel.critics import (ReferenceCritic, actor_objective, erac_td_targets, q_variance,
+                                      soft_q_targets, step_rewards, taken)
+
+PAD, EOS, A, B, V = 1, 2, 4, 5, 6
+ALLOWED = (A, B, EOS)
+MAX_TOKENS = 3  # eos forced after two words
+
+
+def _sequences():
+    """Every complete sequence (words then eos) with at most MAX_TOKENS tokens."""
+    return [words + (EOS,) for n in range(MAX_TOKENS) for words in itertools.product((A, B), repeat=n)]
+
+
+def _allowed(state):
+    return ALLOWED if len(state) < MAX_TOKENS - 1 else (EOS,)
+
+
+def _q_r(reward, tau):
+    """Q_R of Proposition 1 (eq. 7-8) by backward recursion over the states."""
+    q = {}
+    for n in reversed(range(MAX_TOKENS)):
+        for state in itertools.product((A, B), repeat=n):
+            for w in _allowed(state):
+                gain = reward[state + (w,)] - reward.get(state, 0.0)
+                if w == EOS:
+                    q[state, w] = gain
+                else:
+                    nxt = state + (w,)
+                    q[state, w] = gain + tau * math.log(sum(math.exp(q[nxt, u] / tau) for u in _allowed(nxt)))
+    return q
+
+
+def _tensors(q_table, reward):
+    seqs = _sequences()
+    tokens = torch.full((len(seqs), MAX_TOKENS), PAD)
+    q = torch.full((len(seqs), MAX_TOKENS, V), -math.inf)
+    prefix = torch.zeros(len(seqs), MAX_TOKENS)
+    for n, y in enumerate(seqs):
+        tokens[n, :len(y)] = torch.tensor(y)
+        for t in range(len(y)):
+            state = y[:t]
+            for w in _allowed(state):
+                q[n, t, w] = q_table[state, w]
+            prefix[n, t] = reward[y[:t + 1]]
+    return tokens, q, prefix
+
+
+def _soft_q_loss(q, tokens, prefix, tau):
+    mask = tokens.ne(PAD)
+    rewards = step_rewards(prefix, mask)
+    residual = (taken(q, tokens) - soft_q_targets(q, tokens, rewards, mask, tau)).masked_fill(~mask, 0.0)
+    return residual.pow(2).sum()
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+def test_soft_q_loss_is_zero_exactly_at_q_r(tau):
+    g = torch.Generator().manual_seed(0)
+    prefixes = {words for y in _sequences() for words in [y[:t] for t in range(1, len(y) + 1)]}
+    reward = {p: float(torch.rand((), generator=g)) for p in sorted(prefixes)}
+    q_r = _q_r(reward, tau)
+    tokens, q, prefix = _tensors(q_r, reward)
+    assert float(_soft_q_loss(q, tokens, prefix, tau)) < 1e-10
+    # Proposition 1 (5): the Boltzmann policy of Q_R is P_R(y) ∝ exp(R(y)/τ)
+    lp = torch.log_softmax(q / tau, dim=-1).gather(-1, tokens.clamp(max=V - 1).unsqueeze(-1)).squeeze(-1)
+    log_p = lp.masked_fill(tokens.eq(PAD), 0.0).sum(dim=1)
+    r = torch.tensor([reward[y] for y in _sequences()])
+    torch.testing.assert_close(log_p, torch.log_softmax(r / tau, dim=0), rtol=0, atol=1e-5)
+    for (state, w), value in q_r.items():  # any single change is seen
+        changed = dict(q_r)
+        changed[state, w] = value + 0.1
+        assert float(_soft_q_loss(_tensors(changed, reward)[1], tokens, prefix, tau)) > 1e-4, (state, w)
+
+
+def test_erac_td_target_by_hand():
+    # one trajectory a, b, eos; V = 6 with three allowed tokens
+    tokens = torch.tensor([[A, B, EOS]])
+    mask = tokens.ne(PAD)
+    rewards = torch.tensor([[0.5, -0.25, 1.0]])
+    q_bar = torch.zeros(1, 3, V)
+    q_bar[0, :, [A, B, EOS]] = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0], [4.0, 4.0, 4.0]])
+    pi = torch.zeros(1, 3, V)
+    pi[0, :, [A, B, EOS]] = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    lprobs = pi.log()
+    for tau in (0.0, 0.7):
+        def future(t):  # τ·H(π(·|s_t)) + Σ_w π(w|s_t)·Q̄(s_t, w), by hand
+            p = [float(pi[0, t, w]) for w in (A, B, EOS)]
+            qq = [float(q_bar[0, t, w]) for w in (A, B, EOS)]
+            return tau * -sum(x * math.log(x) for x in p) + sum(x * y for x, y in zip(p, qq))
+        expected = torch.tensor([[0.5 + future(1), -0.25 + future(2), 1.0]])
+        torch.testing.assert_close(erac_td_targets(q_bar, lprobs, rewards, mask, tau), expected)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5])
+def test_actor_gradient_is_eq_20_in_closed_form(tau):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, V, generator=g, requires_grad=True)
+    q = torch.randn(2, 3, V, generator=g)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    actor_objective(torch.log_softmax(logits, dim=-1), q, mask, tau).backward()
+    pi = logits.detach().softmax(dim=-1)
+    log_pi = pi.log()
+    # d/dz of Σ_w π_w Q_w = π (Q − Σ π Q); of H = −π (log π + H)
+    grad_value = pi * (q - (pi * q).sum(-1, keepdim=True))
+    entropy = -(pi * log_pi).sum(-1, keepdim=True)
+    grad_entropy = -pi * (log_pi + entropy)
+    expected = -(grad_value + tau * grad_entropy) * mask.unsqueeze(-1)
+    torch.testing.assert_close(logits.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_step_rewards_scale_and_padding():
+    prefix = torch.tensor([[0.1, 0.3, 0.6], [0.2, 0.9, 0.9]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    r = step_rewards(prefix, mask, scale=torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(r, torch.tensor([[0.3, 0.6, 0.9], [0.2, 0.0, 0.0]]))
+
+
+def test_q_variance():
+    q = torch.tensor([[[1.0, 3.0], [2.0, 2.0]]])
+    assert float(q_variance(q, torch.tensor([[True, True]]))) == pytest.approx(2.0)
+    assert float(q_variance(q, torch.tensor([[False, True]]))) == 0.0
+
+
+def test_critic_reads_the_reference_and_masks_its_pads():
+    torch.manual_seed(0)
+    critic = ReferenceCritic(V + 4, PAD, embed_dim=8, hidden_size=8)
+    refs = torch.tensor([[A, B, EOS, PAD], [B, EOS, PAD, PAD]])
+    prev = torch.tensor([[EOS, A, B], [EOS, B, PAD]])
+    q = critic(refs, prev)
+    assert q.shape == (2, 3, V + 4)
+    # more padding on the reference changes nothing; another reference does
+    wider = torch.cat([refs, torch.full((2, 3), PAD)], dim=1)
+    torch.testing.assert_close(critic(wider, prev), q)
+    assert not torch.allclose(critic(refs.flip(0), prev), q)
+    # all-pad reference rows stay finite
+    assert torch.isfinite(critic(torch.full((2, 4), PAD), prev)).all()
+    with pytest.raises(ValueError, match="--critic-embed-dim"):
+        critic.init_embeddings(torch.zeros(V + 4, 16))
