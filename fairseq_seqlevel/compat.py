@@ -216,12 +216,18 @@ def keep_criterion_training_state():
 
 def trainer_num_updates():
     """The trainer's update count, from the ``num_updates`` value it logs to
-    fairseq's ``default`` metrics (0 before the first update).  A criterion is
-    not told the update number; this is where fairseq keeps it."""
+    fairseq's metrics (0 before the first update).  A criterion is not told the
+    update number; this is where fairseq keeps it.  Read from the *active*
+    aggregators: on resume ``metrics.load_state_dict`` replaces the registered
+    ``default`` aggregator by a copy that nothing logs to any more, while the
+    active one keeps receiving the trainer's counts."""
     from fairseq.logging import metrics
 
-    meter = metrics.get_meter("default", "num_updates")
-    return int(meter.val) if meter is not None and meter.val is not None else 0
+    for aggregator in metrics.get_active_aggregators():
+        meter = aggregator.get("num_updates")
+        if meter is not None and meter.val is not None:
+            return int(meter.val)
+    return 0
 
 
 allow_fairseq_checkpoints()

@@ -146,6 +146,25 @@ def fixed_interp_sequences(criterion):
     criterion.construct = partial(_fixed_sequences, criterion)
 
 
+def _fixed_trajectories(criterion, model, sample):
+    return _fixed_rows(criterion, sample, criterion.cfg.erac_samples)[0]
+
+
+def fixed_erac_trajectories(criterion):
+    """``patch``: erac's sampled trajectories replaced by :func:`_fixed_rows`."""
+    criterion.trajectories = partial(_fixed_trajectories, criterion)
+
+
+def fixed_erac_joint(criterion):
+    """``patch``: as :func:`fixed_erac_trajectories`, with the critic marked pre-trained."""
+    fixed_erac_trajectories(criterion)
+    criterion.critic_batches.fill_(1)
+
+
+def erac_joint(criterion):
+    criterion.critic_batches.fill_(1)
+
+
 def fixed_raml_samples(criterion):
     """``patch``: raml's random samples replaced by :func:`_fixed_draw`."""
     criterion.draw_samples = partial(_fixed_draw, criterion)
@@ -168,6 +187,7 @@ CASES = [
     "searnn", "searnn_reference", "searnn_learned", "critic",
     "risk", "risk_sampled", "risk_transformer", "seq_exploration", "seq_exploration_sampled", "scst",
     "interpolation", "interpolation_sampled", "interpolation_transformer",
+    "erac_critic", "erac_joint", "erac_joint_sampled", "erac_joint_transformer",
 ]
 SELF_TESTS = ["bypass", "unused_parameter"]
 
@@ -182,6 +202,7 @@ def make_cases(toy_data, embeddings):
     searnn = ["--criterion", "searnn_kl", "--searnn-max-len-b", "2"]
     risk = ["--criterion", "risk", "--risk-candidates", "3", "--risk-mle-weight", "0.3", "--label-smoothing", "0.1"]
     sle = ["--criterion", "seq_exploration", "--sle-samples", "3"]
+    erac = ["--criterion", "erac", "--erac-samples", "2", "--critic-embed-dim", "8", "--critic-hidden-size", "8"]
     interp = ["--criterion", "interpolation", "--interp-lambdas", "0.3,0.3,0.4", "--interp-anneal", "none"]
     det = dict(deterministic_check=True)
     fixed = dict(deterministic_check=True, patch=fixed_raml_samples)
@@ -219,6 +240,11 @@ def make_cases(toy_data, embeddings):
         Case("interpolation_sampled", base(*interp)),
         Case("interpolation_transformer", base(*interp, arch=TINY_TRANSFORMER), deterministic_check=True,
              patch=fixed_interp_sequences),
+        Case("erac_critic", base(*erac), deterministic_check=True, patch=fixed_erac_trajectories),
+        Case("erac_joint", base(*erac, "--erac-phase", "joint"), deterministic_check=True, patch=fixed_erac_joint),
+        Case("erac_joint_sampled", base(*erac, "--erac-phase", "joint"), patch=erac_joint),
+        Case("erac_joint_transformer", base(*erac, "--erac-phase", "joint", arch=TINY_TRANSFORMER),
+             deterministic_check=True, patch=fixed_erac_joint),
         Case("bypass", base("--criterion", "ddp_test_bypass"), **det, **ours),
         Case("unused_parameter", base("--criterion", "ddp_test_unused"), **det, **ours),
     ]

@@ -5,3 +5,4 @@ from fairseq_seqlevel.criterions import searnn  # noqa: F401
 from fairseq_seqlevel.criterions import risk  # noqa: F401
 from fairseq_seqlevel.criterions import seq_exploration  # noqa: F401
 from fairseq_seqlevel.criterions import interpolation  # noqa: F401
+from fairseq_seqlevel.criterions import erac  # noqa: F401

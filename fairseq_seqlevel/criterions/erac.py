@@ -1,0 +1,217 @@
+"""``erac``: entropy-regularized actor-critic (dai2018 §4.2); τ = 0 is the
+actor-critic of Bahdanau et al. 2017 (AC).
+
+Per source, ``--erac-samples`` trajectories from the actor (the shared
+sampler, no gradients).  The critic Q_φ (``critics.ReferenceCritic``, owned by
+the criterion, so fairseq optimizes, checkpoints and data-parallel-wraps it)
+reads y* and scores every token at every state:
+
+* critic loss: Σ_t (Q_φ(ŷ_<t, ŷ_t) − Q̂)² with the TD target of eq. 19 from
+  the target network φ̄, plus λ_var × the variance of Q over the vocabulary;
+* actor loss (``--erac-phase joint``): −Σ_t [Σ_w π(w|ŷ_<t)·Q_φ(ŷ_<t, w) +
+  τ·H(π(·|ŷ_<t))] (eq. 20, the whole vocabulary, Q constant), plus
+  ``--erac-mle-weight`` × the reference NLL; all three are sums over tokens,
+  divided by fairseq by the trajectories' token count.
+
+``--erac-phase critic`` trains the critic only (the actor is not in the
+gradient).  The target network, the phase and the counters are buffers of
+the criterion, saved in the checkpoint's ``criterion`` state.  The target
+network moves (φ̄ ← β·φ + (1−β)·φ̄) once per optimizer update, at the first
+forward after it (the criterion is not told of updates; it reads the
+trainer's count, ``compat.trainer_num_updates``).
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.dataclass import ChoiceEnum
+from omegaconf import II
+from torch.func import functional_call
+
+from fairseq_seqlevel.compat import trainer_num_updates
+from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of
+from fairseq_seqlevel.critics import (actor_objective, erac_td_targets, q_variance, step_rewards, taken)
+from fairseq_seqlevel.critics.config import CriticConfig, build_critic
+from fairseq_seqlevel.decoding.model import unwrap
+from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
+from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
+from fairseq_seqlevel.errors import ConfigError, check
+from fairseq_seqlevel.rewards.binding import bind_reward
+
+PHASES = ("critic", "joint")
+PHASE_CODE = {"critic": 1, "joint": 2}
+
+
+@dataclass
+class EracConfig(CriticConfig):
+    erac_phase: ChoiceEnum(list(PHASES)) = field(
+        default="critic", metadata={"help": "critic: pre-train the critic, actor frozen (start from an MLE "
+                                    "checkpoint); joint: actor and critic (start from a critic checkpoint)"})
+    erac_samples: int = field(default=1, metadata={"help": "trajectories per source (multinomial)"})
+    erac_tau: float = field(default=0.01, metadata={"help": "τ: entropy weight (0 = actor-critic, AC)"})
+    erac_target_rate: float = field(default=0.001, metadata={"help": "β: target network φ̄ ← β·φ + (1-β)·φ̄"})
+    erac_var_weight: float = field(default=0.001, metadata={"help": "λ_var: critic variance smoothing"})
+    erac_mle_weight: float = field(default=0.1, metadata={"help": "λ_mle: weight of the reference NLL (joint)"})
+    erac_reward: Optional[str] = field(
+        default=None, metadata={"help": "R of the per-step rewards (prefix values on target tokens): default "
+                                "the task's --reward (bleu in a stock task)"})
+    erac_max_len_a: float = field(default=1.5, metadata={"help": "trajectories: at most a·|y*| + b tokens"})
+    erac_max_len_b: int = field(default=5, metadata={"help": "trajectories: at most a·|y*| + b tokens"})
+    sentence_avg: bool = II("optimization.sentence_avg")
+
+
+def check_erac_config(cfg):
+    check(str(cfg.erac_phase) in PHASES, f"--erac-phase must be one of {', '.join(PHASES)}, got {cfg.erac_phase}")
+    check(cfg.erac_samples >= 1, f"--erac-samples must be >= 1, got {cfg.erac_samples}")
+    check(cfg.erac_tau >= 0, f"--erac-tau must be >= 0, got {cfg.erac_tau}")
+    check(0 < cfg.erac_target_rate <= 1, f"--erac-target-rate must be in (0, 1], got {cfg.erac_target_rate}")
+    check(cfg.erac_var_weight >= 0 and cfg.erac_mle_weight >= 0,
+          f"--erac-var-weight and --erac-mle-weight must be >= 0, got {cfg.erac_var_weight}, {cfg.erac_mle_weight}")
+    check(cfg.erac_max_len_a >= 0 and cfg.erac_max_len_b >= 0,
+          f"--erac-max-len-a/-b must be >= 0, got {cfg.erac_max_len_a}, {cfg.erac_max_len_b}")
+
+
+def erac_losses(q, q_target, lprobs, tokens, rewards, mask, tau, var_weight):
+    """(critic loss, actor objective, TD error sum) summed over the trajectories'
+    tokens; ``q`` carries the critic's gradient, ``lprobs`` the actor's."""
+    target = erac_td_targets(q_target, lprobs.detach(), rewards, mask, tau)
+    td = (taken(q.float(), tokens) - target).pow(2).masked_fill(~mask, 0.0).sum()
+    critic = td + var_weight * q_variance(q.float(), mask) if var_weight else td
+    return critic, actor_objective(lprobs, q, mask, tau), td
+
+
+@register_criterion("erac", dataclass=EracConfig)
+class EracCriterion(SeqlevelCriterion):
+    def __init__(self, task, cfg: EracConfig):
+        check_erac_config(cfg)
+        super().__init__(task, cfg)
+        dictionary = task.target_dictionary
+        name = cfg.erac_reward or getattr(getattr(task, "cfg", None), "reward", None) or "bleu"
+        self.reward = bind_reward(name, dictionary, "token", flag="--erac-reward")
+        self.critic = build_critic(cfg, dictionary)
+        self.target_names = {}
+        for pname, p in self.critic.named_parameters():
+            buffer = "target__" + pname.replace(".", "__")
+            self.register_buffer(buffer, p.detach().clone())
+            self.target_names[pname] = buffer
+        self.register_buffer("phase_code", torch.tensor(0))
+        self.register_buffer("critic_batches", torch.tensor(0))
+        self.register_buffer("last_update", torch.tensor(0))
+        self._started = False
+
+    # ---- phases and the target network ----------------------------------
+    def target_params(self):
+        return {pname: getattr(self, buffer) for pname, buffer in self.target_names.items()}
+
+    def _start(self, model):
+        """Once, at the first training forward (after any checkpoint load)."""
+        self._started = True
+        want = PHASE_CODE[str(self.cfg.erac_phase)]
+        if want == PHASE_CODE["joint"] and int(self.critic_batches) == 0:
+            raise ConfigError("--erac-phase joint needs a pre-trained critic: train with --erac-phase critic "
+                              "first, then start joint from that checkpoint (--restore-file CKPT --reset-optimizer)")
+        if want == PHASE_CODE["critic"] and int(self.phase_code) == PHASE_CODE["joint"]:
+            raise ConfigError("--erac-phase critic after joint training is refused: the critic pre-training "
+                              "comes first; restart it from the MLE checkpoint (--finetune-from-model)")
+        if self.cfg.critic_init_embeddings and int(self.critic_batches) == 0:
+            self.critic.init_embeddings(unwrap(model).decoder.embed_tokens.weight.detach().float())
+            self.sync_target(1.0)
+        self.phase_code.fill_(want)
+
+    @torch.no_grad()
+    def sync_target(self, rate):
+        for pname, p in self.critic.named_parameters():
+            getattr(self, self.target_names[pname]).mul_(1.0 - rate).add_(p.detach(), alpha=rate)
+
+    def _track_updates(self):
+        num_updates = trainer_num_updates()
+        if num_updates > int(self.last_update):
+            self.sync_target(self.cfg.erac_target_rate)
+        self.last_update.fill_(num_updates)
+
+    # ---- the step ----------------------------------------------------------
+    def trajectories(self, model, sample):
+        target = sample["target"]
+        ref_len = target.ne(self.padding_idx).sum(dim=1)
+        last = torch.maximum((ref_len.double() * self.cfg.erac_max_len_a + self.cfg.erac_max_len_b).long(),
+                             ref_len - 1)
+        return sample_outputs(model, sample["net_input"], n=self.cfg.erac_samples, strategy="multinomial",
+                              last_step=last).tokens
+
+    def actor_lprobs(self, model, sample, rows, grad):
+        """Actor log-probs of ``rows`` (per source: y*, then its trajectories) in
+        one teacher-forced pass: through ``model(...)`` when they carry gradients."""
+        per_source = rows.size(0) // sample["target"].size(0)
+        index = torch.arange(sample["target"].size(0), device=rows.device).repeat_interleave(per_source)
+        net_input = {k: v.index_select(0, index) for k, v in sample["net_input"].items()
+                     if torch.is_tensor(v) and k != "prev_output_tokens"}
+        prev = prev_output_tokens_from_target(rows, self.padding_idx, self.eos)
+        if grad:
+            out = model(**net_input, prev_output_tokens=prev)
+            return model.get_normalized_probs(out, log_probs=True)
+        with torch.no_grad():
+            inner = unwrap(model)
+            return inner.get_normalized_probs(inner(**net_input, prev_output_tokens=prev), log_probs=True)
+
+    def forward(self, model, sample, reduce=True):
+        pad, target = self.padding_idx, sample["target"]
+        batch_size = target.size(0)
+        if not self.training:  # validation: the reference's NLL, comparable to MLE's
+            lprobs = self.actor_lprobs(model, sample, target, grad=False)
+            nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(target.eq(pad), 0.0).sum()
+            size = batch_size if self.sentence_avg else sample["ntokens"]
+            return nll, size, self.stock_logging_output(nll, nll, sample, size)
+        if not self._started:
+            self._start(model)
+        self._track_updates()
+        joint = self.phase_code.item() == PHASE_CODE["joint"]
+        cfg, s = self.cfg, self.cfg.erac_samples
+
+        tokens = self.trajectories(model, sample)  # [B·s, T]
+        width = max(tokens.size(1), target.size(1))
+        tokens, ref = pad_right(tokens, width, pad), pad_right(target, width, pad)
+        mask = tokens.ne(pad)
+        critic_ref = target.repeat_interleave(s, dim=0)
+        with torch.no_grad():
+            refs = references_of(sample).repeat_interleave(s, dim=0)
+            scale = (critic_ref.ne(pad).sum(dim=1) - 1).clamp(min=1)  # §6.1: BLEU × reference length
+            rewards = step_rewards(self.reward.prefix(tokens, refs), mask, scale)
+        prev = prev_output_tokens_from_target(tokens, pad, self.eos)
+        q = self.critic(critic_ref, prev)
+        with torch.no_grad():
+            q_target = functional_call(self.critic, self.target_params(), (critic_ref, prev))
+
+        rows = torch.cat([ref.unsqueeze(1), tokens.view(batch_size, s, width)], dim=1).view(-1, width)
+        lprobs_all = self.actor_lprobs(model, sample, rows, grad=joint).view(batch_size, s + 1, width, -1)
+        ref_lprobs, lprobs = lprobs_all[:, 0], lprobs_all[:, 1:].reshape(batch_size * s, width, -1)
+        ref_nll = -ref_lprobs.gather(-1, ref.unsqueeze(-1)).squeeze(-1).masked_fill(ref.eq(pad), 0.0).sum()
+
+        critic_loss, actor_loss, td = erac_losses(q, q_target, lprobs, tokens, rewards, mask, cfg.erac_tau,
+                                                  cfg.erac_var_weight)
+        # sums over tokens, so that batches and workers add up; fairseq divides
+        # by the trajectories' tokens (sentences with --sentence-avg)
+        traj_tokens = int(mask.sum())
+        sample_size = batch_size if self.sentence_avg else traj_tokens
+        loss = critic_loss
+        if joint:
+            loss = loss + actor_loss + cfg.erac_mle_weight * ref_nll
+        else:
+            self.critic_batches.add_(1)
+        with torch.no_grad():
+            probs = lprobs.float().exp()
+            entropy = -(probs * lprobs.float().masked_fill(probs.eq(0), 0.0)).sum(-1).masked_fill(~mask, 0.0).sum()
+        extra = {
+            "erac_td_sum": td.detach(), "erac_q_sum": taken(q.detach().float(), tokens).masked_fill(~mask, 0.0).sum(),
+            "erac_entropy_sum": entropy, "erac_actor_sum": actor_loss.detach(), "erac_ntokens": traj_tokens,
+            "erac_reward_sum": (rewards.sum(dim=1) / scale).sum(), "erac_nsamples": tokens.size(0),
+        }
+        return loss, sample_size, self.stock_logging_output(loss, ref_nll, sample, sample_size, **extra)
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        for name in ("td", "q", "entropy", "actor"):
+            log_mean(logging_outputs, f"erac_{name}", f"erac_{name}_sum", "erac_ntokens", round=4)
+        log_mean(logging_outputs, "erac_reward", "erac_reward_sum", "erac_nsamples", round=4)
