@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from fairseq_seqlevel.critics import (ReferenceCritic, actor_objective, erac_td_targets, q_variance,
-                                      soft_q_targets, step_rewards, taken)
+from fairseq_seqlevel.criterions.vaml import soft_q_loss
+from fairseq_seqlevel.critics import ReferenceCritic, actor_objective, erac_td_targets, q_variance, step_rewards
 
 PAD, EOS, A, B, V = 1, 2, 4, 5, 6
 ALLOWED = (A, B, EOS)
@@ -57,9 +57,7 @@ def _tensors(q_table, reward):
 
 def _soft_q_loss(q, tokens, prefix, tau):
     mask = tokens.ne(PAD)
-    rewards = step_rewards(prefix, mask)
-    residual = (taken(q, tokens) - soft_q_targets(q, tokens, rewards, mask, tau)).masked_fill(~mask, 0.0)
-    return residual.pow(2).sum()
+    return soft_q_loss(q, tokens, step_rewards(prefix, mask), mask, tau)
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.3])

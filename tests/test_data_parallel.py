@@ -165,6 +165,10 @@ def erac_joint(criterion):
     criterion.critic_batches.fill_(1)
 
 
+def vaml_actor(criterion):
+    criterion.q_batches.fill_(1)
+
+
 def fixed_raml_samples(criterion):
     """``patch``: raml's random samples replaced by :func:`_fixed_draw`."""
     criterion.draw_samples = partial(_fixed_draw, criterion)
@@ -187,7 +191,8 @@ CASES = [
     "searnn", "searnn_reference", "searnn_learned", "critic",
     "risk", "risk_sampled", "risk_transformer", "seq_exploration", "seq_exploration_sampled", "scst",
     "interpolation", "interpolation_sampled", "interpolation_transformer",
-    "erac_critic", "erac_joint", "erac_joint_sampled", "erac_joint_transformer",
+    "erac_critic", "erac_joint", "erac_joint_sampled", "erac_joint_transformer", "vaml_q", "vaml_actor",
+    "vaml_actor_transformer",
 ]
 SELF_TESTS = ["bypass", "unused_parameter"]
 
@@ -203,6 +208,7 @@ def make_cases(toy_data, embeddings):
     risk = ["--criterion", "risk", "--risk-candidates", "3", "--risk-mle-weight", "0.3", "--label-smoothing", "0.1"]
     sle = ["--criterion", "seq_exploration", "--sle-samples", "3"]
     erac = ["--criterion", "erac", "--erac-samples", "2", "--critic-embed-dim", "8", "--critic-hidden-size", "8"]
+    vaml = ["--criterion", "vaml", "--vaml-samples", "2", "--critic-embed-dim", "8", "--critic-hidden-size", "8"]
     interp = ["--criterion", "interpolation", "--interp-lambdas", "0.3,0.3,0.4", "--interp-anneal", "none"]
     det = dict(deterministic_check=True)
     fixed = dict(deterministic_check=True, patch=fixed_raml_samples)
@@ -245,6 +251,9 @@ def make_cases(toy_data, embeddings):
         Case("erac_joint_sampled", base(*erac, "--erac-phase", "joint"), patch=erac_joint),
         Case("erac_joint_transformer", base(*erac, "--erac-phase", "joint", arch=TINY_TRANSFORMER),
              deterministic_check=True, patch=fixed_erac_joint),
+        Case("vaml_q", base(*vaml)),
+        Case("vaml_actor", base(*vaml, "--vaml-phase", "actor"), patch=vaml_actor),
+        Case("vaml_actor_transformer", base(*vaml, "--vaml-phase", "actor", arch=TINY_TRANSFORMER), patch=vaml_actor),
         Case("bypass", base("--criterion", "ddp_test_bypass"), **det, **ours),
         Case("unused_parameter", base("--criterion", "ddp_test_unused"), **det, **ours),
     ]

@@ -6,3 +6,4 @@ from fairseq_seqlevel.criterions import risk  # noqa: F401
 from fairseq_seqlevel.criterions import seq_exploration  # noqa: F401
 from fairseq_seqlevel.criterions import interpolation  # noqa: F401
 from fairseq_seqlevel.criterions import erac  # noqa: F401
+from fairseq_seqlevel.criterions import vaml  # noqa: F401

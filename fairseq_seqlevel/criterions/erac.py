@@ -77,7 +77,8 @@ def erac_losses(q, q_target, lprobs, tokens, rewards, mask, tau, var_weight):
     """(critic loss, actor objective, TD error sum) summed over the trajectories'
     tokens; ``q`` carries the critic's gradient, ``lprobs`` the actor's."""
     target = erac_td_targets(q_target, lprobs.detach(), rewards, mask, tau)
-    td = (taken(q.float(), tokens) - target).pow(2).masked_fill(~mask, 0.0).sum()
+    residual = taken(q.float(), tokens) - target
+    td = torch.where(mask, residual, residual.new_zeros(())).pow(2).sum()
     critic = td + var_weight * q_variance(q.float(), mask) if var_weight else td
     return critic, actor_objective(lprobs, q, mask, tau), td
 

@@ -1,0 +1,189 @@
+"""``vaml``: value augmented maximum likelihood (dai2018 §4.1).
+
+``--vaml-phase q``: the critic Q_φ (``critics.ReferenceCritic``, reading y*)
+is trained by soft Q-learning (eq. 16) on the reference and on RAML samples
+of it (the exact Hamming sampler of ``sampling.raml`` over V_batch):
+Σ_t (Q_φ(ỹ_<t, ỹ_t) − r_t − τ·log Σ_w exp(Q_φ(ỹ_≤t, w)/τ))², the gradient
+through both sides, no target network.  The actor is not in the gradient.
+
+``--vaml-phase actor``: Q_φ fixed; along the RAML samples, every step's
+target is (1 − α)·one-hot(ỹ_t) + α·softmax(Q_φ(ỹ_<t, ·)/τ) (eq. 17, mixed with
+the token NLL by ``--vaml-alpha``), trained by cross-entropy through one
+``model(...)`` pass.  The fixed Q comes from a snapshot of the critic taken
+when the phase starts (a buffer, checkpointed); the live critic parameters
+enter the loss with weight 0 so that a data-parallel wrapper sees every
+parameter (one without a gradient stalls DDP).
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.dataclass import ChoiceEnum
+from omegaconf import II
+from torch.func import functional_call
+
+from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, references_of
+from fairseq_seqlevel.critics import soft_q_targets, step_rewards, taken
+from fairseq_seqlevel.critics.config import CriticConfig, build_critic
+from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
+from fairseq_seqlevel.errors import ConfigError, check
+from fairseq_seqlevel.rewards.binding import bind_reward
+from fairseq_seqlevel.sampling import vocab as raml_vocab
+from fairseq_seqlevel.sampling.raml import hamming_sampler
+
+PHASES = ("q", "actor")
+PHASE_CODE = {"q": 1, "actor": 2}
+
+
+@dataclass
+class VamlConfig(CriticConfig):
+    vaml_phase: ChoiceEnum(list(PHASES)) = field(
+        default="q", metadata={"help": "q: train the critic by soft Q-learning; actor: train the model "
+                               "towards softmax(Q/τ) with the critic fixed (start from a q checkpoint)"})
+    vaml_tau: float = field(default=0.1, metadata={"help": "τ of the soft values and of softmax(Q/τ)"})
+    vaml_alpha: float = field(default=0.5, metadata={"help": "α: weight of softmax(Q/τ) against the one-hot token"})
+    vaml_samples: int = field(default=5, metadata={"help": "RAML samples per reference (Hamming, V_batch)"})
+    vaml_sample_temperature: float = field(default=0.1, metadata={"help": "temperature of the Hamming RAML sampler"})
+    vaml_reward: Optional[str] = field(
+        default=None, metadata={"help": "R of the per-step rewards (prefix values on target tokens): default "
+                                "the task's --reward (bleu in a stock task)"})
+    sentence_avg: bool = II("optimization.sentence_avg")
+
+
+def check_vaml_config(cfg):
+    check(str(cfg.vaml_phase) in PHASES, f"--vaml-phase must be one of {', '.join(PHASES)}, got {cfg.vaml_phase}")
+    check(cfg.vaml_tau > 0, f"--vaml-tau must be > 0, got {cfg.vaml_tau}")
+    check(0 <= cfg.vaml_alpha <= 1, f"--vaml-alpha must be in [0, 1], got {cfg.vaml_alpha}")
+    check(cfg.vaml_samples >= 1, f"--vaml-samples must be >= 1, got {cfg.vaml_samples}")
+    check(cfg.vaml_sample_temperature > 0,
+          f"--vaml-sample-temperature must be > 0, got {cfg.vaml_sample_temperature}")
+
+
+def soft_q_loss(q, tokens, rewards, mask, tau):
+    """Σ_t (Q(ỹ_<t, ỹ_t) − r_t − V(ỹ_≤t))² (eq. 16), gradient through both sides."""
+    residual = taken(q, tokens) - soft_q_targets(q, tokens, rewards, mask, tau)
+    # where, not masked_fill after the square: pad steps may hold -inf, whose
+    # gradient times 0 would be nan
+    return torch.where(mask, residual, residual.new_zeros(())).pow(2).sum()
+
+
+def value_targets_loss(lprobs, q, tokens, mask, alpha, tau):
+    """Σ_t CE((1 − α)·one-hot(ỹ_t) + α·softmax(Q/τ), p_θ) and the token NLL Σ_t −log p_θ(ỹ_t)."""
+    lprobs = lprobs.float()
+    nll = -lprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+    loss = (1.0 - alpha) * nll if alpha < 1 else torch.zeros_like(nll)
+    if alpha > 0:
+        soft = torch.softmax(q.float() / tau, dim=-1)
+        soft = torch.where(mask.unsqueeze(-1), soft, soft.new_zeros(()))  # pad rows: no target
+        ce = -(soft * lprobs.masked_fill(soft.eq(0), 0.0)).sum(dim=-1)
+        loss = loss + alpha * ce
+    return loss.sum(), nll.sum()
+
+
+@register_criterion("vaml", dataclass=VamlConfig)
+class VamlCriterion(SeqlevelCriterion):
+    def __init__(self, task, cfg: VamlConfig):
+        check_vaml_config(cfg)
+        super().__init__(task, cfg)
+        dictionary = task.target_dictionary
+        name = cfg.vaml_reward or getattr(getattr(task, "cfg", None), "reward", None) or "bleu"
+        self.reward = bind_reward(name, dictionary, "token", flag="--vaml-reward")
+        self.critic = build_critic(cfg, dictionary)
+        self.snapshot_names = {}
+        for pname, p in self.critic.named_parameters():
+            buffer = "fixed__" + pname.replace(".", "__")
+            self.register_buffer(buffer, p.detach().clone())
+            self.snapshot_names[pname] = buffer
+        self.register_buffer("phase_code", torch.tensor(0))
+        self.register_buffer("q_batches", torch.tensor(0))
+        # never actions: their values stay out of V and of softmax(Q/τ) (unk can be a reference token)
+        unk = dictionary.unk()
+        self.register_buffer("non_actions", torch.tensor(
+            [i for i in self.special_ids.tolist() if i not in (self.eos, unk)], dtype=torch.long), persistent=False)
+        self._started = False
+
+    def _start(self):
+        self._started = True
+        want = PHASE_CODE[str(self.cfg.vaml_phase)]
+        if want == PHASE_CODE["actor"] and int(self.q_batches) == 0:
+            raise ConfigError("--vaml-phase actor needs a trained critic: train with --vaml-phase q first, then "
+                              "start the actor phase from that checkpoint (--restore-file CKPT --reset-optimizer)")
+        if want == PHASE_CODE["q"] and int(self.phase_code) == PHASE_CODE["actor"]:
+            raise ConfigError("--vaml-phase q after the actor phase is refused: the critic is trained first")
+        if want == PHASE_CODE["actor"] and int(self.phase_code) != PHASE_CODE["actor"]:
+            with torch.no_grad():  # the critic the actor phase learns from
+                for pname, p in self.critic.named_parameters():
+                    getattr(self, self.snapshot_names[pname]).copy_(p.detach())
+        self.phase_code.fill_(want)
+
+    def q_values(self, refs, prev, fixed):
+        if fixed:
+            params = {pname: getattr(self, buf) for pname, buf in self.snapshot_names.items()}
+            with torch.no_grad():
+                q = functional_call(self.critic, params, (refs, prev))
+        else:
+            q = self.critic(refs, prev)
+        return q.float().index_fill(-1, self.non_actions, float("-inf"))
+
+    def forward(self, model, sample, reduce=True):
+        pad, target = self.padding_idx, sample["target"]
+        batch_size, cfg = target.size(0), self.cfg
+        if not self.training:  # validation: the reference's NLL, comparable to MLE's
+            lprobs = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)
+            nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(target.eq(pad), 0.0).sum()
+            size = batch_size if self.sentence_avg else sample["ntokens"]
+            return nll, size, self.stock_logging_output(nll, nll, sample, size)
+        if not self._started:
+            self._start()
+        actor = self.phase_code.item() == PHASE_CODE["actor"]
+        L = cfg.vaml_samples
+        with torch.no_grad():
+            drawn = hamming_sampler(target, pad, self.eos, L, cfg.vaml_sample_temperature,
+                                    raml_vocab.batch_vocab(target, self.special_ids))
+        samples = drawn.tokens
+        if actor:
+            rows, per_source = samples, L
+        else:  # the reference and its corruptions
+            width = max(samples.size(1), target.size(1))
+            pad_to = lambda t: torch.cat([t, t.new_full((t.size(0), width - t.size(1)), pad)], dim=1)  # noqa: E731
+            rows = torch.cat([pad_to(target).unsqueeze(1), pad_to(samples).view(batch_size, L, -1)], dim=1)
+            rows, per_source = rows.view(batch_size * (L + 1), width), L + 1
+        mask = rows.ne(pad)
+        refs_for_critic = target.repeat_interleave(per_source, dim=0)
+        prev = prev_output_tokens_from_target(rows, pad, self.eos)
+        q = self.q_values(refs_for_critic, prev, fixed=actor)
+        extra = {"vaml_ntokens": int(mask.sum()), "vaml_q_sum": taken(q.detach(), rows).masked_fill(~mask, 0.0).sum()}
+        if actor:
+            index = torch.arange(batch_size, device=rows.device).repeat_interleave(per_source)
+            net_input = {k: v.index_select(0, index) for k, v in sample["net_input"].items()
+                         if torch.is_tensor(v) and k != "prev_output_tokens"}
+            out = model(**net_input, prev_output_tokens=prev)
+            lprobs = model.get_normalized_probs(out, log_probs=True)
+            loss, nll = value_targets_loss(lprobs, q, rows, mask, cfg.vaml_alpha, cfg.vaml_tau)
+            loss, nll = loss / L, nll / L  # the mean over a reference's samples
+            # weight 0: every critic parameter in the graph for a data-parallel wrapper
+            loss = loss + 0.0 * sum(p.sum() for p in self.critic.parameters())
+            extra["vaml_actor_sum"] = loss.detach()
+            sample_size = batch_size if self.sentence_avg else sample["ntokens"]
+        else:
+            with torch.no_grad():
+                refs = references_of(sample).repeat_interleave(per_source, dim=0)
+                scale = (refs_for_critic.ne(pad).sum(dim=1) - 1).clamp(min=1)
+                rewards = step_rewards(self.reward.prefix(rows, refs), mask, scale)
+            loss = soft_q_loss(q, rows, rewards, mask, cfg.vaml_tau)
+            extra["vaml_td_sum"] = loss.detach()
+            extra["vaml_reward_sum"] = (rewards.sum(dim=1) / scale).sum()
+            extra["vaml_nrows"] = rows.size(0)
+            nll = loss.new_zeros(())  # the actor is not run in this phase
+            self.q_batches.add_(1)
+            sample_size = batch_size if self.sentence_avg else int(mask.sum())
+        return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size, **extra)
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        log_mean(logging_outputs, "vaml_td", "vaml_td_sum", "vaml_ntokens", round=4)
+        log_mean(logging_outputs, "vaml_q", "vaml_q_sum", "vaml_ntokens", round=4)
+        log_mean(logging_outputs, "vaml_reward", "vaml_reward_sum", "vaml_nrows", round=4)

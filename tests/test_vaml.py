@@ -1,0 +1,66 @@
+"""vaml: the q phase trains the critic only, the actor phase learns from a fixed
+snapshot of it (α = 0 on reference samples is MLE), phases come in order."""
+
+import pytest
+import torch
+
+from conftest import ARCHS, USER_DIR, build_training, first_batch
+from fairseq_seqlevel.errors import ConfigError
+from test_raml import _assert_same, _loss_and_grads
+
+CRITIC = ["--critic-embed-dim", "8", "--critic-hidden-size", "8"]
+
+
+def _build(toy_data, *args, arch="lstm"):
+    torch.manual_seed(3)
+    return build_training([toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation", *ARCHS[arch],
+                           "--dropout", "0", "--seed", "3", "--extra-references", "ref2", *args])
+
+
+def test_q_phase_trains_the_critic_only(toy_data):
+    _, task, model, crit = _build(toy_data, "--criterion", "vaml", *CRITIC, "--vaml-samples", "3")
+    loss, sample_size, log = crit(model, first_batch(task))
+    loss.backward()
+    assert torch.isfinite(loss) and float(loss) > 0
+    assert all(p.grad is None for p in model.parameters())
+    grads = [p.grad for p in crit.critic.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert int(crit.q_batches) == 1 and log["vaml_ntokens"] == sample_size
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+def test_actor_phase_alpha_zero_on_references_is_mle(toy_data, arch):
+    _, task, model, stock = _build(toy_data, "--criterion", "label_smoothed_cross_entropy",
+                                   "--label-smoothing", "0", arch=arch)
+    # a Hamming temperature this low draws the reference itself
+    _, _, _, vaml = _build(toy_data, "--criterion", "vaml", *CRITIC, "--vaml-phase", "actor", "--vaml-alpha", "0",
+                           "--vaml-samples", "2", "--vaml-sample-temperature", "1e-6", arch=arch)
+    vaml.q_batches.fill_(1)
+    batch = first_batch(task)
+    got = _loss_and_grads(model, vaml, batch)
+    _assert_same(got, _loss_and_grads(model, stock, batch))
+    assert all(float(p.grad.abs().sum()) == 0.0 for p in vaml.critic.parameters())  # in the graph, weight 0
+
+
+def test_actor_phase_learns_from_the_snapshot(toy_data):
+    _, task, model, crit = _build(toy_data, "--criterion", "vaml", *CRITIC, "--vaml-phase", "actor",
+                                  "--vaml-alpha", "1")
+    crit.q_batches.fill_(1)
+    batch = first_batch(task)
+    torch.manual_seed(0)
+    first = crit(model, batch)[0]
+    with torch.no_grad():
+        for p in crit.critic.parameters():
+            p.add_(1.0)  # what an optimizer would do to the live copy
+    torch.manual_seed(0)
+    torch.testing.assert_close(crit(model, batch)[0], first)
+
+
+def test_phases_in_order(toy_data):
+    _, task, model, crit = _build(toy_data, "--criterion", "vaml", *CRITIC, "--vaml-phase", "actor")
+    with pytest.raises(ConfigError, match="--vaml-phase q first"):
+        crit(model, first_batch(task))
+    _, task, model, crit = _build(toy_data, "--criterion", "vaml", *CRITIC)
+    crit.phase_code.fill_(2)
+    with pytest.raises(ConfigError, match="after the actor phase is refused"):
+        crit(model, first_batch(task))
