@@ -111,3 +111,22 @@ def test_resume_is_bit_identical(toy_data, tmp_path):
 def test_bad_flags_name_the_flag(toy_data, flags, message):
     with pytest.raises(ConfigError, match=message):
         _build(toy_data, *flags)
+
+
+def test_critic_phase_starts_from_an_mle_checkpoint(toy_data, tmp_path):
+    from fairseq.trainer import Trainer
+
+    cfg, task, model, mle = build_training([toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation",
+                                            *ARCHS["lstm"], "--criterion", "label_smoothed_cross_entropy",
+                                            "--optimizer", "adam", "--lr", "0.01"])
+    trainer = Trainer(cfg, task, model, mle)
+    trainer.consolidate_optimizer()
+    path = str(tmp_path / "mle.pt")
+    trainer.save_checkpoint(path, {"train_iterator": {"epoch": 1}})
+    cfg2, task2, model2, crit = _build(toy_data, "--optimizer", "adam", "--lr", "0.01")
+    before = {k: v.clone() for k, v in crit.state_dict().items()}
+    # what --finetune-from-model does
+    Trainer(cfg2, task2, model2, crit).load_checkpoint(path, reset_optimizer=True, reset_lr_scheduler=True,
+                                                       reset_meters=True)
+    assert all(torch.equal(before[k], v) for k, v in crit.state_dict().items())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))

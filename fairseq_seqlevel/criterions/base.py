@@ -68,6 +68,13 @@ class SeqlevelCriterion(FairseqCriterion):
         self.register_buffer("special_ids", torch.tensor(never_sampled_ids(dictionary), dtype=torch.long),
                              persistent=False)
 
+    def load_state_dict(self, state_dict, strict=True, **kwargs):
+        # A checkpoint of a criterion without parameters (an MLE checkpoint)
+        # has criterion state None: a criterion with a critic starts it fresh.
+        if state_dict is None:
+            return None
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+
     def resolve_reward(self, own_name, flag, default):
         """The reward of this criterion (a :class:`~fairseq_seqlevel.rewards.BoundReward`)."""
         if own_name is None and getattr(self.task, "reward", None) is not None:
