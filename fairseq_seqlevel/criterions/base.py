@@ -83,6 +83,17 @@ class SeqlevelCriterion(FairseqCriterion):
         return bind_reward(own_name or default, self.task.target_dictionary, getattr(cfg, "reward_level", "token"),
                            getattr(cfg, "subword_style", "auto"), flag=flag)
 
+    def reference_nll_output(self, model, sample):
+        """(loss, sample_size, logging output) of the reference's token NLL, as
+        MLE computes it: the validation loss of criterions whose training loss
+        is not comparable to MLE's."""
+        target = sample["target"]
+        lprobs = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)
+        nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(target.eq(self.padding_idx), 0.0)
+        nll = nll.sum()
+        size = self.sample_size_of(sample)
+        return nll, size, self.stock_logging_output(nll, nll, sample, size)
+
     def sample_size_of(self, sample, tokens=None):
         """fairseq's normalizer: sentences with ``--sentence-avg``, else tokens."""
         if self.sentence_avg:

@@ -32,11 +32,12 @@ from torch.func import functional_call
 
 from fairseq_seqlevel.compat import trainer_num_updates
 from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of
-from fairseq_seqlevel.critics import (actor_objective, erac_td_targets, q_variance, step_rewards, taken)
+from fairseq_seqlevel.critics import (actor_objective, blend_shadow, erac_td_targets, length_scaled_rewards,
+                                      q_variance, register_shadow, shadow, taken)
 from fairseq_seqlevel.critics.config import CriticConfig, build_critic
 from fairseq_seqlevel.decoding.model import unwrap
 from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
-from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
+from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs
 from fairseq_seqlevel.errors import ConfigError, check
 from fairseq_seqlevel.rewards.binding import bind_reward
 
@@ -92,20 +93,13 @@ class EracCriterion(SeqlevelCriterion):
         name = cfg.erac_reward or getattr(getattr(task, "cfg", None), "reward", None) or "bleu"
         self.reward = bind_reward(name, dictionary, "token", flag="--erac-reward")
         self.critic = build_critic(cfg, dictionary)
-        self.target_names = {}
-        for pname, p in self.critic.named_parameters():
-            buffer = "target__" + pname.replace(".", "__")
-            self.register_buffer(buffer, p.detach().clone())
-            self.target_names[pname] = buffer
+        self.target_names = register_shadow(self, self.critic, "target")
         self.register_buffer("phase_code", torch.tensor(0))
         self.register_buffer("critic_batches", torch.tensor(0))
         self.register_buffer("last_update", torch.tensor(0))
         self._started = False
 
     # ---- phases and the target network ----------------------------------
-    def target_params(self):
-        return {pname: getattr(self, buffer) for pname, buffer in self.target_names.items()}
-
     def _start(self, model):
         """Once, at the first training forward (after any checkpoint load)."""
         self._started = True
@@ -118,18 +112,13 @@ class EracCriterion(SeqlevelCriterion):
                               "comes first; restart it from the MLE checkpoint (--finetune-from-model)")
         if self.cfg.critic_init_embeddings and int(self.critic_batches) == 0:
             self.critic.init_embeddings(unwrap(model).decoder.embed_tokens.weight.detach().float())
-            self.sync_target(1.0)
+            blend_shadow(self, self.critic, self.target_names, 1.0)
         self.phase_code.fill_(want)
-
-    @torch.no_grad()
-    def sync_target(self, rate):
-        for pname, p in self.critic.named_parameters():
-            getattr(self, self.target_names[pname]).mul_(1.0 - rate).add_(p.detach(), alpha=rate)
 
     def _track_updates(self):
         num_updates = trainer_num_updates()
         if num_updates > int(self.last_update):
-            self.sync_target(self.cfg.erac_target_rate)
+            blend_shadow(self, self.critic, self.target_names, self.cfg.erac_target_rate)
         self.last_update.fill_(num_updates)
 
     # ---- the step ----------------------------------------------------------
@@ -141,29 +130,11 @@ class EracCriterion(SeqlevelCriterion):
         return sample_outputs(model, sample["net_input"], n=self.cfg.erac_samples, strategy="multinomial",
                               last_step=last).tokens
 
-    def actor_lprobs(self, model, sample, rows, grad):
-        """Actor log-probs of ``rows`` (per source: y*, then its trajectories) in
-        one teacher-forced pass: through ``model(...)`` when they carry gradients."""
-        per_source = rows.size(0) // sample["target"].size(0)
-        index = torch.arange(sample["target"].size(0), device=rows.device).repeat_interleave(per_source)
-        net_input = {k: v.index_select(0, index) for k, v in sample["net_input"].items()
-                     if torch.is_tensor(v) and k != "prev_output_tokens"}
-        prev = prev_output_tokens_from_target(rows, self.padding_idx, self.eos)
-        if grad:
-            out = model(**net_input, prev_output_tokens=prev)
-            return model.get_normalized_probs(out, log_probs=True)
-        with torch.no_grad():
-            inner = unwrap(model)
-            return inner.get_normalized_probs(inner(**net_input, prev_output_tokens=prev), log_probs=True)
-
     def forward(self, model, sample, reduce=True):
+        if not self.training:  # validation: the reference's NLL, comparable to MLE's
+            return self.reference_nll_output(model, sample)
         pad, target = self.padding_idx, sample["target"]
         batch_size = target.size(0)
-        if not self.training:  # validation: the reference's NLL, comparable to MLE's
-            lprobs = self.actor_lprobs(model, sample, target, grad=False)
-            nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(target.eq(pad), 0.0).sum()
-            size = batch_size if self.sentence_avg else sample["ntokens"]
-            return nll, size, self.stock_logging_output(nll, nll, sample, size)
         if not self._started:
             self._start(model)
         self._track_updates()
@@ -176,16 +147,16 @@ class EracCriterion(SeqlevelCriterion):
         mask = tokens.ne(pad)
         critic_ref = target.repeat_interleave(s, dim=0)
         with torch.no_grad():
-            refs = references_of(sample).repeat_interleave(s, dim=0)
-            scale = (critic_ref.ne(pad).sum(dim=1) - 1).clamp(min=1)  # §6.1: BLEU × reference length
-            rewards = step_rewards(self.reward.prefix(tokens, refs), mask, scale)
+            rewards, scale = length_scaled_rewards(self.reward.prefix, tokens,
+                                                   references_of(sample).repeat_interleave(s, dim=0), critic_ref, pad)
         prev = prev_output_tokens_from_target(tokens, pad, self.eos)
         q = self.critic(critic_ref, prev)
         with torch.no_grad():
-            q_target = functional_call(self.critic, self.target_params(), (critic_ref, prev))
+            q_target = functional_call(self.critic, shadow(self, self.target_names), (critic_ref, prev))
 
         rows = torch.cat([ref.unsqueeze(1), tokens.view(batch_size, s, width)], dim=1).view(-1, width)
-        lprobs_all = self.actor_lprobs(model, sample, rows, grad=joint).view(batch_size, s + 1, width, -1)
+        lprobs_all = rows_lprobs(model, sample["net_input"], rows, s + 1, pad, self.eos, grad=joint)
+        lprobs_all = lprobs_all.view(batch_size, s + 1, width, -1)
         ref_lprobs, lprobs = lprobs_all[:, 0], lprobs_all[:, 1:].reshape(batch_size * s, width, -1)
         ref_nll = -ref_lprobs.gather(-1, ref.unsqueeze(-1)).squeeze(-1).masked_fill(ref.eq(pad), 0.0).sum()
 

@@ -25,9 +25,10 @@ from omegaconf import II
 from torch.func import functional_call
 
 from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, references_of
-from fairseq_seqlevel.critics import soft_q_targets, step_rewards, taken
+from fairseq_seqlevel.critics import (blend_shadow, length_scaled_rewards, register_shadow, shadow, soft_q_targets,
+                                      taken)
 from fairseq_seqlevel.critics.config import CriticConfig, build_critic
-from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
+from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs
 from fairseq_seqlevel.errors import ConfigError, check
 from fairseq_seqlevel.rewards.binding import bind_reward
 from fairseq_seqlevel.sampling import vocab as raml_vocab
@@ -91,11 +92,7 @@ class VamlCriterion(SeqlevelCriterion):
         name = cfg.vaml_reward or getattr(getattr(task, "cfg", None), "reward", None) or "bleu"
         self.reward = bind_reward(name, dictionary, "token", flag="--vaml-reward")
         self.critic = build_critic(cfg, dictionary)
-        self.snapshot_names = {}
-        for pname, p in self.critic.named_parameters():
-            buffer = "fixed__" + pname.replace(".", "__")
-            self.register_buffer(buffer, p.detach().clone())
-            self.snapshot_names[pname] = buffer
+        self.snapshot_names = register_shadow(self, self.critic, "fixed")
         self.register_buffer("phase_code", torch.tensor(0))
         self.register_buffer("q_batches", torch.tensor(0))
         # never actions: their values stay out of V and of softmax(Q/τ) (unk can be a reference token)
@@ -113,28 +110,22 @@ class VamlCriterion(SeqlevelCriterion):
         if want == PHASE_CODE["q"] and int(self.phase_code) == PHASE_CODE["actor"]:
             raise ConfigError("--vaml-phase q after the actor phase is refused: the critic is trained first")
         if want == PHASE_CODE["actor"] and int(self.phase_code) != PHASE_CODE["actor"]:
-            with torch.no_grad():  # the critic the actor phase learns from
-                for pname, p in self.critic.named_parameters():
-                    getattr(self, self.snapshot_names[pname]).copy_(p.detach())
+            blend_shadow(self, self.critic, self.snapshot_names, 1.0)  # the critic the actor phase learns from
         self.phase_code.fill_(want)
 
     def q_values(self, refs, prev, fixed):
         if fixed:
-            params = {pname: getattr(self, buf) for pname, buf in self.snapshot_names.items()}
             with torch.no_grad():
-                q = functional_call(self.critic, params, (refs, prev))
+                q = functional_call(self.critic, shadow(self, self.snapshot_names), (refs, prev))
         else:
             q = self.critic(refs, prev)
         return q.float().index_fill(-1, self.non_actions, float("-inf"))
 
     def forward(self, model, sample, reduce=True):
+        if not self.training:  # validation: the reference's NLL, comparable to MLE's
+            return self.reference_nll_output(model, sample)
         pad, target = self.padding_idx, sample["target"]
         batch_size, cfg = target.size(0), self.cfg
-        if not self.training:  # validation: the reference's NLL, comparable to MLE's
-            lprobs = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)
-            nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(target.eq(pad), 0.0).sum()
-            size = batch_size if self.sentence_avg else sample["ntokens"]
-            return nll, size, self.stock_logging_output(nll, nll, sample, size)
         if not self._started:
             self._start()
         actor = self.phase_code.item() == PHASE_CODE["actor"]
@@ -156,11 +147,7 @@ class VamlCriterion(SeqlevelCriterion):
         q = self.q_values(refs_for_critic, prev, fixed=actor)
         extra = {"vaml_ntokens": int(mask.sum()), "vaml_q_sum": taken(q.detach(), rows).masked_fill(~mask, 0.0).sum()}
         if actor:
-            index = torch.arange(batch_size, device=rows.device).repeat_interleave(per_source)
-            net_input = {k: v.index_select(0, index) for k, v in sample["net_input"].items()
-                         if torch.is_tensor(v) and k != "prev_output_tokens"}
-            out = model(**net_input, prev_output_tokens=prev)
-            lprobs = model.get_normalized_probs(out, log_probs=True)
+            lprobs = rows_lprobs(model, sample["net_input"], rows, per_source, pad, self.eos)
             loss, nll = value_targets_loss(lprobs, q, rows, mask, cfg.vaml_alpha, cfg.vaml_tau)
             loss, nll = loss / L, nll / L  # the mean over a reference's samples
             # weight 0: every critic parameter in the graph for a data-parallel wrapper
@@ -169,9 +156,9 @@ class VamlCriterion(SeqlevelCriterion):
             sample_size = batch_size if self.sentence_avg else sample["ntokens"]
         else:
             with torch.no_grad():
-                refs = references_of(sample).repeat_interleave(per_source, dim=0)
-                scale = (refs_for_critic.ne(pad).sum(dim=1) - 1).clamp(min=1)
-                rewards = step_rewards(self.reward.prefix(rows, refs), mask, scale)
+                rewards, scale = length_scaled_rewards(
+                    self.reward.prefix, rows, references_of(sample).repeat_interleave(per_source, dim=0),
+                    refs_for_critic, pad)
             loss = soft_q_loss(q, rows, rewards, mask, cfg.vaml_tau)
             extra["vaml_td_sum"] = loss.detach()
             extra["vaml_reward_sum"] = (rewards.sum(dim=1) / scale).sum()

@@ -1,5 +1,6 @@
 """The reference-reading critic of erac / vaml (dai2018) and its targets and losses."""
 
-from fairseq_seqlevel.critics.network import ReferenceCritic  # noqa: F401
+from fairseq_seqlevel.critics.network import ReferenceCritic, blend_shadow, register_shadow, shadow  # noqa: F401
 from fairseq_seqlevel.critics.targets import (  # noqa: F401
-    actor_objective, erac_td_targets, q_variance, soft_q_targets, soft_values, step_rewards, taken)
+    actor_objective, erac_td_targets, length_scaled_rewards, q_variance, soft_q_targets, soft_values, step_rewards,
+    taken)

@@ -1,6 +1,8 @@
 """Q_φ(ŷ_<t, w; y*) for every vocabulary entry w at every step: the critic reads
 the reference y* (not the source), as in dai2018 and Bahdanau et al. 2017."""
 
+from typing import Dict
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -53,3 +55,28 @@ class ReferenceCritic(nn.Module):
         scores = scores.masked_fill(~ref_mask.unsqueeze(1), float("-inf"))
         context = torch.bmm(scores.softmax(dim=-1), ref_states)
         return self.output(torch.cat([hyp_states, context], dim=-1))
+
+
+# ---- buffer copies of a module's parameters (target network, frozen snapshot)
+
+def register_shadow(owner: nn.Module, module: nn.Module, prefix: str) -> Dict[str, str]:
+    """A buffer of ``owner`` holding a copy of each parameter of ``module``, so
+    the copy is checkpointed with ``owner`` but never optimized; returns
+    {parameter name: buffer name}."""
+    names = {}
+    for name, p in module.named_parameters():
+        names[name] = f"{prefix}__" + name.replace(".", "__")
+        owner.register_buffer(names[name], p.detach().clone())
+    return names
+
+
+def shadow(owner: nn.Module, names: Dict[str, str]) -> Dict[str, Tensor]:
+    """The copy as a parameter dict for ``torch.func.functional_call``."""
+    return {name: getattr(owner, buffer) for name, buffer in names.items()}
+
+
+@torch.no_grad()
+def blend_shadow(owner: nn.Module, module: nn.Module, names: Dict[str, str], rate: float) -> None:
+    """copy ← rate·θ + (1 − rate)·copy (rate 1: a fresh copy)."""
+    for name, p in module.named_parameters():
+        getattr(owner, names[name]).mul_(1.0 - rate).add_(p.detach(), alpha=rate)

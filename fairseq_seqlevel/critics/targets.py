@@ -30,6 +30,14 @@ def step_rewards(prefix_rewards: Tensor, mask: Tensor, scale: Tensor = None) -> 
     return r.masked_fill(~mask, 0.0)
 
 
+def length_scaled_rewards(prefix_reward, rows: Tensor, refs: Tensor, reference: Tensor, pad: int):
+    """(r_t ``[N, T]``, scale ``[N]``): per-step rewards of ``rows`` against all
+    ``refs`` from ``prefix_reward(rows, refs) -> [N, T]``, times the length of
+    ``reference`` in tokens before eos (dai2018 §6.1)."""
+    scale = (reference.ne(pad).sum(dim=1) - 1).clamp(min=1)
+    return step_rewards(prefix_reward(rows, refs), rows.ne(pad), scale), scale
+
+
 def _next(values: Tensor, mask: Tensor) -> Tensor:
     """``values [N, T]`` of the state after each step, 0 after the last token."""
     shifted = torch.cat([values[:, 1:], values.new_zeros(values.size(0), 1)], dim=1)

@@ -8,6 +8,8 @@ extra sequences per example costs decoder work only.
 
 import torch
 
+from fairseq_seqlevel.decoding.model import unwrap
+
 
 def prev_output_tokens_from_target(target, pad, eos):
     """fairseq's decoder input for right-padded targets ending in eos.
@@ -17,6 +19,23 @@ def prev_output_tokens_from_target(target, pad, eos):
     """
     prev = torch.cat([target.new_full((target.size(0), 1), eos), target[:, :-1]], dim=1)
     return prev.masked_fill(target.eq(pad), pad)
+
+
+def rows_lprobs(model, net_input, rows, per_source, pad, eos, grad=True):
+    """Log-probs ``[B·per_source, T, V]`` of ``rows`` (source b's rows at
+    b·per_source ..) in one teacher-forced pass, each source repeated: through
+    ``model(...)`` (what data parallelism sees) when they carry gradients, the
+    inner model under ``no_grad`` otherwise."""
+    batch_size = net_input["src_tokens"].size(0)
+    index = torch.arange(batch_size, device=rows.device).repeat_interleave(per_source)
+    inputs = {k: v.index_select(0, index) for k, v in net_input.items()
+              if torch.is_tensor(v) and k != "prev_output_tokens"}
+    inputs["prev_output_tokens"] = prev_output_tokens_from_target(rows, pad, eos)
+    if grad:
+        return model.get_normalized_probs(model(**inputs), log_probs=True)
+    with torch.no_grad():
+        inner = unwrap(model)
+        return inner.get_normalized_probs(inner(**inputs), log_probs=True)
 
 
 def encode(model, net_input):
