@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Diversity of K sampled outputs per source for fine-tuned checkpoints (chen2019 Table 4).
+
+    python benchmarks/diversity_eval.py --task bible_es_en --criterions mle,scst,seq_exploration
+        [--seeds 1,2,3] [--k 5] [--workdir work/bench] [--out benchmarks/results/diversity.json]
+
+Needs the checkpoints of ``quality.py --keep-checkpoints``
+(WORKDIR/TASK/CRITERION/seedS/checkpoint_last.pt).  For each one:
+``fairseq-generate --sampling --beam K --nbest K`` on the task's test split
+(sampling seed 1, words after ``--remove-bpe sentencepiece``), then
+``fairseq_seqlevel.diversity``'s div1, div2 and mBLEU-4 of the K outputs of
+each source.  Writes one JSON row per checkpoint and prints mean ± std per
+criterion.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import harness as H  # noqa: E402
+
+
+def sampled_outputs(data, checkpoint, k, seed=1, split="test"):
+    """K sampled outputs per source, in source order, as lists of words."""
+    cmd = [sys.executable, "-m", "fairseq_cli.generate", str(data), "--user-dir", str(REPO / "fairseq_seqlevel"),
+           "--task", "seqlevel_translation", "--path", str(checkpoint), "--gen-subset", split,
+           "--sampling", "--beam", str(k), "--nbest", str(k), "--seed", str(seed), "--batch-size", "64",
+           "--remove-bpe", "sentencepiece", "--max-len-a", "1.2", "--max-len-b", "10"]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"error: fairseq-generate failed on {checkpoint}:\n{out.stderr[-2000:]}")
+    groups = {}
+    for m in re.finditer(r"^D-(\d+)\t[^\t]*\t(.*)$", out.stdout, re.M):
+        groups.setdefault(int(m.group(1)), []).append(m.group(2))
+    return [groups[i] for i in sorted(groups)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="bible_es_en")
+    p.add_argument("--criterions", default="mle,scst,seq_exploration")
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--workdir", default=str(H.DEFAULT_WORKDIR))
+    p.add_argument("--config", default=str(H.DEFAULT_CONFIG))
+    p.add_argument("--out", default=str(H.DEFAULT_RESULTS / "diversity.json"))
+    args = p.parse_args(argv)
+    cfg = H.load_config(args.config)
+    data = H.resolve_path(cfg["tasks"][args.task]["data"])
+    rows = []
+    for crit in args.criterions.split(","):
+        for seed in args.seeds.split(","):
+            ckpt = Path(args.workdir) / args.task / crit / f"seed{seed}" / "checkpoint_last.pt"
+            if not ckpt.exists():
+                print(f"skip: {ckpt} not found (run quality.py --keep-checkpoints)", file=sys.stderr)
+                continue
+            groups = sampled_outputs(data, ckpt, args.k)
+            with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
+                f.write("\n".join(h for g in groups for h in g) + "\n")
+            res = subprocess.run([sys.executable, "-m", "fairseq_seqlevel.diversity", f.name, "--k", str(args.k)],
+                                 capture_output=True, text=True, cwd=REPO)
+            os.unlink(f.name)
+            if res.returncode != 0:
+                sys.exit(f"error: diversity failed on {ckpt}: {res.stderr.strip()}")
+            scores = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append({"task": args.task, "criterion": crit, "seed": int(seed), **scores})
+            print(json.dumps(rows[-1]))
+    H.write_json(Path(args.out), rows)
+    for crit in args.criterions.split(","):
+        mine = [r for r in rows if r["criterion"] == crit]
+        if mine:
+            parts = []
+            for key in ("div1", "div2", "mbleu4"):
+                vals = [r[key] for r in mine]
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                parts.append(f"{key} {statistics.mean(vals):.4f} ± {sd:.4f}")
+            print(f"{crit:<16} ({len(mine)} seeds): " + ", ".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
