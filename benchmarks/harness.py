@@ -53,7 +53,7 @@ TASK_KEYS = {
     "est_eval_s": (False, (int, float)), "quick": (False, dict),
 }
 CRITERION_KEYS = {
-    "flags": (True, list), "task_flags": (False, dict), "tasks": (True, list),
+    "flags": (True, list), "task_flags": (False, dict), "tasks": (True, list), "finetune_flags": (False, list),
     "speed": (False, list), "speed_targets": (False, list), "est_step_cost": (False, (int, float)),
     "notes": (True, str),
 }
@@ -429,7 +429,9 @@ def pretrain_command(cfg, task_name, save_dir, workdir, seed=1):
 
 def finetune_command(cfg, task_name, criterion, seed, save_dir, pretrained, workdir):
     task = cfg["tasks"][task_name]
-    extra = criterion_flags(cfg, criterion, task_name) + list(task.get("finetune_flags", []))
+    # the criterion's own finetune_flags come last, so they win over the task's (e.g. --lr)
+    extra = (criterion_flags(cfg, criterion, task_name) + list(task.get("finetune_flags", []))
+             + list(cfg["criterions"][criterion].get("finetune_flags", [])))
     extra += ["--finetune-from-model", str(pretrained), "--max-update", str(task["finetune_updates"]),
               "--no-save-optimizer-state"]
     if task.get("validate_every"):

@@ -337,3 +337,12 @@ def test_speed_sampler_only_merges_into_the_output(toy_bench, tmp_path):
         H.load_config(bad)
     with pytest.raises(H.ConfigError, match=r"unknown key 'sampels'"):
         H.load_config(bad)
+
+
+def test_criterion_finetune_flags_win_over_the_task_s():
+    cfg = H.load_config(H.DEFAULT_CONFIG)
+    cmd = H.finetune_command(cfg, "bible_es_en", "scst", 1, "/tmp/x", "/tmp/p.pt", H.DEFAULT_WORKDIR)
+    lrs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--lr"]
+    assert lrs[-1] == "5e-5" and "0.001" in lrs  # fairseq's parser keeps the last value
+    mle = H.finetune_command(cfg, "bible_es_en", "mle", 1, "/tmp/x", "/tmp/p.pt", H.DEFAULT_WORKDIR)
+    assert [mle[i + 1] for i, a in enumerate(mle) if a == "--lr"][-1] == "0.001"
