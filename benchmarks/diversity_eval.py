@@ -16,7 +16,6 @@ criterion.
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -26,22 +25,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "examples"))
+
 from benchmarks import harness as H  # noqa: E402
+from evaluate import detokenized_groups, generate_output  # noqa: E402
 
 
 def sampled_outputs(data, checkpoint, k, seed=1, split="test"):
-    """K sampled outputs per source, in source order, as lists of words."""
-    cmd = [sys.executable, "-m", "fairseq_cli.generate", str(data), "--user-dir", str(REPO / "fairseq_seqlevel"),
-           "--task", "seqlevel_translation", "--path", str(checkpoint), "--gen-subset", split,
-           "--sampling", "--beam", str(k), "--nbest", str(k), "--seed", str(seed), "--batch-size", "64",
-           "--remove-bpe", "sentencepiece", "--max-len-a", "1.2", "--max-len-b", "10"]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        sys.exit(f"error: fairseq-generate failed on {checkpoint}:\n{out.stderr[-2000:]}")
-    groups = {}
-    for m in re.finditer(r"^D-(\d+)\t[^\t]*\t(.*)$", out.stdout, re.M):
-        groups.setdefault(int(m.group(1)), []).append(m.group(2))
+    """K sampled outputs per source, in source order."""
+    stdout = generate_output(data, checkpoint, split, beam=k, batch_size=64,
+                             extra_args=["--sampling", "--nbest", str(k), "--seed", str(seed)])
+    groups = detokenized_groups(stdout)
     return [groups[i] for i in sorted(groups)]
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def generate(data, checkpoint, split="test", beam=5, batch_size=128, extra_args=()):
-    """Run fairseq-generate and return the detokenized hypotheses in corpus order."""
+def generate_output(data, checkpoint, split="test", beam=5, batch_size=128, extra_args=()):
+    """fairseq-generate's stdout (detokenized ``D-`` lines among others)."""
     cmd = [
         sys.executable, "-m", "fairseq_cli.generate", str(data),
         "--user-dir", str(REPO / "fairseq_seqlevel"), "--task", "seqlevel_translation",
@@ -36,10 +36,21 @@ def generate(data, checkpoint, split="test", beam=5, batch_size=128, extra_args=
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"error: fairseq-generate failed:\n{out.stderr[-3000:]}")
-    hyps = {}
-    for m in re.finditer(r"^D-(\d+)\t[^\t]*\t(.*)$", out.stdout, re.M):
-        hyps[int(m.group(1))] = m.group(2)
-    return [hyps.get(i, "") for i in range(len(hyps))] if hyps else []
+    return out.stdout
+
+
+def detokenized_groups(stdout):
+    """{source id: [hypotheses in fairseq's n-best order]} from ``D-`` lines."""
+    groups = {}
+    for m in re.finditer(r"^D-(\d+)\t[^\t]*\t(.*)$", stdout, re.M):
+        groups.setdefault(int(m.group(1)), []).append(m.group(2))
+    return groups
+
+
+def generate(data, checkpoint, split="test", beam=5, batch_size=128, extra_args=()):
+    """Run fairseq-generate and return the detokenized hypotheses in corpus order."""
+    groups = detokenized_groups(generate_output(data, checkpoint, split, beam, batch_size, extra_args))
+    return [groups[i][-1] if i in groups else "" for i in range(len(groups))] if groups else []
 
 
 def read_refs(data, split, langs):

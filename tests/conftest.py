@@ -102,6 +102,16 @@ def build_training(argv):
     return cfg, task, model, criterion
 
 
+def build_toy(toy_data, *args, arch="lstm", seed=3):
+    """build_training on the toy data: seqlevel_translation with both references,
+    a tiny ``arch`` without dropout, torch and fairseq seeded."""
+    import torch
+
+    torch.manual_seed(seed)
+    return build_training([toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation", *ARCHS[arch],
+                           "--dropout", "0", "--seed", str(seed), "--extra-references", "ref2", *args])
+
+
 def first_batch(task, split="train", n=16):
     task.load_dataset(split)
     dataset = task.dataset(split)

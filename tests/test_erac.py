@@ -5,17 +5,14 @@ continues bit-identically (critic, target network, phase)."""
 import pytest
 import torch
 
-from conftest import ARCHS, USER_DIR, build_training, first_batch
+from conftest import ARCHS, USER_DIR, build_toy, build_training, first_batch
 from fairseq_seqlevel.errors import ConfigError
 
 CRITIC = ["--critic-embed-dim", "8", "--critic-hidden-size", "8"]
 
 
 def _build(toy_data, *args, arch="lstm"):
-    torch.manual_seed(3)
-    return build_training([toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation", *ARCHS[arch],
-                           "--dropout", "0", "--seed", "3", "--extra-references", "ref2",
-                           "--criterion", "erac", *CRITIC, *args])
+    return build_toy(toy_data, "--criterion", "erac", *CRITIC, *args, arch=arch)
 
 
 @pytest.mark.parametrize("arch", ["lstm", "transformer"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from fairseq.logging import metrics
 
-from conftest import ARCHS, USER_DIR, build_training, first_batch
+from conftest import build_toy, first_batch
 from fairseq_seqlevel.criterions.interpolation import (
     REFERENCE, InterpolationCriterion, after_validation, annealed_lambdas, construct_sequences,
     inverse_sigmoid_lambdas)
@@ -16,10 +16,7 @@ from fairseq_seqlevel.errors import ConfigError
 from test_raml import _assert_same, _loss_and_grads
 
 
-def _build(toy_data, *args, arch="lstm"):
-    torch.manual_seed(3)
-    return build_training([toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation", *ARCHS[arch],
-                           "--dropout", "0", "--seed", "3", "--extra-references", "ref2", *args])
+_build = build_toy
 
 
 @pytest.mark.parametrize("arch", ["lstm", "transformer"])

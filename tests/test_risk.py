@@ -7,15 +7,12 @@ import pytest
 import torch
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
-from conftest import ARCHS, USER_DIR, build_training, first_batch
+from conftest import build_toy, first_batch
 from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
 from fairseq_seqlevel.errors import ConfigError
 from test_raml import _assert_same, _loss_and_grads
 
-def _build(toy_data, *args, arch="lstm"):
-    torch.manual_seed(3)
-    return build_training([toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation", *ARCHS[arch],
-                           "--dropout", "0", "--seed", "3", "--extra-references", "ref2", *args])
+_build = build_toy
 
 
 @pytest.mark.parametrize("arch", ["lstm", "transformer"])

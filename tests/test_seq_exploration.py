@@ -6,7 +6,7 @@ import pytest
 import torch
 from sacrebleu.metrics import BLEU
 
-from conftest import ARCHS, USER_DIR, build_training, first_batch, levenshtein
+from conftest import build_toy, first_batch, levenshtein
 from fairseq_seqlevel.criterions.seq_exploration import exploration_advantages
 from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
 from fairseq_seqlevel.errors import ConfigError
@@ -14,10 +14,7 @@ from fairseq_seqlevel.rewards import pairwise_distances
 from test_raml import _loss_and_grads
 
 def _build(toy_data, *args, arch="lstm"):
-    torch.manual_seed(3)
-    return build_training([toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation", *ARCHS[arch],
-                           "--dropout", "0", "--seed", "3", "--extra-references", "ref2",
-                           "--criterion", "seq_exploration", *args])
+    return build_toy(toy_data, "--criterion", "seq_exploration", *args, arch=arch)
 
 
 def _fixed_outputs(batch, dictionary, s, seed=0):

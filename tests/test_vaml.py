@@ -4,17 +4,14 @@ snapshot of it (α = 0 on reference samples is MLE), phases come in order."""
 import pytest
 import torch
 
-from conftest import ARCHS, USER_DIR, build_training, first_batch
+from conftest import build_toy, first_batch
 from fairseq_seqlevel.errors import ConfigError
 from test_raml import _assert_same, _loss_and_grads
 
 CRITIC = ["--critic-embed-dim", "8", "--critic-hidden-size", "8"]
 
 
-def _build(toy_data, *args, arch="lstm"):
-    torch.manual_seed(3)
-    return build_training([toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation", *ARCHS[arch],
-                           "--dropout", "0", "--seed", "3", "--extra-references", "ref2", *args])
+_build = build_toy
 
 
 def test_q_phase_trains_the_critic_only(toy_data):
