@@ -8,6 +8,7 @@ from fairseq import utils
 from fairseq.criterions import FairseqCriterion
 from fairseq.logging import metrics
 
+from fairseq_seqlevel.decoding.teacher_forcing import token_nll
 from fairseq_seqlevel.rewards.binding import bind_reward
 from fairseq_seqlevel.sampling.vocab import never_sampled_ids
 
@@ -89,8 +90,7 @@ class SeqlevelCriterion(FairseqCriterion):
         is not comparable to MLE's."""
         target = sample["target"]
         lprobs = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)
-        nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(target.eq(self.padding_idx), 0.0)
-        nll = nll.sum()
+        nll = token_nll(lprobs, target, self.padding_idx).sum()
         size = self.sample_size_of(sample)
         return nll, size, self.stock_logging_output(nll, nll, sample, size)
 

@@ -37,7 +37,7 @@ from fairseq_seqlevel.critics import (actor_objective, blend_shadow, erac_td_tar
 from fairseq_seqlevel.critics.config import CriticConfig, build_critic
 from fairseq_seqlevel.decoding.model import unwrap
 from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
-from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs
+from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs, token_nll
 from fairseq_seqlevel.errors import ConfigError, check
 from fairseq_seqlevel.rewards.binding import bind_reward
 
@@ -158,7 +158,7 @@ class EracCriterion(SeqlevelCriterion):
         lprobs_all = rows_lprobs(model, sample["net_input"], rows, s + 1, pad, self.eos, grad=joint)
         lprobs_all = lprobs_all.view(batch_size, s + 1, width, -1)
         ref_lprobs, lprobs = lprobs_all[:, 0], lprobs_all[:, 1:].reshape(batch_size * s, width, -1)
-        ref_nll = -ref_lprobs.gather(-1, ref.unsqueeze(-1)).squeeze(-1).masked_fill(ref.eq(pad), 0.0).sum()
+        ref_nll = token_nll(ref_lprobs, ref, pad).sum()
 
         critic_loss, actor_loss, td = erac_losses(q, q_target, lprobs, tokens, rewards, mask, cfg.erac_tau,
                                                   cfg.erac_var_weight)

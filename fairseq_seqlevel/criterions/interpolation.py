@@ -28,7 +28,7 @@ from fairseq_seqlevel.compat import trainer_num_updates
 from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, references_of
 from fairseq_seqlevel.decoding.model import unwrap
 from fairseq_seqlevel.decoding.sampler import draw, sample as sample_outputs
-from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
+from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, token_nll
 from fairseq_seqlevel.errors import ConfigError, check
 from fairseq_seqlevel.rewards.binding import bind_reward
 from fairseq_seqlevel.rewards.increments import next_token_gains
@@ -181,8 +181,7 @@ def teacher_forced_nll(model, net_input, tokens, pad, eos):
     prev = prev_output_tokens_from_target(tokens, pad, eos)
     net_output = model(**{**net_input, "prev_output_tokens": prev})
     lprobs = model.get_normalized_probs(net_output, log_probs=True)
-    nll = -lprobs.gather(dim=-1, index=tokens.unsqueeze(-1)).squeeze(-1)
-    nll = nll.masked_fill(tokens.eq(pad), 0.0)
+    nll = token_nll(lprobs, tokens, pad)
     return nll.sum(), nll
 
 

@@ -24,11 +24,11 @@ from fairseq.dataclass import ChoiceEnum
 from omegaconf import II
 from torch.func import functional_call
 
-from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, references_of
+from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of
 from fairseq_seqlevel.critics import (blend_shadow, length_scaled_rewards, register_shadow, shadow, soft_q_targets,
                                       taken)
 from fairseq_seqlevel.critics.config import CriticConfig, build_critic
-from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs
+from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs, token_nll
 from fairseq_seqlevel.errors import ConfigError, check
 from fairseq_seqlevel.rewards.binding import bind_reward
 from fairseq_seqlevel.sampling import vocab as raml_vocab
@@ -70,10 +70,10 @@ def soft_q_loss(q, tokens, rewards, mask, tau):
     return torch.where(mask, residual, residual.new_zeros(())).pow(2).sum()
 
 
-def value_targets_loss(lprobs, q, tokens, mask, alpha, tau):
+def value_targets_loss(lprobs, q, tokens, mask, alpha, tau, pad):
     """Σ_t CE((1 − α)·one-hot(ỹ_t) + α·softmax(Q/τ), p_θ) and the token NLL Σ_t −log p_θ(ỹ_t)."""
     lprobs = lprobs.float()
-    nll = -lprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+    nll = token_nll(lprobs, tokens.masked_fill(~mask, pad), pad)
     loss = (1.0 - alpha) * nll if alpha < 1 else torch.zeros_like(nll)
     if alpha > 0:
         soft = torch.softmax(q.float() / tau, dim=-1)
@@ -138,8 +138,8 @@ class VamlCriterion(SeqlevelCriterion):
             rows, per_source = samples, L
         else:  # the reference and its corruptions
             width = max(samples.size(1), target.size(1))
-            pad_to = lambda t: torch.cat([t, t.new_full((t.size(0), width - t.size(1)), pad)], dim=1)  # noqa: E731
-            rows = torch.cat([pad_to(target).unsqueeze(1), pad_to(samples).view(batch_size, L, -1)], dim=1)
+            rows = torch.cat([pad_right(target, width, pad).unsqueeze(1),
+                              pad_right(samples, width, pad).view(batch_size, L, -1)], dim=1)
             rows, per_source = rows.view(batch_size * (L + 1), width), L + 1
         mask = rows.ne(pad)
         refs_for_critic = target.repeat_interleave(per_source, dim=0)
@@ -148,7 +148,7 @@ class VamlCriterion(SeqlevelCriterion):
         extra = {"vaml_ntokens": int(mask.sum()), "vaml_q_sum": taken(q.detach(), rows).masked_fill(~mask, 0.0).sum()}
         if actor:
             lprobs = rows_lprobs(model, sample["net_input"], rows, per_source, pad, self.eos)
-            loss, nll = value_targets_loss(lprobs, q, rows, mask, cfg.vaml_alpha, cfg.vaml_tau)
+            loss, nll = value_targets_loss(lprobs, q, rows, mask, cfg.vaml_alpha, cfg.vaml_tau, pad)
             loss, nll = loss / L, nll / L  # the mean over a reference's samples
             # weight 0: every critic parameter in the graph for a data-parallel wrapper
             loss = loss + 0.0 * sum(p.sum() for p in self.critic.parameters())
