@@ -139,11 +139,14 @@ def interpolation_choose(z, target, refs, gain_reward, temperature, banned, pad,
     """The sampler's ``choose`` rule of Algorithm 1 (lines 5-12) for rows whose
     branches are ``z [B, T]``, reference ``target [B, T*]`` and all references
     ``refs [B, R, T']``; ``banned``: ids the reward branch never picks."""
-    reward_possible = bool(z.eq(REWARD).any())
+    model_possible, reward_possible = (bool(z.eq(branch).any()) for branch in (MODEL, REWARD))
 
     def choose(step, lprobs, prefix, rows):
         zs = z[rows, step]
-        chosen = draw((temperature * lprobs).softmax(dim=-1))  # z = 1 (exp(-inf) = 0 keeps the limits)
+        if model_possible:  # z = 1 (exp(-inf) = 0 keeps the limits)
+            chosen = draw((temperature * lprobs).softmax(dim=-1))
+        else:
+            chosen = torch.full_like(zs, eos)
         truth = target[rows, step] if step < target.size(1) else torch.full_like(zs, eos)
         chosen = torch.where(zs.eq(REFERENCE), truth.masked_fill(truth.eq(pad), eos), chosen)
         if reward_possible:
