@@ -55,7 +55,11 @@ TASK_KEYS = {
 CRITERION_KEYS = {
     "flags": (True, list), "task_flags": (False, dict), "tasks": (True, list), "finetune_flags": (False, list),
     "speed": (False, list), "speed_targets": (False, list), "est_step_cost": (False, (int, float)),
-    "notes": (True, str),
+    "notes": (True, str), "pre_phase": (False, dict),
+}
+PRE_PHASE_KEYS = {  # [criterions.NAME.pre_phase]: a run before the fine-tuning run (erac's critic)
+    "name": (True, str), "flags": (True, list), "updates": (True, int),
+    "finetune_flags": (False, list), "est_step_cost": (False, (int, float)),
 }
 SETTING_KEYS = {
     "task": (True, str), "covers": (False, list), "batches": (False, int),
@@ -142,6 +146,16 @@ def validate_config(raw):
             continue
         if isinstance(crit.get("flags"), list) and criterion_of(crit["flags"]) is None:
             errors.append(f"{where}.flags: no '--criterion NAME'")
+        if "pre_phase" in crit:
+            pre = crit["pre_phase"]
+            _check_table(f"{where}.pre_phase", pre, PRE_PHASE_KEYS, errors)
+            if isinstance(pre, dict):
+                if isinstance(pre.get("flags"), list) and criterion_of(pre["flags"]) is None:
+                    errors.append(f"{where}.pre_phase.flags: no '--criterion NAME'")
+                if isinstance(pre.get("updates"), int) and pre["updates"] < 1:
+                    errors.append(f"{where}.pre_phase.updates: must be >= 1")
+                if isinstance(pre.get("name"), str) and not re.fullmatch(r"[A-Za-z0-9_]+", pre["name"]):
+                    errors.append(f"{where}.pre_phase.name: letters, digits and _ only, got {pre['name']!r}")
         for task in crit.get("tasks", []) if isinstance(crit.get("tasks"), list) else []:
             if task not in tasks:
                 errors.append(f"{where}.tasks: unknown task '{task}' (tasks: {', '.join(tasks)})")
@@ -239,7 +253,29 @@ def criterion_settings(cfg, name):
 def setting_criterions(cfg, setting):
     """Criterions timed in a speed setting, MLE first, config order otherwise."""
     names = [n for n in cfg["criterions"] if setting in criterion_settings(cfg, n) or n == CONTROL]
-    return [CONTROL] + [n for n in names if n != CONTROL]
+    out = [CONTROL]
+    for n in names:
+        if n != CONTROL:
+            pre = pre_phase_of(cfg, n)
+            out += ([pre_phase_speed_name(n, pre)] if pre else []) + [n]
+    return out
+
+
+def pre_phase_speed_name(criterion, pre):
+    """speed.json's name of a criterion's pre-phase step (e.g. ``erac_critic``)."""
+    return f"{criterion}_{pre['name']}"
+
+
+def speed_entry(cfg, name):
+    """(criterion, phase) of a speed.json name: (name, None), or (criterion, "pre") for
+    the pre-phase step of a criterion with a ``pre_phase``."""
+    if name in cfg["criterions"]:
+        return name, None
+    for crit in cfg["criterions"]:
+        pre = pre_phase_of(cfg, crit)
+        if pre and pre_phase_speed_name(crit, pre) == name:
+            return crit, "pre"
+    raise KeyError(name)
 
 
 PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
@@ -388,20 +424,26 @@ def check_criterion(cfg, name, task_name, workdir=DEFAULT_WORKDIR):
     Checks the registry first (criterions are registered on import of the
     plugin), then parses the fine-tuning command line as fairseq-train would.
     """
-    flags = criterion_flags(cfg, name, task_name)
-    registered = criterion_of(flags)
+    pre = pre_phase_of(cfg, name)
+    runs = [("", criterion_flags(cfg, name, task_name))]
+    if pre:
+        runs.insert(0, (f" (pre_phase {pre['name']})", list(pre["flags"])))
     known = known_criterions()
-    if registered not in known:
-        hint = difflib.get_close_matches(registered, known, n=3)
-        return (f"criterion '{name}': fairseq does not know --criterion {registered} (not registered "
-                f"by fairseq or fairseq_seqlevel{'; close: ' + ', '.join(hint) if hint else ''})")
     task = cfg["tasks"][task_name]
     mapping = task_mapping(cfg, task_name, workdir)
-    argv = [str(mapping["data"]), "--user-dir", str(USER_DIR),
-            *expand(task["train_flags"] + task["model_flags"] + task["optim_flags"], mapping),
-            *expand(flags, mapping)]
-    message = check_fairseq_args(argv)
-    return None if message is None else f"criterion '{name}' on {task_name}: {message}"
+    for what, flags in runs:
+        registered = criterion_of(flags)
+        if registered not in known:
+            hint = difflib.get_close_matches(registered, known, n=3)
+            return (f"criterion '{name}'{what}: fairseq does not know --criterion {registered} (not "
+                    f"registered by fairseq or fairseq_seqlevel{'; close: ' + ', '.join(hint) if hint else ''})")
+        argv = [str(mapping["data"]), "--user-dir", str(USER_DIR),
+                *expand(task["train_flags"] + task["model_flags"] + task["optim_flags"], mapping),
+                *expand(flags, mapping)]
+        message = check_fairseq_args(argv)
+        if message is not None:
+            return f"criterion '{name}'{what} on {task_name}: {message}"
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -427,12 +469,34 @@ def pretrain_command(cfg, task_name, save_dir, workdir, seed=1):
     return train_command(cfg, task_name, save_dir, seed, extra, workdir, log_interval=50)
 
 
-def finetune_command(cfg, task_name, criterion, seed, save_dir, pretrained, workdir):
+def pre_phase_of(cfg, criterion):
+    """The criterion's ``pre_phase`` table (a run before its fine-tuning run), or None."""
+    return cfg["criterions"][criterion].get("pre_phase")
+
+
+def pre_phase_updates(cfg, task_name, pre):
+    """Updates of a pre-phase run: its own, or in --quick mode the task's (quick) fine-tuning updates."""
+    return cfg["tasks"][task_name]["finetune_updates"] if cfg.get("mode") == "quick" else pre["updates"]
+
+
+def finetune_command(cfg, task_name, criterion, seed, save_dir, pretrained, workdir, phase=None):
+    """The fine-tuning run of ``criterion`` from ``pretrained``; with ``phase="pre"``,
+    its pre-phase run instead (the pre-phase's flags and updates).  The run after a
+    pre-phase starts from the pre-phase's checkpoint (``pretrained``): fairseq's
+    --finetune-from-model loads model and criterion state (the critic) and resets
+    optimizer, meters and data iterator, the same as --restore-file with every --reset-*."""
     task = cfg["tasks"][task_name]
+    crit = cfg["criterions"][criterion]
+    if phase == "pre":
+        pre = crit["pre_phase"]
+        flags, own = list(pre["flags"]), list(pre.get("finetune_flags", []))
+        updates = pre_phase_updates(cfg, task_name, pre)
+    else:
+        flags = criterion_flags(cfg, criterion, task_name)
+        own, updates = list(crit.get("finetune_flags", [])), task["finetune_updates"]
     # the criterion's own finetune_flags come last, so they win over the task's (e.g. --lr)
-    extra = (criterion_flags(cfg, criterion, task_name) + list(task.get("finetune_flags", []))
-             + list(cfg["criterions"][criterion].get("finetune_flags", [])))
-    extra += ["--finetune-from-model", str(pretrained), "--max-update", str(task["finetune_updates"]),
+    extra = flags + list(task.get("finetune_flags", [])) + own
+    extra += ["--finetune-from-model", str(pretrained), "--max-update", str(updates),
               "--no-save-optimizer-state"]
     if task.get("validate_every"):
         extra += ["--validate-interval-updates", str(task["validate_every"])]
@@ -708,10 +772,21 @@ def estimate_finetune_s(cfg, task_name, criterion, speed=None):
     ratio = step_ratio(speed, criterion, task_name, cfg)
     if ratio is None:
         ratio = cfg["criterions"][criterion].get("est_step_cost", 1.0)
+    spu = task.get("est_sec_per_update", 0.1)
     updates = task["finetune_updates"]
     n_valid = updates // task["validate_every"] if task.get("validate_every") else 1
-    return (cfg["run"].get("startup_s", 8) + updates * task.get("est_sec_per_update", 0.1) * ratio
-            + n_valid * task.get("est_validate_s", 5) + task.get("est_eval_s", 30))
+    total = (cfg["run"].get("startup_s", 8) + updates * spu * ratio
+             + n_valid * task.get("est_validate_s", 5) + task.get("est_eval_s", 30))
+    pre = pre_phase_of(cfg, criterion)
+    if pre:
+        pre_ratio = step_ratio(speed, f"{criterion}_{pre['name']}", task_name, cfg)
+        if pre_ratio is None:
+            pre_ratio = pre.get("est_step_cost", ratio)
+        pre_updates = pre_phase_updates(cfg, task_name, pre)
+        pre_valid = pre_updates // task["validate_every"] if task.get("validate_every") else 1
+        total += (cfg["run"].get("startup_s", 8) + pre_updates * spu * pre_ratio
+                  + pre_valid * task.get("est_validate_s", 5))
+    return total
 
 
 def estimate_plan(cfg, runs, pretrains, speed=None):

@@ -192,8 +192,15 @@ def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False):
     """Run (or reuse) one fine-tuning run; returns its result dict or raises RuntimeError."""
     rdir = Path(workdir) / task_name / crit / f"seed{seed}"
     ckpt = Path(workdir) / task_name / "pretrain" / "checkpoint_last.pt"
-    cmd = H.finetune_command(cfg, task_name, crit, seed, rdir, ckpt, workdir)
-    text = H.command_text(cmd)
+    pre_cfg = H.pre_phase_of(cfg, crit)
+    if pre_cfg:  # e.g. erac's critic pre-training: its own run, then the fine-tuning run from its checkpoint
+        pdir = rdir / pre_cfg["name"]
+        pre_cmd = H.finetune_command(cfg, task_name, crit, seed, pdir, ckpt, workdir, phase="pre")
+        cmd = H.finetune_command(cfg, task_name, crit, seed, rdir, pdir / "checkpoint_last.pt", workdir)
+        text = H.command_text(pre_cmd) + "\n" + H.command_text(cmd)
+    else:
+        cmd = H.finetune_command(cfg, task_name, crit, seed, rdir, ckpt, workdir)
+        text = H.command_text(cmd)
     cached = H.read_json(rdir / "result.json")
     if cached and not force:
         if cached.get("command") == text and cached.get("pretrain_finished") == pre["finished"]:
@@ -206,6 +213,19 @@ def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False):
         shutil.rmtree(rdir)  # a fresh start: fairseq would otherwise resume from checkpoint_last.pt
     rdir.mkdir(parents=True)
     (rdir / "command.txt").write_text(text + "\n")
+    pre_info = None
+    if pre_cfg:
+        pdir.mkdir()
+        log(f"[{task_name}] {crit} seed {seed}: {pre_cfg['name']} phase, "
+            f"{H.pre_phase_updates(cfg, task_name, pre_cfg)} updates")
+        code, pre_wall = H.run_logged(pre_cmd, pdir / "train.log")
+        if code != 0:
+            raise RuntimeError(f"[{task_name}] {crit} seed {seed}: the {pre_cfg['name']} phase failed "
+                               f"(log {pdir / 'train.log'}):\n{H.log_tail(pdir / 'train.log')}")
+        pre_parsed = H.parse_log((pdir / "train.log").read_text(errors="replace"))
+        pre_info = {"name": pre_cfg["name"], "updates": final_updates(pre_parsed), "wall_s": round(pre_wall, 1),
+                    "last_train": pre_parsed["train"][-1] if pre_parsed["train"] else None,
+                    "last_valid": pre_parsed["valid"][-1] if pre_parsed["valid"] else None}
     log(f"[{task_name}] {crit} seed {seed}: fine-tuning {cfg['tasks'][task_name]['finetune_updates']} updates")
     code, wall = H.run_logged(cmd, rdir / "train.log")
     if code != 0:
@@ -218,14 +238,17 @@ def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False):
     result = {
         "command": text, "pretrain_finished": pre["finished"],
         "row": {"task": task_name, "criterion": crit, "seed": seed, "metric": metric, "value": value,
-                "updates": final_updates(parsed), "wall_s": round(wall, 1),
-                "details": {**scores, "eval_s": round(time.time() - t0, 1)}},
+                "updates": final_updates(parsed),
+                # the cost of the method: a pre-phase (critic pre-training) counts
+                "wall_s": round(wall + (pre_info["wall_s"] if pre_info else 0.0), 1),
+                "details": {**scores, "eval_s": round(time.time() - t0, 1),
+                            **({"pre_phase": pre_info} if pre_info else {})}},
         "curve": H.curve(parsed["valid"], task["curve_key"], task.get("curve_scale", 1.0)),
         "train_loss": [(e.get("num_updates"), e.get("loss")) for e in parsed["train"]],
     }
     H.write_json(rdir / "result.json", result)
     if not keep:
-        for path in rdir.glob("checkpoint*.pt"):
+        for path in [*rdir.glob("checkpoint*.pt"), *rdir.glob("*/checkpoint*.pt")]:
             path.unlink()
     log(f"[{task_name}] {crit} seed {seed}: {metric} {value:.2f} (train {wall:.0f} s)")
     return result

@@ -154,7 +154,8 @@ class Setting:
                                                  self.spec["synthetic_vocab"])
             return
         self.data_dir = H.ensure_data(self.cfg, self.task_name, self.workdir)
-        if any("token_embeddings" in H.placeholders(H.criterion_flags(self.cfg, c, self.task_name))
+        if any("token_embeddings" in H.placeholders(H.criterion_flags(self.cfg, H.speed_entry(self.cfg, c)[0],
+                                                                      self.task_name))
                for c in criterions):
             H.ensure_token_embeddings(self.cfg, self.task_name, self.workdir)
 
@@ -210,11 +211,23 @@ class Setting:
             batches.append(ds.collater([ds[i] for i in range(n_sent)]))
         return batches
 
-    def build_criterion(self, criterion):
+    def build_criterion(self, name):
+        """The criterion of a speed.json name.  A criterion with a ``pre_phase`` (erac
+        after its critic phase) starts from the state one pre-phase step leaves, as its
+        fine-tuning run starts from the pre-phase's checkpoint; ``NAME_PRE`` is the
+        pre-phase step itself."""
         from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-        args = parse_fairseq(self.base_argv() + self.criterion_flags(criterion))
-        return self.task.build_criterion(convert_namespace_to_omegaconf(args).criterion)
+        criterion, phase = H.speed_entry(self.cfg, name)
+        pre = H.pre_phase_of(self.cfg, criterion)
+        flags = H.expand(pre["flags"], self.mapping()) if phase == "pre" else self.criterion_flags(criterion)
+        args = parse_fairseq(self.base_argv() + flags)
+        built = self.task.build_criterion(convert_namespace_to_omegaconf(args).criterion)
+        if pre and phase is None:
+            before = self.build_criterion(H.pre_phase_speed_name(criterion, pre))
+            step(self.model, before, self.batches[0])
+            built.load_state_dict(before.state_dict())
+        return built
 
     def describe(self):
         sent = sum(b["nsentences"] for b in self.batches)
@@ -265,6 +278,7 @@ def write_synthetic_data(directory, vocab):
 def step(model, criterion, batch):
     """(wall seconds, process CPU seconds) of one forward+backward."""
     model.zero_grad(set_to_none=True)
+    criterion.zero_grad(set_to_none=True)  # a critic's gradients
     wall, cpu = time.perf_counter(), time.process_time()
     loss, _, _ = criterion(model, batch)
     loss.backward()
@@ -495,7 +509,7 @@ def check_targets(cfg, by_setting):
 
 def main_setting(cfg, criterion, measured):
     """The setting whose numbers go to the top level for ``criterion``."""
-    tasks = H.criterion_tasks(cfg, criterion)
+    tasks = H.criterion_tasks(cfg, H.speed_entry(cfg, criterion)[0])
     for sname, spec in cfg["speed"]["settings"].items():
         if sname in measured and tasks and tasks[0] in spec.get("covers", [spec["task"]]):
             return sname
@@ -504,7 +518,12 @@ def main_setting(cfg, criterion, measured):
 
 def build_output(cfg, by_setting, meta, targets, reward):
     out = {}
-    for name in cfg["criterions"]:
+    names = list(cfg["criterions"])
+    for crit in cfg["criterions"]:
+        pre = H.pre_phase_of(cfg, crit)
+        if pre:
+            names.insert(names.index(crit), H.pre_phase_speed_name(crit, pre))
+    for name in names:
         measured = [s for s in by_setting if name in by_setting[s]]
         if not measured:
             continue
@@ -587,11 +606,12 @@ def main(argv=None):
         f"{torch.get_num_threads()} threads; timing forward+backward (no optimizer step)")
     by_setting, meta_settings, t0 = {}, {}, time.time()
     for sname in settings:
-        names = [c for c in H.setting_criterions(cfg, sname) if only is None or c in only or c == H.CONTROL]
+        names = [c for c in H.setting_criterions(cfg, sname)
+                 if only is None or c in only or H.speed_entry(cfg, c)[0] in only or c == H.CONTROL]
         setting = Setting(cfg, sname, workdir)
         results, runnable = {}, {}
         for crit in names:
-            message = H.check_criterion(cfg, crit, setting.task_name, workdir)
+            message = H.check_criterion(cfg, H.speed_entry(cfg, crit)[0], setting.task_name, workdir)
             if message:
                 results[crit] = {"skipped": message}
                 log(f"skip: [{sname}] {message}")

@@ -50,6 +50,14 @@ tasks = ["toy"]
 est_step_cost = 2.0
 notes = "toy raml"
 
+[criterions.erac]
+flags = ["--criterion", "erac", "--erac-phase", "joint", "--critic-embed-dim", "8", "--critic-hidden-size", "8"]
+tasks = ["toy"]
+est_step_cost = 3.0
+pre_phase = { name = "critic", updates = 3, est_step_cost = 2.0, flags = [
+    "--criterion", "erac", "--erac-phase", "critic", "--critic-embed-dim", "8", "--critic-hidden-size", "8"] }
+notes = "toy erac: a critic phase, then joint training from its checkpoint"
+
 [criterions.typo]
 flags = ["--criterion", "raml", "--raml-samplez", "2"]
 tasks = ["toy"]
@@ -113,6 +121,24 @@ def test_shipped_config_is_valid_and_complete():
             if any(r[1] == crit for r in runs):
                 est = H.estimate_plan(cfg, runs, [task])
                 assert est["total"] <= cfg["run"]["budget_s"], (task, crit, est["total"])
+
+
+def test_pre_phase_config_is_checked(toy_bench, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(toy_bench["config"].read_text().replace(
+        'pre_phase = { name = "critic", updates = 3,', 'pre_phase = { name = "critic phase", updates = 0, uptades = 1,'))
+    with pytest.raises(H.ConfigError) as e:
+        H.load_config(bad)
+    text = str(e.value)
+    assert "criterions.erac.pre_phase: unknown key 'uptades' (did you mean 'updates'?)" in text
+    assert "criterions.erac.pre_phase.updates: must be >= 1" in text
+    assert "criterions.erac.pre_phase.name: letters, digits and _ only" in text
+    cfg = H.load_config(toy_bench["config"])
+    cfg["criterions"]["erac"]["pre_phase"]["flags"] = ["--criterion", "erac", "--erac-phaze", "critic"]
+    message = H.check_criterion(cfg, "erac", "toy")
+    assert message.startswith("criterion 'erac' (pre_phase critic) on toy:") and "--erac-phaze" in message
+    assert H.setting_criterions(cfg, "toy")[:1] == ["mle"]
+    assert H.speed_entry(cfg, "erac_critic") == ("erac", "pre") and H.speed_entry(cfg, "erac") == ("erac", None)
 
 
 def test_validate_config_reports_every_problem():
@@ -233,6 +259,14 @@ def test_estimate_plan(toy_bench):
     speed_json = {"raml": {"by_setting": {"toy": {"step_time_vs_mle": 3.0}}}}  # measured ratio wins
     est = H.estimate_plan(cfg, [("toy", "raml", 1)], [], speed_json)
     assert math.isclose(est["total"], 5 + 0.6 + 2 + 4)
+    # a pre-phase adds its own run: startup 5 + 3 updates x 0.1 x 2.0 + 3 validations x 1
+    est = H.estimate_plan(cfg, [("toy", "erac", 1)], [])
+    assert math.isclose(est["total"], (5 + 2 * 0.1 * 3.0 + 2 + 4) + (5 + 3 * 0.1 * 2.0 + 3))
+    speed_json = {"erac_critic": {"by_setting": {"toy": {"step_time_vs_mle": 1.0}}}}
+    est = H.estimate_plan(cfg, [("toy", "erac", 1)], [], speed_json)
+    assert math.isclose(est["total"], (5 + 2 * 0.1 * 3.0 + 2 + 4) + (5 + 3 * 0.1 * 1.0 + 3))
+    quick = H.load_config(toy_bench["config"], quick=True)  # --quick: the task's fine-tuning updates
+    assert H.pre_phase_updates(quick, "toy", quick["criterions"]["erac"]["pre_phase"]) == 2
 
 
 def test_speed_summaries(toy_bench):
@@ -254,7 +288,7 @@ def test_quality_end_to_end(toy_run):
     assert toy_run["code"] == 0
     results = toy_run["results"]
     rows = json.loads((results / "quality.json").read_text())
-    assert {(r["criterion"], r["seed"]) for r in rows} == {("mle", 1), ("raml", 1), (H.PRETRAIN, 1)}
+    assert {(r["criterion"], r["seed"]) for r in rows} == {("mle", 1), ("raml", 1), ("erac", 1), (H.PRETRAIN, 1)}
     for row in rows:
         assert set(row) >= {"task", "criterion", "seed", "metric", "value", "updates", "wall_s"}
         assert row["task"] == "toy" and row["metric"] == "bleu" and 0.0 <= row["value"] <= 100.0
@@ -269,6 +303,25 @@ def test_quality_end_to_end(toy_run):
     work = toy_run["work"]
     assert (work / "toy" / "pretrain" / "command.txt").read_text().startswith(H.sys.executable)
     assert not list((work / "toy" / "raml" / "seed1").glob("*.pt"))  # scored, then deleted
+
+
+def test_quality_pre_phase_runs_first_and_counts_in_the_cost(toy_run):
+    """erac's critic phase: its own run of pre_phase.updates from the MLE model, then the
+    joint run from the critic phase's checkpoint (joint refuses to start without a trained
+    critic, so a joint run that finished had the critic state); both walls in wall_s."""
+    rows = json.loads((toy_run["results"] / "quality.json").read_text())
+    row = next(r for r in rows if r["criterion"] == "erac")
+    pre = row["details"]["pre_phase"]
+    assert pre["name"] == "critic" and pre["updates"] == 3
+    assert 0 < pre["wall_s"] < row["wall_s"]
+    seed_dir = toy_run["work"] / "toy" / "erac" / "seed1"
+    critic_cmd, joint_cmd = (seed_dir / "command.txt").read_text().strip().splitlines()
+    assert "--erac-phase critic" in critic_cmd and "--max-update 3" in critic_cmd
+    assert "pretrain/checkpoint_last.pt" in critic_cmd
+    assert "--erac-phase joint" in joint_cmd and "--max-update 2" in joint_cmd
+    assert f"--finetune-from-model {seed_dir / 'critic' / 'checkpoint_last.pt'}" in joint_cmd
+    assert "erac_td" in (seed_dir / "critic" / "train.log").read_text()
+    assert not list(seed_dir.glob("**/*.pt"))  # both phases' checkpoints deleted after scoring
 
 
 def test_log_parsing_on_a_real_fairseq_log(toy_run):
@@ -287,7 +340,7 @@ def test_quality_rerun_is_cached(toy_run, capsys):
     assert quality.main(toy_run["argv"] + ["--no-plots"]) == 0
     out = capsys.readouterr().out
     assert "reusing pre-trained MLE model" in out
-    assert "mle seed 1: cached" in out and "raml seed 1: cached" in out
+    assert "mle seed 1: cached" in out and "raml seed 1: cached" in out and "erac seed 1: cached" in out
     assert "fine-tuning 2 updates" not in out
 
 
@@ -303,11 +356,15 @@ def test_quality_dry_run_prints_estimate(toy_bench, capsys):
 def test_speed_end_to_end(toy_bench, tmp_path):
     out = tmp_path / "speed.json"
     code = speed.main(["--config", str(toy_bench["config"]), "--workdir", str(toy_bench["root"] / "work"),
-                       "--rounds", "1", "--no-reward", "--json", str(out), "--criterions", "mle,raml,unknown"])
+                       "--rounds", "1", "--no-reward", "--json", str(out), "--criterions", "mle,raml,erac,unknown"])
     assert code == 0
     data = json.loads(out.read_text())
     assert data["mle"]["step_time_vs_mle"] == 1.0 and data["raml"]["step_time_vs_mle"] > 0
-    for crit in ("mle", "raml"):
+    # erac is timed in its joint phase (built from the state a critic-phase step leaves;
+    # without it, joint refuses to start) and its critic phase as erac_critic
+    assert data["erac"]["step_time_vs_mle"] > 0 and data["erac_critic"]["step_time_vs_mle"] > 0
+    assert list(data).index("erac_critic") == list(data).index("erac") - 1
+    for crit in ("mle", "raml", "erac", "erac_critic"):
         assert data[crit]["setting"] == "toy" and data[crit]["peak_mem_mb"] >= 0
     assert "no_such_criterion" in data["unknown"]["skipped"]
     assert data["_meta"]["settings"]["toy"]["batches"] == 1
