@@ -69,6 +69,18 @@ class SeqlevelCriterion(FairseqCriterion):
         self.register_buffer("special_ids", torch.tensor(never_sampled_ids(dictionary), dtype=torch.long),
                              persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        # buffers named in ``fp32_buffers`` (a critic's shadow copies, see
+        # critics.register_shadow) follow the device but keep fp32 under
+        # fairseq's .half() / .to(bfloat16) of the criterion
+        keep = {n: self._buffers[n] for n in getattr(self, "fp32_buffers", ()) if n in self._buffers}
+        out = super()._apply(fn, *args, **kwargs)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return out
+
     def load_state_dict(self, state_dict, strict=True, **kwargs):
         # A checkpoint of a criterion without parameters (an MLE checkpoint)
         # has criterion state None: a criterion with a critic starts it fresh.

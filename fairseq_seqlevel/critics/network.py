@@ -66,7 +66,11 @@ def register_shadow(owner: nn.Module, module: nn.Module, prefix: str) -> Dict[st
     names = {}
     for name, p in module.named_parameters():
         names[name] = f"{prefix}__" + name.replace(".", "__")
-        owner.register_buffer(names[name], p.detach().clone())
+        owner.register_buffer(names[name], p.detach().clone().float())
+    # kept fp32 when fairseq casts the criterion for --fp16/--bf16 (the owner's
+    # _apply honours it): β·(φ − φ̄) at β = 0.001 is below half precision's
+    # resolution, a half-precision target network would never move
+    owner.__dict__.setdefault("fp32_buffers", set()).update(names.values())
     return names
 
 
@@ -79,4 +83,4 @@ def shadow(owner: nn.Module, names: Dict[str, str]) -> Dict[str, Tensor]:
 def blend_shadow(owner: nn.Module, module: nn.Module, names: Dict[str, str], rate: float) -> None:
     """copy ← rate·θ + (1 − rate)·copy (rate 1: a fresh copy)."""
     for name, p in module.named_parameters():
-        getattr(owner, names[name]).mul_(1.0 - rate).add_(p.detach(), alpha=rate)
+        getattr(owner, names[name]).mul_(1.0 - rate).add_(p.detach().float(), alpha=rate)
