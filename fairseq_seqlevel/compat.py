@@ -230,6 +230,13 @@ def trainer_num_updates():
     return 0
 
 
+def data_parallel_rank_and_size():
+    """(rank, world size) of this worker among fairseq's data-parallel workers; (0, 1) alone."""
+    from fairseq.distributed import utils as distributed_utils
+
+    return distributed_utils.get_data_parallel_rank(), distributed_utils.get_data_parallel_world_size()
+
+
 allow_fairseq_checkpoints()
 keep_last_batch()
 allow_cpu_pytorch_ddp()

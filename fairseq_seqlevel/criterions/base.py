@@ -1,6 +1,7 @@
 """What every sequence-level criterion shares: the reward rule, the ids that
 are never sampled, and fairseq's stock logging (summable outputs)."""
 
+import contextlib
 import math
 
 import torch
@@ -8,6 +9,7 @@ from fairseq import utils
 from fairseq.criterions import FairseqCriterion
 from fairseq.logging import metrics
 
+from fairseq_seqlevel.compat import data_parallel_rank_and_size
 from fairseq_seqlevel.decoding.teacher_forcing import token_nll
 from fairseq_seqlevel.rewards.binding import bind_reward
 from fairseq_seqlevel.sampling.vocab import never_sampled_ids
@@ -24,6 +26,32 @@ def pad_right(tokens, width, pad):
     if tokens.size(1) >= width:
         return tokens
     return torch.cat([tokens, tokens.new_full((tokens.size(0), width - tokens.size(1)), pad)], dim=1)
+
+
+#: rank stride of the per-worker sampling seed (a prime: seeds of ranks never coincide)
+WORKER_SEED_STRIDE = 1_000_003
+
+
+@contextlib.contextmanager
+def worker_rng():
+    """Random draws (samples, roll-outs, candidates) of this data-parallel worker.
+
+    fairseq seeds every worker alike (``seed + num_updates`` in
+    ``Trainer._set_seed``), so without this two workers would draw the same
+    random numbers for their rows: correlated samples, fewer distinct ones in
+    the global batch.  Inside, torch's generator is seeded with ``s + rank ×
+    WORKER_SEED_STRIDE``, ``s`` drawn from the (shared) stream outside; the
+    outside stream is restored afterwards, so dropout and everything else stay
+    as fairseq has them.  Alone (world size 1) it changes nothing."""
+    rank, world_size = data_parallel_rank_and_size()
+    if world_size <= 1:
+        yield
+        return
+    base = int(torch.randint(0, 2 ** 62, ()))
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((base + rank * WORKER_SEED_STRIDE) % 2 ** 63)
+        yield
 
 
 def log_stock_metrics(logging_outputs):

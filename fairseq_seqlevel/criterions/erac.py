@@ -31,7 +31,7 @@ from omegaconf import II
 from torch.func import functional_call
 
 from fairseq_seqlevel.compat import trainer_num_updates
-from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of
+from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of, worker_rng
 from fairseq_seqlevel.critics import (actor_objective, blend_shadow, erac_td_targets, length_scaled_rewards,
                                       q_variance, register_shadow, shadow, taken)
 from fairseq_seqlevel.critics.config import CriticConfig, build_critic
@@ -141,7 +141,8 @@ class EracCriterion(SeqlevelCriterion):
         joint = self.phase_code.item() == PHASE_CODE["joint"]
         cfg, s = self.cfg, self.cfg.erac_samples
 
-        tokens = self.trajectories(model, sample)  # [B·s, T]
+        with worker_rng():
+            tokens = self.trajectories(model, sample)  # [B·s, T]
         width = max(tokens.size(1), target.size(1))
         tokens, ref = pad_right(tokens, width, pad), pad_right(target, width, pad)
         mask = tokens.ne(pad)

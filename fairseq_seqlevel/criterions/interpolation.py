@@ -25,7 +25,7 @@ from fairseq.logging import metrics
 from omegaconf import II
 
 from fairseq_seqlevel.compat import trainer_num_updates
-from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, references_of
+from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, references_of, worker_rng
 from fairseq_seqlevel.decoding.model import unwrap
 from fairseq_seqlevel.decoding.sampler import draw, sample as sample_outputs
 from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, token_nll
@@ -251,7 +251,8 @@ class InterpolationCriterion(SeqlevelCriterion):
         if self.training:
             self._consume_validation()
             lambdas = self.current_lambdas()
-            tokens, z = self.construct(model, sample, lambdas)
+            with worker_rng():
+                tokens, z = self.construct(model, sample, lambdas)
             extra.update({
                 "interp_lambda1_sum": lambdas[0], "interp_lambda2_sum": lambdas[1],
                 "interp_lambda3_sum": lambdas[2], "interp_nforwards": 1,

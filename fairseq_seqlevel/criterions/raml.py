@@ -30,7 +30,7 @@ import torch
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 
-from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of
+from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of, worker_rng
 from fairseq_seqlevel.decoding.model import forward_through
 from fairseq_seqlevel.decoding.teacher_forcing import (
     encode,
@@ -197,7 +197,8 @@ class RamlCriterion(SeqlevelCriterion):
             per_example, ref_nll = self.sequence_losses(lprobs, target)
             loss = per_example.sum()
         else:
-            drawn, weights, ess = self.draw_samples(sample)
+            with worker_rng():
+                drawn, weights, ess = self.draw_samples(sample)
             if self.cfg.raml_lazy:
                 net_output = model(**sample["net_input"])
                 lprobs = model.get_normalized_probs(net_output, log_probs=True)

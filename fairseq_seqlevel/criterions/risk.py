@@ -30,7 +30,7 @@ from fairseq.data import data_utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of
+from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of, worker_rng
 from fairseq_seqlevel.decoding.model import eval_mode, forward_through, unwrap
 from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
 from fairseq_seqlevel.decoding.teacher_forcing import rows_objective, sequence_nll
@@ -146,7 +146,8 @@ class RiskCriterion(SeqlevelCriterion):
             return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size)
 
         n = cfg.risk_candidates
-        found = self.candidates(model, sample)
+        with worker_rng():
+            found = self.candidates(model, sample)
         width = max(found.size(1), target.size(1))
         # rows per source: [y*, u_1..u_n]; y* is always scored (NLL term), a candidate only if asked
         rows = torch.cat([pad_right(target, width, pad).unsqueeze(1),

@@ -96,7 +96,8 @@ from omegaconf import II
 from torch import Tensor
 
 from fairseq_seqlevel import rewards
-from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, log_stock_metrics, pad_right, references_of
+from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, log_stock_metrics, pad_right, references_of,
+                                              worker_rng)
 from fairseq_seqlevel.decoding import rollouts
 from fairseq_seqlevel.decoding.model import eval_mode
 from fairseq_seqlevel.decoding.teacher_forcing import encode, prev_output_tokens_from_target, token_nll
@@ -488,7 +489,8 @@ class SearnnCriterion(SeqlevelCriterion):
     # ---------------------------------------------------------------- loss
 
     def forward(self, model, sample, reduce=True):
-        found = self.search(model, sample)
+        with worker_rng():  # roll-ins, cells, roll-out tokens: this worker's own draws
+            found = self.search(model, sample)
         # the loss pass is a stock forward of the wrapped model (data parallelism sees it)
         prev = prev_output_tokens_from_target(found.rollin, self.padding_idx, self.eos)
         net_output = model(**{**sample["net_input"], "prev_output_tokens": prev})

@@ -30,7 +30,7 @@ from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of
+from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of, worker_rng
 from fairseq_seqlevel.decoding.model import forward_through
 from fairseq_seqlevel.decoding.sampler import draw, sample as sample_outputs
 from fairseq_seqlevel.decoding.teacher_forcing import rows_objective, sequence_nll, token_nll
@@ -111,7 +111,8 @@ class SeqExplorationCriterion(SeqlevelCriterion):
         cfg, pad = self.cfg, self.padding_idx
         target, refs = sample["target"], references_of(sample)
         batch_size, s = target.size(0), cfg.sle_samples
-        samples, greedy = self.draw(model, sample)
+        with worker_rng():
+            samples, greedy = self.draw(model, sample)
         width = samples.size(1)
         with torch.no_grad():
             rewards = self.reward(samples, refs.repeat_interleave(s, dim=0)).float().view(batch_size, s)

@@ -24,7 +24,7 @@ from fairseq.dataclass import ChoiceEnum
 from omegaconf import II
 from torch.func import functional_call
 
-from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of
+from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of, worker_rng
 from fairseq_seqlevel.critics import (blend_shadow, length_scaled_rewards, register_shadow, shadow, soft_q_targets,
                                       taken)
 from fairseq_seqlevel.critics.config import CriticConfig, build_critic
@@ -130,7 +130,7 @@ class VamlCriterion(SeqlevelCriterion):
             self._start()
         actor = self.phase_code.item() == PHASE_CODE["actor"]
         L = cfg.vaml_samples
-        with torch.no_grad():
+        with torch.no_grad(), worker_rng():
             drawn = hamming_sampler(target, pad, self.eos, L, cfg.vaml_sample_temperature,
                                     raml_vocab.batch_vocab(target, self.special_ids))
         samples = drawn.tokens
