@@ -232,8 +232,11 @@ def trainer_num_updates():
 
 def data_parallel_rank_and_size():
     """(rank, world size) of this worker among fairseq's data-parallel workers; (0, 1) alone."""
+    import torch.distributed as dist
     from fairseq.distributed import utils as distributed_utils
 
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
     return distributed_utils.get_data_parallel_rank(), distributed_utils.get_data_parallel_world_size()
 
 

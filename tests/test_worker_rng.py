@@ -27,9 +27,9 @@ def raml(toy_data):
     return criterion, first_batch(task)
 
 
-def test_alone_nothing_changes(raml, monkeypatch):
+def test_alone_nothing_changes(raml):
     criterion, sample = raml
-    monkeypatch.setattr(base, "data_parallel_rank_and_size", lambda: (0, 1))
+    assert base.data_parallel_rank_and_size() == (0, 1)  # no process group: one worker
     torch.manual_seed(5)
     plain = criterion.draw_samples(sample)[0].tokens
     plain_after = torch.rand(3)
