@@ -52,12 +52,53 @@ FINETUNE = {
 }
 
 
-def run(cmd, log_path):
+PROGRESS_FIELDS = {  # fairseq's simple log format: "key value" (epoch lines) or "key=value" (train_inner)
+    "epoch": r"epoch (\d+)", "updates": r"num_updates[ =](\d+)", "loss": r"\bloss[ =]([\d.]+)",
+    "valid BLEU": r"greedy_bleu ([\d.]+)",
+}
+
+
+def progress_fields(line, state):
+    """Update ``state`` (dict) from one fairseq log line; True if it changed."""
+    import re
+
+    if "| train_inner |" not in line and "| train |" not in line and "| valid |" not in line:
+        return False
+    changed = False
+    for key, pattern in PROGRESS_FIELDS.items():
+        if key == "loss" and "| valid |" in line:
+            key = "valid loss"
+        found = re.search(pattern, line)
+        if found and state.get(key) != found.group(1):
+            state[key], changed = found.group(1), True
+    return changed
+
+
+def run(cmd, log_path, label=None):
+    """Run ``cmd`` with its output in ``log_path``; with a ``label``, show one
+    progress line (epoch, updates, loss, validation BLEU) while it runs:
+    rewritten in place on a terminal, a new line per change otherwise."""
     print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    start = time.time()
+    start, state, tty = time.time(), {}, sys.stdout.isatty()
     with open(log_path, "w") as log:
-        proc = subprocess.run([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=env, text=True, bufsize=1)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if label and progress_fields(line, state):
+                    text = f"[{label}] " + " | ".join(f"{k} {v}" for k, v in state.items()) \
+                        + f" | {time.time() - start:.0f} s"
+                    print(("\r" + text.ljust(100)) if tty else text, end="" if tty else "\n", flush=True)
+            proc.wait()
+        except BaseException:  # Ctrl-C: stop fairseq too, keep the log
+            proc.terminate()
+            proc.wait()
+            raise
+    if label and tty and state:
+        print(flush=True)
     if proc.returncode != 0:
         tail = Path(log_path).read_text()[-3000:]
         sys.exit(f"error: command failed (log: {log_path}):\n{tail}")
@@ -68,7 +109,7 @@ def train(data, save_dir, extra, log_name):
     save_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "fairseq_cli.train", data, *COMMON, *MODEL, *OPTIM,
            "--save-dir", save_dir, *extra]
-    return run(cmd, save_dir / log_name)
+    return run(cmd, save_dir / log_name, label=save_dir.name)
 
 
 def last_updates(save_dir):
