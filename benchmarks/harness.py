@@ -469,6 +469,20 @@ def pretrain_command(cfg, task_name, save_dir, workdir, seed=1):
     return train_command(cfg, task_name, save_dir, seed, extra, workdir, log_interval=50)
 
 
+def pretrain_dir(workdir, task_name, pretrain=1):
+    """Where pre-trained model ``pretrain`` (its pre-training seed) of a task lives:
+    WORKDIR/TASK/pretrain for seed 1 (the layout before there were several),
+    WORKDIR/TASK/pretrain{N} otherwise."""
+    return Path(workdir) / task_name / ("pretrain" if pretrain == 1 else f"pretrain{pretrain}")
+
+
+def run_dir(workdir, task_name, criterion, seed, pretrain=1):
+    """A fine-tuning run: WORKDIR/TASK/CRIT/seed{S} from pre-trained model 1,
+    WORKDIR/TASK/CRIT/pretrain{N}_seed{S} from model N."""
+    name = f"seed{seed}" if pretrain == 1 else f"pretrain{pretrain}_seed{seed}"
+    return Path(workdir) / task_name / criterion / name
+
+
 def pre_phase_of(cfg, criterion):
     """The criterion's ``pre_phase`` table (a run before its fine-tuning run), or None."""
     return cfg["criterions"][criterion].get("pre_phase")
@@ -628,46 +642,82 @@ def summarize(values):
             "std": statistics.stdev(values) if n >= 2 else None}
 
 
+# two-sided 95% Student t quantiles by degrees of freedom (normal beyond the table)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
+        18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t975(df):
+    if df in T975:
+        return T975[df]
+    known = [k for k in T975 if k <= df]
+    return T975[max(known)] if df <= 30 else 1.96
+
+
+def run_key(row):
+    """(pre-trained model, fine-tuning seed) of a quality.json row (pretrain 1 if absent)."""
+    return (row.get("pretrain", 1), row["seed"])
+
+
 def aggregate(rows, control=CONTROL):
     """Per task and criterion: metric summary, Δ vs the control, wall time.
 
     Returns {task: {criterion: {"metric", "n", "mean", "std", "seeds",
-    "delta", "delta_std", "delta_n", "wall_s", "updates"}}}.  ``delta`` is
-    mean(criterion) - mean(control); ``delta_std`` the std of the
-    seed-paired differences (seeds present in both), None if < 2 pairs.
+    "pretrains", "delta", "delta_std", "delta_n", "delta_ci95", "wall_s",
+    "updates"}}}.  Runs pair by (pre-trained model, seed): ``delta`` is the
+    mean of the paired differences criterion − control (every run of the
+    criterion that has its control run), ``delta_std`` their std and
+    ``delta_ci95`` the half-width of their 95% t interval (None with < 2
+    pairs).  For the pre-trained models' own rows (``PRETRAIN``) ``n`` counts
+    the models.
     """
     groups = {}
     for row in rows:
         groups.setdefault(row["task"], {}).setdefault(row["criterion"], []).append(row)
     out = {}
     for task, by_crit in groups.items():
-        ctrl = {r["seed"]: r["value"] for r in by_crit.get(control, [])}
-        ctrl_mean = summarize(ctrl.values())["mean"]
+        ctrl = {run_key(r): r["value"] for r in by_crit.get(control, [])}
         out[task] = {}
         for crit, crit_rows in by_crit.items():
-            values = {r["seed"]: r["value"] for r in crit_rows}
+            values = {run_key(r): r["value"] for r in crit_rows}
             s = summarize(values.values())
-            entry = {"metric": crit_rows[0]["metric"], **s, "seeds": sorted(values),
+            entry = {"metric": crit_rows[0]["metric"], **s, "seeds": sorted({k[1] for k in values}),
+                     "pretrains": sorted({k[0] for k in values}),
                      "wall_s": summarize([r.get("wall_s") for r in crit_rows])["mean"],
                      "updates": crit_rows[0].get("updates")}
-            if crit != control and ctrl_mean is not None and s["mean"] is not None and crit != PRETRAIN:
+            if crit == control:
+                entry.update(delta=0.0, delta_std=None, delta_n=s["n"], delta_ci95=None)
+            elif crit != PRETRAIN and s["mean"] is not None:
                 paired = [values[k] - ctrl[k] for k in values if k in ctrl]
                 d = summarize(paired)
-                entry.update(delta=s["mean"] - ctrl_mean, delta_std=d["std"], delta_n=d["n"])
-            elif crit == control:
-                entry.update(delta=0.0, delta_std=None, delta_n=s["n"])
+                ci = t975(d["n"] - 1) * d["std"] / math.sqrt(d["n"]) if d["std"] is not None else None
+                entry.update(delta=d["mean"], delta_std=d["std"], delta_n=d["n"], delta_ci95=ci)
             else:
-                entry.update(delta=None, delta_std=None, delta_n=0)
+                entry.update(delta=None, delta_std=None, delta_n=0, delta_ci95=None)
+            if crit == PRETRAIN:  # each pre-trained model's own score
+                entry["models"] = {k[0]: v for k, v in sorted(values.items())}
             out[task][crit] = entry
     return out
 
 
+def verdict(entry, higher_is_better):
+    """"ahead" / "behind" when the 95% interval of Δ excludes 0, else "tie" (None: too few pairs)."""
+    if entry.get("delta_ci95") is None or entry.get("delta") is None:
+        return None
+    lo, hi = entry["delta"] - entry["delta_ci95"], entry["delta"] + entry["delta_ci95"]
+    if lo > 0 or hi < 0:
+        better = (lo > 0) == higher_is_better
+        return "ahead" if better else "behind"
+    return "tie"
+
+
 def merge_rows(old, new, replace_all=False):
-    """quality.json rows: ``new`` replaces rows of the same (task, criterion, seed);
+    """quality.json rows: ``new`` replaces rows of the same (task, criterion, pretrain, seed);
     with ``replace_all`` (a full run) only ``new`` is kept."""
     if replace_all:
         return list(new)
-    key = lambda r: (r["task"], r["criterion"], r["seed"])  # noqa: E731
+    key = lambda r: (r["task"], r["criterion"], r.get("pretrain", 1), r["seed"])  # noqa: E731
     fresh = {key(r) for r in new}
     return [r for r in old if key(r) not in fresh] + list(new)
 
@@ -698,12 +748,15 @@ def markdown_report(cfg, agg, speed=None, skipped=(), failed=(), order=None):
         by_crit = agg[task_name]
         lines.append(f"### {task_name}: {metric_title(task_cfg)}")
         lines.append("")
-        lines.append("| criterion | metric (mean ± std) | Δ vs MLE (± std of paired Δ) | seeds "
-                     "| updates | fine-tune wall s | step time vs MLE |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("| criterion | metric (mean ± std) | Δ vs MLE (± std of paired Δ) | 95% CI of Δ "
+                     "| runs (models × seeds) | updates | fine-tune wall s | step time vs MLE |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         if PRETRAIN in by_crit:
             e = by_crit[PRETRAIN]
-            lines.append(f"| *pre-trained MLE (start point)* | {_fmt(e['mean'])} | | | {e['updates']} "
+            own = ", ".join(f"{v:.2f}" for v in e.get("models", {}).values())
+            lines.append(f"| *pre-trained MLE (start point{'s' if e['n'] > 1 else ''})* | {_fmt(e['mean'])}"
+                         + (f" ({own})" if e["n"] > 1 and own else "")
+                         + f" | | | {e['n']} model{'s' if e['n'] > 1 else ''} | {e['updates']} "
                          f"| {_fmt(e['wall_s'], 0)} (pre-training) | |")
         for crit in order:
             if crit not in by_crit:
@@ -716,8 +769,17 @@ def markdown_report(cfg, agg, speed=None, skipped=(), failed=(), order=None):
                 delta = "–"
             else:
                 delta = _fmt(e["delta"], signed=True) + (f" ± {_fmt(e['delta_std'])}" if e["delta_std"] is not None else "")
+            ci = "–"
+            if e.get("delta_ci95") is not None:
+                ci = (f"[{_fmt(e['delta'] - e['delta_ci95'], signed=True)}, "
+                      f"{_fmt(e['delta'] + e['delta_ci95'], signed=True)}]")
+                word = verdict(e, task_cfg["higher_is_better"])
+                ci += f" {word}" if word != "tie" else ""
+                if word == "ahead":
+                    ci = f"**{ci}**"
+            runs = f"{e['n']} ({len(e['pretrains'])} × {len(e['seeds'])})"
             ratio = step_ratio(speed, crit, task_name, cfg)
-            lines.append(f"| {crit} | {mean_std} | {delta} | {e['n']} | {e['updates']} "
+            lines.append(f"| {crit} | {mean_std} | {delta} | {ci} | {runs} | {e['updates']} "
                          f"| {_fmt(e['wall_s'], 0)} | {_fmt(ratio) + '×' if ratio is not None else '–'} |")
         lines.append("")
     for what, items in (("Not run (skipped)", skipped), ("Failed", failed)):
@@ -795,9 +857,12 @@ def estimate_plan(cfg, runs, pretrains, speed=None):
     ``runs``: (task, criterion, seed) still to run; ``pretrains``: tasks
     whose MLE model must still be trained (and evaluated).
     """
-    pre = {t: estimate_pretrain_s(cfg, t) for t in pretrains}
+    pre = {}
+    for t in pretrains:  # a task, or (task, pre-training seed)
+        task = t[0] if isinstance(t, tuple) else t
+        pre[t] = estimate_pretrain_s(cfg, task)
     fine = {}
-    for task, crit, _seed in runs:
+    for task, crit, *_ in runs:  # (task, criterion, seed[, pretrain])
         fine[(task, crit)] = fine.get((task, crit), 0.0) + estimate_finetune_s(cfg, task, crit, speed)
     return {"total": sum(pre.values()) + sum(fine.values()), "pretrain": pre, "finetune": fine}
 

@@ -2,22 +2,23 @@
 """Quality benchmark: does each criterion beat MLE when fine-tuning the same model?
 
     python benchmarks/quality.py [--quick] [--tasks a,b] [--criterions a,b]
-        [--seeds 1,2,3] [--workdir work/bench] [--config benchmarks/config.toml]
+        [--seeds 1,2,3] [--pretrain-seeds 1,2] [--workdir work/bench] [--config benchmarks/config.toml]
         [--results benchmarks/results] [--force] [--force-pretrain] [--dry-run]
 
 For every task of ``benchmarks/config.toml``:
 
 1. prepare the data if missing (the task's ``prepare`` command);
-2. pre-train one MLE model (cached in WORKDIR/TASK/pretrain with its
-   ``command.txt``; reused while the command is unchanged) and score it;
-3. for every seed and criterion: fine-tune from it for the task's
+2. pre-train one MLE model per pre-training seed (``--pretrain-seeds``;
+   cached in WORKDIR/TASK/pretrain, pretrain2, ... with its ``command.txt``;
+   reused while the command is unchanged) and score it;
+3. for every pre-trained model, seed and criterion: fine-tune from it for the task's
    ``finetune_updates`` (``fairseq_cli.train --finetune-from-model``;
    ``mle`` continues MLE, the control), validating with ``--eval-reward`` every
    ``validate_every`` updates, then score ``checkpoint_last.pt`` with
    ``examples/evaluate.py`` (sacrebleu BLEU vs every reference / edit error %).
    A run whose ``result.json`` matches its command is skipped (``--force``
    reruns it); criterions fairseq does not know are skipped with a message;
-4. write RESULTS/quality.json (rows task, criterion, seed, metric, value,
+4. write RESULTS/quality.json (rows task, criterion, pretrain, seed, metric, value,
    updates, wall_s), quality_curves.json, quality.md and the plots
    quality_curves_{task}.png and cost_vs_gain.png (x from speed.json).
 
@@ -49,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--tasks", help="comma-separated subset of the config's tasks")
     p.add_argument("--criterions", help="comma-separated subset of the config's criterions")
     p.add_argument("--seeds", help="comma-separated fine-tuning seeds (default: the config's)")
+    p.add_argument("--pretrain-seeds", help="comma-separated pre-training seeds, one pre-trained MLE model "
+                   "each (default: the config's run.pretrain_seeds)")
     p.add_argument("--workdir", help="checkpoints and logs (default: work/bench, quick: work/bench_quick)")
     p.add_argument("--results", help="output directory (default: benchmarks/results, quick: .../quick)")
     p.add_argument("--speed-json", help="speed.json for step-time ratios (default: RESULTS/speed.json, "
@@ -90,15 +93,21 @@ def select(cfg, tasks=None, criterions=None, seeds=None):
     return tasks, criterions, [int(s) for s in seeds]
 
 
-def plan_runs(cfg, tasks, criterions, seeds):
-    """[(task, criterion, seed)]: seed-major so an interrupted run has whole seeds."""
-    return [(t, c, s) for t in tasks for s in seeds for c in criterions if t in H.criterion_tasks(cfg, c)]
+def plan_runs(cfg, tasks, criterions, seeds, pretrains=(1,)):
+    """[(task, criterion, seed, pretrain)]: pre-trained-model-major, then seed-major,
+    so an interrupted run has whole seeds of whole models."""
+    return [(t, c, s, p) for t in tasks for p in pretrains for s in seeds for c in criterions
+            if t in H.criterion_tasks(cfg, c)]
+
+
+def pretrain_seeds(cfg, text=None):
+    return [int(x) for x in (split_list(text) or cfg["run"].get("pretrain_seeds", [1]))]
 
 
 def check_runnable(cfg, runs, workdir):
     """Drop runs whose criterion fairseq does not know; return (runs, skip messages)."""
     verdict, skipped = {}, []
-    for task, crit, _ in runs:
+    for task, crit, *_ in runs:
         if (task, crit) not in verdict:
             verdict[(task, crit)] = H.check_criterion(cfg, crit, task, workdir)
             if verdict[(task, crit)]:
@@ -133,10 +142,12 @@ def final_updates(parsed):
     return max(updates) if updates else None
 
 
-def pretrain(cfg, task_name, workdir, force=False):
-    """Train (or reuse) the task's MLE model; returns its info dict (incl. the row)."""
-    pdir = Path(workdir) / task_name / "pretrain"
-    cmd = H.pretrain_command(cfg, task_name, pdir, workdir)
+def pretrain(cfg, task_name, workdir, force=False, pretrain_seed=1):
+    """Train (or reuse) the task's MLE model of this pre-training seed; returns its
+    info dict (incl. the row)."""
+    pdir = H.pretrain_dir(workdir, task_name, pretrain_seed)
+    cmd = H.pretrain_command(cfg, task_name, pdir, workdir, seed=pretrain_seed)
+    name = task_name if pretrain_seed == 1 else f"{task_name} pretrain {pretrain_seed}"
     text = H.command_text(cmd)
     info = H.read_json(pdir / "done.json")
     if force and pdir.exists():
@@ -146,10 +157,10 @@ def pretrain(cfg, task_name, workdir, force=False):
         old = (pdir / "command.txt").read_text().strip() if (pdir / "command.txt").exists() else ""
         if old != text:
             raise H.ConfigError(
-                f"[{task_name}] the cached pre-trained model in {pdir} was trained with another command:\n"
+                f"[{name}] the cached pre-trained model in {pdir} was trained with another command:\n"
                 f"  cached: {old}\n  now:    {text}\n"
                 "rerun with --force-pretrain to retrain it (this reruns the task's fine-tuning runs too)")
-        log(f"[{task_name}] reusing pre-trained MLE model {pdir / 'checkpoint_last.pt'} "
+        log(f"[{name}] reusing pre-trained MLE model {pdir / 'checkpoint_last.pt'} "
             f"({info['row']['updates']} updates, {info['row']['metric']} {info['row']['value']:.2f})")
         return info
     old = (pdir / "command.txt").read_text().strip() if (pdir / "command.txt").exists() else None
@@ -158,12 +169,12 @@ def pretrain(cfg, task_name, workdir, force=False):
     pdir.mkdir(parents=True, exist_ok=True)
     (pdir / "command.txt").write_text(text + "\n")
     resume = (pdir / "checkpoint_last.pt").exists()
-    log(f"[{task_name}] pre-training MLE{' (resuming)' if resume else ''}: {text}")
+    log(f"[{name}] pre-training MLE{' (resuming)' if resume else ''}: {text}")
     code, wall = H.run_logged(cmd, pdir / ("train.log" if not resume else f"train.resume{int(time.time())}.log"))
     logs = sorted(pdir.glob("train*.log"))
     parsed = H.parse_log("\n".join(p.read_text(errors="replace") for p in logs))
     if code != 0:
-        raise RuntimeError(f"[{task_name}] pre-training failed (log {logs[-1]}):\n{H.log_tail(logs[-1])}")
+        raise RuntimeError(f"[{name}] pre-training failed (log {logs[-1]}):\n{H.log_tail(logs[-1])}")
     t0 = time.time()
     metric, value, scores = score(cfg, task_name, pdir / "checkpoint_last.pt")
     task = cfg["tasks"][task_name]
@@ -172,14 +183,15 @@ def pretrain(cfg, task_name, workdir, force=False):
     H.write_json(pdir / "wall.json", {"wall_s": prev_wall + wall})
     info = {
         "command": text, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "row": {"task": task_name, "criterion": H.PRETRAIN, "seed": int(_seed_of(cmd)), "metric": metric,
+        "row": {"task": task_name, "criterion": H.PRETRAIN, "seed": int(_seed_of(cmd)), "pretrain": pretrain_seed,
+                "metric": metric,
                 "value": value, "updates": final_updates(parsed), "wall_s": round(prev_wall + wall, 1),
                 "details": {**scores, "eval_s": round(time.time() - t0, 1)}},
         "final_valid": valid[-1][1] if valid else None,
         "curve": valid,
     }
     H.write_json(pdir / "done.json", info)
-    log(f"[{task_name}] pre-trained: {info['row']['updates']} updates in {wall:.0f} s; "
+    log(f"[{name}] pre-trained: {info['row']['updates']} updates in {wall:.0f} s; "
         f"test {metric} {value:.2f}")
     return info
 
@@ -188,10 +200,11 @@ def _seed_of(cmd):
     return cmd[cmd.index("--seed") + 1]
 
 
-def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False):
+def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False, pretrain_seed=1):
     """Run (or reuse) one fine-tuning run; returns its result dict or raises RuntimeError."""
-    rdir = Path(workdir) / task_name / crit / f"seed{seed}"
-    ckpt = Path(workdir) / task_name / "pretrain" / "checkpoint_last.pt"
+    rdir = H.run_dir(workdir, task_name, crit, seed, pretrain_seed)
+    ckpt = H.pretrain_dir(workdir, task_name, pretrain_seed) / "checkpoint_last.pt"
+    seed_name = f"seed {seed}" if pretrain_seed == 1 else f"pretrain {pretrain_seed} seed {seed}"
     pre_cfg = H.pre_phase_of(cfg, crit)
     if pre_cfg:  # e.g. erac's critic pre-training: its own run, then the fine-tuning run from its checkpoint
         pdir = rdir / pre_cfg["name"]
@@ -204,10 +217,10 @@ def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False):
     cached = H.read_json(rdir / "result.json")
     if cached and not force:
         if cached.get("command") == text and cached.get("pretrain_finished") == pre["finished"]:
-            log(f"[{task_name}] {crit} seed {seed}: cached ({cached['row']['metric']} "
+            log(f"[{task_name}] {crit} {seed_name}: cached ({cached['row']['metric']} "
                 f"{cached['row']['value']:.2f})")
             return cached
-        log(f"[{task_name}] {crit} seed {seed}: cached result is stale (command or pre-trained model "
+        log(f"[{task_name}] {crit} {seed_name}: cached result is stale (command or pre-trained model "
             "changed), rerunning")
     if rdir.exists():
         shutil.rmtree(rdir)  # a fresh start: fairseq would otherwise resume from checkpoint_last.pt
@@ -216,20 +229,20 @@ def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False):
     pre_info = None
     if pre_cfg:
         pdir.mkdir()
-        log(f"[{task_name}] {crit} seed {seed}: {pre_cfg['name']} phase, "
+        log(f"[{task_name}] {crit} {seed_name}: {pre_cfg['name']} phase, "
             f"{H.pre_phase_updates(cfg, task_name, pre_cfg)} updates")
         code, pre_wall = H.run_logged(pre_cmd, pdir / "train.log")
         if code != 0:
-            raise RuntimeError(f"[{task_name}] {crit} seed {seed}: the {pre_cfg['name']} phase failed "
+            raise RuntimeError(f"[{task_name}] {crit} {seed_name}: the {pre_cfg['name']} phase failed "
                                f"(log {pdir / 'train.log'}):\n{H.log_tail(pdir / 'train.log')}")
         pre_parsed = H.parse_log((pdir / "train.log").read_text(errors="replace"))
         pre_info = {"name": pre_cfg["name"], "updates": final_updates(pre_parsed), "wall_s": round(pre_wall, 1),
                     "last_train": pre_parsed["train"][-1] if pre_parsed["train"] else None,
                     "last_valid": pre_parsed["valid"][-1] if pre_parsed["valid"] else None}
-    log(f"[{task_name}] {crit} seed {seed}: fine-tuning {cfg['tasks'][task_name]['finetune_updates']} updates")
+    log(f"[{task_name}] {crit} {seed_name}: fine-tuning {cfg['tasks'][task_name]['finetune_updates']} updates")
     code, wall = H.run_logged(cmd, rdir / "train.log")
     if code != 0:
-        raise RuntimeError(f"[{task_name}] {crit} seed {seed}: fairseq-train failed "
+        raise RuntimeError(f"[{task_name}] {crit} {seed_name}: fairseq-train failed "
                            f"(log {rdir / 'train.log'}):\n{H.log_tail(rdir / 'train.log')}")
     parsed = H.parse_log((rdir / "train.log").read_text(errors="replace"))
     t0 = time.time()
@@ -237,7 +250,8 @@ def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False):
     task = cfg["tasks"][task_name]
     result = {
         "command": text, "pretrain_finished": pre["finished"],
-        "row": {"task": task_name, "criterion": crit, "seed": seed, "metric": metric, "value": value,
+        "row": {"task": task_name, "criterion": crit, "seed": seed, "pretrain": pretrain_seed,
+                "metric": metric, "value": value,
                 "updates": final_updates(parsed),
                 # the cost of the method: a pre-phase (critic pre-training) counts
                 "wall_s": round(wall + (pre_info["wall_s"] if pre_info else 0.0), 1),
@@ -250,7 +264,7 @@ def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False):
     if not keep:
         for path in [*rdir.glob("checkpoint*.pt"), *rdir.glob("*/checkpoint*.pt")]:
             path.unlink()
-    log(f"[{task_name}] {crit} seed {seed}: {metric} {value:.2f} (train {wall:.0f} s)")
+    log(f"[{task_name}] {crit} {seed_name}: {metric} {value:.2f} (train {wall:.0f} s)")
     return result
 
 
@@ -281,8 +295,9 @@ def write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed,
     H.write_json(qpath, all_rows)
     curves_path = results / "quality_curves.json"
     old_curves = {} if replace_all else (H.read_json(curves_path, {}) or {})
-    for (task, crit, seed), points in curves.items():
-        old_curves.setdefault(task, {}).setdefault(crit, {})[str(seed)] = points
+    for (task, crit, seed, pre), points in curves.items():
+        key = str(seed) if pre == 1 else f"pretrain{pre}_seed{seed}"
+        old_curves.setdefault(task, {}).setdefault(crit, {})[key] = points
     for task, info in pretrains.items():
         old_curves.setdefault(task, {})["_start"] = info.get("final_valid")
     H.write_json(curves_path, old_curves)
@@ -292,9 +307,11 @@ def write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed,
         f"<!-- generated by benchmarks/quality.py ({cfg['mode']} run, {time.strftime('%Y-%m-%d %H:%M')}); "
         "do not edit by hand -->",
         "",
-        "Fine-tuning from one pre-trained MLE model per task, the same number of updates for every "
-        "criterion; `mle` continues MLE (the control). Mean ± sample std over seeds; Δ vs MLE is "
-        "mean(criterion) − mean(mle), ± the std of the seed-paired differences. Step time: "
+        "Fine-tuning from the pre-trained MLE model(s) of each task, the same number of updates for every "
+        "criterion; `mle` continues MLE (the control). Mean ± sample std over runs (pre-trained "
+        "models × fine-tuning seeds); Δ vs MLE is the mean of the differences to the continued-MLE run "
+        "of the same model and seed, ± their std, with their 95% t interval: **ahead** only when it "
+        "excludes 0. Step time: "
         "forward+backward vs MLE from `benchmarks/speed.py` (– if not measured). Hyperparameters "
         "and their sources: `benchmarks/config.toml`.",
         "",
@@ -329,35 +346,47 @@ def main(argv=None):
         return 2
     workdir = Path(args.workdir or H.resolve_path(cfg["run"].get("workdir", H.DEFAULT_WORKDIR))).resolve()
     results = Path(args.results or H.resolve_path(cfg["run"].get("results", H.DEFAULT_RESULTS))).resolve()
-    replace_all = not (args.tasks or args.criterions or args.seeds)
+    replace_all = not (args.tasks or args.criterions or args.seeds or args.pretrain_seeds)
     t_start = time.time()
+    try:
+        models = pretrain_seeds(cfg, args.pretrain_seeds)
+    except ValueError:
+        print(f"error: --pretrain-seeds: expected comma-separated integers, got {args.pretrain_seeds!r}",
+              file=sys.stderr)
+        return 2
 
-    runs = plan_runs(cfg, tasks, crits, seeds)
+    runs = plan_runs(cfg, tasks, crits, seeds, models)
     runs, skipped = check_runnable(cfg, runs, workdir)
     for message in skipped:
         log(f"skip: {message}")
     tasks = [t for t in tasks if any(r[0] == t for r in runs)]
     speed, speed_path = load_speed(args, results)
 
-    # what still has to run (for the estimate)
-    todo_pre = [t for t in tasks if args.force_pretrain or not (workdir / t / "pretrain" / "done.json").exists()]
-    todo = [r for r in runs if args.force or r[0] in todo_pre
-            or not (workdir / r[0] / r[1] / f"seed{r[2]}" / "result.json").exists()]
+    # what still has to run (for the estimate and the list of what is left)
+    all_pre = [(t, p) for t in tasks for p in models]
+    todo_pre = [tp for tp in all_pre
+                if args.force_pretrain or not (H.pretrain_dir(workdir, *tp) / "done.json").exists()]
+    todo = [r for r in runs if args.force or (r[0], r[3]) in todo_pre
+            or not (H.run_dir(workdir, r[0], r[1], r[2], r[3]) / "result.json").exists()]
     est = H.estimate_plan(cfg, todo, todo_pre, speed)
-    full_est = H.estimate_plan(cfg, runs, tasks, speed)
+    full_est = H.estimate_plan(cfg, runs, all_pre, speed)
     log(f"benchmark: {cfg['mode']} run; config {cfg['path']}; workdir {workdir}; results {results}")
     log(f"tasks: {', '.join(tasks) or 'none'}; criterions: {', '.join(crits)}; seeds: {seeds}; "
+        f"pre-trained models (pre-training seeds): {models}; "
         f"{len(runs)} fine-tuning runs ({len(todo)} to run, the rest cached)")
     log("estimated wall time (this 2-core CPU, nothing else running; step-time ratios from "
         + (f"{speed_path}" if speed else "the config's est_step_cost") + "):")
     for task in tasks:
-        pre = full_est["pretrain"].get(task, 0.0)
-        log(f"  {task:<14} pre-train {H.fmt_duration(pre)}"
-            + ("" if task in todo_pre else " (cached)"))
+        for p in models:
+            pre = full_est["pretrain"].get((task, p), 0.0)
+            log(f"  {task:<14} pre-train {p}: {H.fmt_duration(pre)}"
+                + ("" if (task, p) in todo_pre else " (cached)"))
         for crit in crits:
             if (task, crit) in full_est["finetune"]:
                 n = sum(1 for r in runs if r[:2] == (task, crit))
-                log(f"  {'':<14} {crit:<14} {n} x {H.fmt_duration(full_est['finetune'][(task, crit)] / n)}")
+                left = sum(1 for r in todo if r[:2] == (task, crit))
+                log(f"  {'':<14} {crit:<14} {n} x {H.fmt_duration(full_est['finetune'][(task, crit)] / n)}"
+                    + (f" ({left} to run)" if left else " (cached)"))
     budget = cfg["run"].get("budget_s")
     log(f"  total {H.fmt_duration(full_est['total'])} from scratch"
         + (f" (budget {H.fmt_duration(budget)})" if budget else "")
@@ -373,29 +402,35 @@ def main(argv=None):
             H.ensure_data(cfg, task, workdir)
             task_runs = [r for r in runs if r[0] == task]
             needs_emb = any("token_embeddings" in H.placeholders(H.criterion_flags(cfg, c, task))
-                            for _, c, _ in task_runs)
+                            for _, c, *_ in task_runs)
             if needs_emb:
                 H.ensure_token_embeddings(cfg, task, workdir)
-            pre = pretrain(cfg, task, workdir, force=args.force_pretrain)
         except (RuntimeError, H.ConfigError) as e:
             log(f"error: {e}")
-            failed.append(f"{task}: pre-training/data: {str(e).splitlines()[0]}")
+            failed.append(f"{task}: data: {str(e).splitlines()[0]}")
             continue
-        pretrains[task] = pre
-        rows.append(pre["row"])
-        append_row(results, pre["row"])
-        for _, crit, seed in task_runs:
+        for p in models:
             try:
-                res = finetune(cfg, task, crit, seed, workdir, pre,
-                               force=args.force or args.force_pretrain, keep=args.keep_checkpoints)
-            except RuntimeError as e:
+                pre = pretrain(cfg, task, workdir, force=args.force_pretrain, pretrain_seed=p)
+            except (RuntimeError, H.ConfigError) as e:
                 log(f"error: {e}")
-                failed.append(f"{task} / {crit} / seed {seed}: {str(e).splitlines()[0]} "
-                              f"(see {workdir / task / crit / f'seed{seed}' / 'train.log'})")
+                failed.append(f"{task}: pre-training {p}: {str(e).splitlines()[0]}")
                 continue
-            rows.append(res["row"])
-            curves[(task, crit, seed)] = res["curve"]
-            append_row(results, res["row"])
+            pretrains.setdefault(task, pre)  # the curves' start point: the first model
+            rows.append(pre["row"])
+            append_row(results, pre["row"])
+            for _, crit, seed, _ in (r for r in task_runs if r[3] == p):
+                try:
+                    res = finetune(cfg, task, crit, seed, workdir, pre, force=args.force or args.force_pretrain,
+                                   keep=args.keep_checkpoints, pretrain_seed=p)
+                except RuntimeError as e:
+                    log(f"error: {e}")
+                    failed.append(f"{task} / {crit} / pretrain {p} / seed {seed}: {str(e).splitlines()[0]} "
+                                  f"(see {H.run_dir(workdir, task, crit, seed, p) / 'train.log'})")
+                    continue
+                rows.append(res["row"])
+                curves[(task, crit, seed, p)] = res["curve"]
+                append_row(results, res["row"])
 
     md = write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed, replace_all,
                        plots=not args.no_plots)

@@ -210,7 +210,8 @@ def test_aggregate_delta_and_paired_std():
     assert math.isclose(raml["mean"], 22.0) and math.isclose(raml["delta"], 1.0)
     assert math.isclose(raml["delta_std"], H.summarize([1.0, 0.5, 1.5])["std"])  # paired by seed
     assert raml["n"] == 3 and raml["seeds"] == [1, 2, 3] and raml["wall_s"] == 102.0
-    assert math.isclose(agg["x"]["delta"], 9.0) and agg["x"]["delta_std"] is None
+    # Δ is over pairs: x has only seed 1, paired with mle's seed 1 (not with mle's mean)
+    assert math.isclose(agg["x"]["delta"], 10.0) and agg["x"]["delta_std"] is None
     assert agg[H.PRETRAIN]["delta"] is None
 
 
@@ -220,13 +221,45 @@ def test_markdown_report_and_cost_gain(toy_bench):
             + _rows("toy", H.PRETRAIN, {1: 19.0}))
     speed_json = {"raml": {"step_time_vs_mle": 2.5, "by_setting": {"toy": {"step_time_vs_mle": 2.5}}}}
     md = H.markdown_report(cfg, H.aggregate(rows), speed_json, skipped=["x -- skipped"])
-    assert "| mle | 21.00 ± 1.41 | (control) | 2 | 10 | 102 | – |" in md
-    assert "| raml | 21.75 ± 1.06 | +0.75 ± 0.35 | 2 | 10 | 102 | 2.50× |" in md
+    assert "| mle | 21.00 ± 1.41 | (control) | – | 2 (1 × 2) | 10 | 102 | – |" in md
+    # 2 pairs (+1.0, +0.5): t(1) = 12.706 -> ± 12.706 · 0.354 / √2 = ± 3.18, a tie
+    assert "| raml | 21.75 ± 1.06 | +0.75 ± 0.35 | [-2.43, +3.93] | 2 (1 × 2) | 10 | 102 | 2.50× |" in md
+    ahead = (_rows("toy", "mle", {1: 20.0, 2: 22.0, 3: 21.0}) + _rows("toy", "raml", {1: 21.0, 2: 22.9, 3: 22.0}))
+    assert "| **[+0.82, +1.11] ahead** |" in H.markdown_report(cfg, H.aggregate(ahead))
     assert "pre-trained MLE (start point)* | 19.00" in md and "- x -- skipped" in md
     points = H.cost_gain_points(cfg, H.aggregate(rows), speed_json)
     assert ("toy", "raml", 2.5, 0.75) == points[-1][:4] and points[0][1:3] == ("mle", 1.0)
     cfg["tasks"]["toy"]["higher_is_better"] = False  # an error metric: gain = -delta
     assert H.cost_gain_points(cfg, H.aggregate(rows), speed_json)[-1][3] == -0.75
+
+
+def test_pretrained_models_pair_and_interval():
+    """Runs pair by (pre-trained model, seed); Δ's 95% t interval decides 'ahead'."""
+    rows = [{"task": "t", "criterion": c, "pretrain": p, "seed": s, "metric": "bleu", "value": v}
+            for c, p, s, v in [("mle", 1, 1, 30.0), ("mle", 1, 2, 30.4), ("mle", 2, 1, 31.0), ("mle", 2, 2, 31.2),
+                               ("a", 1, 1, 30.5), ("a", 1, 2, 30.9), ("a", 2, 1, 31.6), ("a", 2, 2, 31.6),
+                               ("b", 1, 1, 30.1), ("b", 2, 1, 30.9),
+                               (H.PRETRAIN, 1, 1, 29.0), (H.PRETRAIN, 2, 2, 29.5)]]
+    agg = H.aggregate(rows)["t"]
+    a, b = agg["a"], agg["b"]
+    assert a["delta_n"] == 4 and math.isclose(a["delta"], (0.5 + 0.5 + 0.6 + 0.4) / 4)
+    assert a["pretrains"] == [1, 2] and a["seeds"] == [1, 2]
+    diffs = [0.5, 0.5, 0.6, 0.4]
+    sd = (sum((d - 0.5) ** 2 for d in diffs) / 3) ** 0.5
+    assert math.isclose(a["delta_ci95"], 3.182 * sd / 2)
+    assert H.verdict(a, higher_is_better=True) == "ahead" and H.verdict(a, higher_is_better=False) == "behind"
+    # b pairs with (1, 1) and (2, 1) only: +0.1, -0.1 -> an interval around 0
+    assert b["delta_n"] == 2 and math.isclose(b["delta"], 0.0, abs_tol=1e-9)
+    assert H.verdict(b, True) == "tie"
+    assert agg[H.PRETRAIN]["models"] == {1: 29.0, 2: 29.5} and agg[H.PRETRAIN]["n"] == 2
+    rows_1 = [r for r in rows if r["criterion"] == "b"][:1] + [r for r in rows if r["criterion"] == "mle"]
+    assert H.verdict(H.aggregate(rows_1)["t"]["b"], True) is None  # one pair: no interval
+    # rows of two models with the same seed are different rows
+    merged = H.merge_rows(rows, [{**rows[0], "value": 1.0}])
+    assert len(merged) == len(rows) and sum(r["value"] == 1.0 for r in merged) == 1
+    assert H.run_dir("/w", "t", "a", 3) == H.Path("/w/t/a/seed3")
+    assert H.run_dir("/w", "t", "a", 3, pretrain=2) == H.Path("/w/t/a/pretrain2_seed3")
+    assert H.pretrain_dir("/w", "t") == H.Path("/w/t/pretrain") and H.pretrain_dir("/w", "t", 2).name == "pretrain2"
 
 
 def test_merge_rows():
@@ -342,6 +375,24 @@ def test_quality_rerun_is_cached(toy_run, capsys):
     assert "reusing pre-trained MLE model" in out
     assert "mle seed 1: cached" in out and "raml seed 1: cached" in out and "erac seed 1: cached" in out
     assert "fine-tuning 2 updates" not in out
+
+
+def test_quality_second_pretrained_model(toy_run, capsys):
+    """--pretrain-seeds 1,2: model 1 is the cached one, model 2 is trained with seed 2
+    into pretrain2, and its runs pair with its own continued-MLE runs."""
+    argv = toy_run["argv"] + ["--no-plots", "--criterions", "raml", "--pretrain-seeds", "1,2"]
+    assert quality.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "pre-trained models (pre-training seeds): [1, 2]" in out
+    assert "raml seed 1: cached" in out and "raml pretrain 2 seed 1: fine-tuning" in out
+    work = toy_run["work"] / "toy"
+    assert "--seed 2 " in (work / "pretrain2" / "command.txt").read_text()
+    assert (work / "raml" / "pretrain2_seed1" / "result.json").exists()
+    rows = json.loads((toy_run["results"] / "quality.json").read_text())
+    assert {(r["criterion"], r.get("pretrain", 1)) for r in rows} >= {
+        ("mle", 1), ("mle", 2), ("raml", 1), ("raml", 2), (H.PRETRAIN, 1), (H.PRETRAIN, 2)}
+    md = (toy_run["results"] / "quality.md").read_text()
+    assert "| raml |" in md and "(2 × 1)" in md and "2 models" in md
 
 
 def test_quality_dry_run_prints_estimate(toy_bench, capsys):
