@@ -28,5 +28,7 @@ setup(
         "fairseq-fixed": ["fairseq-fixed==0.12.3.1"],
         "test": ["pytest", "rapidfuzz", "sacrebleu>=2.0", "scipy"],
         "bench": ["matplotlib", "rapidfuzz"],
+        # examples/iwslt14_de_en, examples/wmt14: Moses tokenization and BPE without Perl
+        "recipes": ["sacremoses", "subword-nmt"],
     },
 )
