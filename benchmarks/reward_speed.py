@@ -72,6 +72,42 @@ def median_time(fn, repeats, warmup=1):
     return statistics.median(times)
 
 
+def agreement_and_tensorbleu(hyp, ref, hyp_s, ref_strings, metric, repeats):
+    """Max |BLEU - sacrebleu| (points) of ours and of TensorBLEU (Filipek 2025,
+    ``rxlm.metrics.tensorbleu.tensor_sentence_bleu``, the other batched token-id
+    BLEU; ``pip install --no-deps rxlm``) on the same pairs, and TensorBLEU's time."""
+    sacre = torch.tensor([metric.sentence_score(h, rs).score for h, rs in zip(hyp_s, ref_strings)],
+                         dtype=torch.float64)
+    ours = sentence_bleu(hyp, ref, PAD).double() * 100
+    out = {"sentence_bleu_max_abs_dev_vs_sacrebleu": float((ours - sacre).abs().max())}
+    try:
+        from rxlm.metrics.tensorbleu import tensor_sentence_bleu
+    except ImportError:
+        out["tensorbleu"] = "not installed (pip install --no-deps rxlm)"
+        return out
+    refs3 = ref if ref.dim() == 3 else ref.unsqueeze(1)
+    tb_time = median_time(lambda: tensor_sentence_bleu(hyp, refs3, pad_token_id=PAD), repeats)
+    tb = tensor_sentence_bleu(hyp, refs3, pad_token_id=PAD).double() * 100
+    out.update({"tensorbleu_s": tb_time, "tensorbleu_max_abs_dev_vs_sacrebleu": float((tb - sacre).abs().max()),
+                "tensorbleu_mean_abs_dev_vs_sacrebleu": float((tb - sacre).abs().mean())})
+    return out
+
+
+def small_batches(hyp, ref, hyp_s, ref_strings, metric, repeats, sizes=(64, 128, 256, 512, 1000)):
+    """sentence_bleu vs the sacrebleu loop on the first n pairs, at the row counts
+    the criterions call it with (a fixed per-call cost dominates small calls)."""
+    out = {}
+    for n in sizes:
+        if n > hyp.size(0):
+            break
+        h, r = hyp[:n], ref[:n]
+        sacre = median_time(lambda: [metric.sentence_score(a, b) for a, b in zip(hyp_s[:n], ref_strings[:n])],
+                            max(1, repeats // 2), warmup=0)
+        ours = median_time(lambda: sentence_bleu(h, r, PAD), repeats)
+        out[str(n)] = {"torch_s": ours, "sacrebleu_s": sacre, "speedup": sacre / ours}
+    return out
+
+
 def run(num_pairs, repeats, prefix_subset, thread_counts):
     from rapidfuzz.distance import Levenshtein
     from sacrebleu.metrics import BLEU
@@ -129,6 +165,9 @@ def run(num_pairs, repeats, prefix_subset, thread_counts):
                 "edit_torch_sent_per_s" + suffix: num_pairs / torch_edit,
             })
         torch.set_num_threads(default_threads)
+        entry.update(agreement_and_tensorbleu(hyp, ref, hyp_s, ref_strings, metric, repeats))
+        if not multi:
+            entry["small_batches"] = small_batches(hyp, ref, hyp_s, ref_strings, metric, repeats)
         results[tag] = entry
     results["loadavg_1min_after"] = os.getloadavg()[0]
     return results
@@ -161,6 +200,15 @@ def report(res, thread_counts):
             print(f"    edit_distance {r['edit_torch_s' + suffix] * 1e3:8.1f} ms "
                   f"({r['edit_torch_sent_per_s' + suffix]:8.0f} sent/s)  "
                   f"speedup vs rapidfuzz {r['edit_speedup' + suffix]:6.2f}x")
+        print(f"  max |BLEU - sacrebleu|: ours {r['sentence_bleu_max_abs_dev_vs_sacrebleu']:.2e} points", end="")
+        if "tensorbleu_s" in r:
+            print(f"; TensorBLEU {r['tensorbleu_max_abs_dev_vs_sacrebleu']:.2f} (mean "
+                  f"{r['tensorbleu_mean_abs_dev_vs_sacrebleu']:.2f}), its time {r['tensorbleu_s'] * 1e3:.1f} ms")
+        else:
+            print(f"; TensorBLEU {r.get('tensorbleu', 'not measured')}")
+        for n, b in r.get("small_batches", {}).items():
+            print(f"  {n:>5} pairs: sentence_bleu {b['torch_s'] * 1e3:7.2f} ms, sacrebleu {b['sacrebleu_s'] * 1e3:7.2f} ms, "
+                  f"speedup {b['speedup']:5.1f}x")
 
 
 def main():
