@@ -9,8 +9,8 @@ Needs the checkpoints of ``quality.py --keep-checkpoints``
 ``fairseq-generate --sampling --beam K --nbest K`` on the task's test split
 (sampling seed 1, words after ``--remove-bpe sentencepiece``), then
 ``fairseq_seqlevel.diversity``'s div1, div2 and mBLEU-4 of the K outputs of
-each source.  Writes one JSON row per checkpoint and prints mean ± std per
-criterion.
+each source.  Adds one JSON row per checkpoint to ``--out`` (replacing a row
+of the same checkpoint) and prints mean ± std per criterion over all its rows.
 """
 
 import argparse
@@ -69,9 +69,13 @@ def main(argv=None):
             scores = json.loads(res.stdout.strip().splitlines()[-1])
             rows.append({"task": args.task, "criterion": crit, "seed": int(seed), **scores})
             print(json.dumps(rows[-1]))
+    # rows of other checkpoints already in --out stay (a run for more seeds adds to it)
+    key = lambda r: (r["task"], r["criterion"], r.get("pretrain", 1), r["seed"])  # noqa: E731
+    fresh = {key(r) for r in rows}
+    rows = [r for r in (H.read_json(Path(args.out), []) or []) if key(r) not in fresh] + rows
     H.write_json(Path(args.out), rows)
     for crit in args.criterions.split(","):
-        mine = [r for r in rows if r["criterion"] == crit]
+        mine = [r for r in rows if r["criterion"] == crit and r["task"] == args.task]
         if mine:
             parts = []
             for key in ("div1", "div2", "mbleu4"):
