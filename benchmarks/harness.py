@@ -64,7 +64,7 @@ PRE_PHASE_KEYS = {  # [criterions.NAME.pre_phase]: a run before the fine-tuning 
 SETTING_KEYS = {
     "task": (True, str), "covers": (False, list), "batches": (False, int),
     "synthetic_vocab": (False, int), "synthetic_sentences": (False, int),
-    "synthetic_len": (False, list),
+    "synthetic_len": (False, list), "checkpoint": (False, str),
 }
 SAMPLER_KEYS = {  # [speed.sampler]: decoding.sampler vs fairseq's SequenceGenerator
     "setting": (True, str), "samples": (False, int), "max_len_a": (False, (int, float)),

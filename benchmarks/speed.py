@@ -170,6 +170,18 @@ class Setting:
         self.task = tasks.setup_task(self.fs_cfg.task)
         torch.manual_seed(1)
         self.model = self.task.build_model(self.fs_cfg.model)
+        self.trained_from = None
+        if self.spec.get("checkpoint"):
+            # a trained model: samples stop near the reference length (an untrained one
+            # runs every sample to its length cap, which inflates the sampling criterions)
+            path = Path(H.expand([self.spec["checkpoint"]], self.mapping())[0])
+            if path.exists():
+                state = torch.load(path, map_location="cpu", weights_only=False)
+                self.model.load_state_dict(state["model"])
+                self.trained_from = str(path)
+            else:
+                log(f"[{self.name}] {path} not found: timing an untrained model "
+                    "(run quality.py for the task first)")
         self.model.train()
         self.batches = self.synthetic_batches() if self.synthetic else self.real_batches()
         return self
@@ -234,7 +246,7 @@ class Setting:
         toks = sum(b["ntokens"] for b in self.batches)
         return {"task": self.task_name, "synthetic": self.synthetic, "vocab": len(self.task.target_dictionary),
                 "batches": len(self.batches), "sentences": sent, "target_tokens": toks,
-                "params": sum(p.numel() for p in self.model.parameters())}
+                "params": sum(p.numel() for p in self.model.parameters()), "trained_from": self.trained_from}
 
 
 def parse_fairseq(argv):

@@ -421,6 +421,22 @@ def test_speed_end_to_end(toy_bench, tmp_path):
     assert data["_meta"]["settings"]["toy"]["batches"] == 1
 
 
+def test_speed_times_the_pretrained_model_when_it_exists(toy_run, toy_bench, tmp_path):
+    config = tmp_path / "toy_ckpt.toml"
+    text = toy_bench["config"].read_text()
+    config.write_text(text.replace('[speed.settings.toy]\ntask = "toy"\n',
+                                   '[speed.settings.toy]\ntask = "toy"\n'
+                                   'checkpoint = "{workdir}/toy/pretrain/checkpoint_last.pt"\n'))
+    out = tmp_path / "speed.json"
+    argv = ["--config", str(config), "--rounds", "1", "--no-reward", "--no-sampler", "--no-memory",
+            "--json", str(out), "--criterions", "mle"]
+    assert speed.main(argv + ["--workdir", str(toy_run["work"])]) == 0
+    trained = json.loads(out.read_text())["_meta"]["settings"]["toy"]["trained_from"]
+    assert trained == str(toy_run["work"] / "toy" / "pretrain" / "checkpoint_last.pt")
+    assert speed.main(argv + ["--workdir", str(tmp_path / "nowhere")]) == 0  # no checkpoint: untrained
+    assert json.loads(out.read_text())["_meta"]["settings"]["toy"]["trained_from"] is None
+
+
 def test_speed_sampler_only_merges_into_the_output(toy_bench, tmp_path):
     """--sampler-only: decoding.sampler vs SequenceGenerator(--sampling) on the
     toy setting, added to an existing speed.json without touching the rest."""
