@@ -4,8 +4,8 @@ whole step, on the speed settings' model and batches, MLE step alongside.
     python benchmarks/sample_cost.py [--setting bible] [--criterions risk,seq_exploration] [--repeats 3]
 
 Medians over ``--repeats`` of the first batch; also the mean output length
-against the reference length (the speed settings' model is untrained, so
-samples run to their length cap).
+against the reference length (an untrained model's samples run to their
+length cap; the bible setting times the pre-trained model when it exists).
 """
 
 import argparse
