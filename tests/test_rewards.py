@@ -422,6 +422,23 @@ def test_edit_distance_longer_sequences_against_rapidfuzz():
     assert dist.tolist() == [levenshtein_rf.distance(h, r) for h, r in zip(hyps, refs)]
 
 
+def test_edit_distance_multi_word_references_against_rapidfuzz():
+    """References past 64 tokens span several int64 words of the bit-parallel
+    column: lengths at and around the word boundaries, every prefix exact."""
+    levenshtein_rf = pytest.importorskip("rapidfuzz.distance").Levenshtein
+    rng = random.Random(63)
+    lengths = [63, 64, 65, 127, 128, 129, 200] + [rng.randint(0, 200) for _ in range(100)]
+    refs = [[rng.randint(1, 6) for _ in range(n)] for n in lengths]
+    hyps = [noisy_copy(rng, r, 6, p=0.3) for r in refs] + [[]]
+    refs = refs + [[1] * 130]
+    hyp, ref = pack(hyps), pack(refs)
+    assert R.edit_distance(hyp, ref, PAD).tolist() == [levenshtein_rf.distance(h, r) for h, r in zip(hyps, refs)]
+    prefix = R.prefix_edit_distance(hyp, ref, PAD)
+    for i, (h, r) in enumerate(zip(hyps, refs)):
+        want = [levenshtein_rf.distance(h[: t + 1], r) for t in range(len(h))]
+        assert prefix[i, : len(h)].tolist() == want
+
+
 def test_hamming_against_plain_loop():
     hyps, refs = random_examples(seed=71, n=1500, vocab=4, max_refs=3)
     hyp, ref = pack(hyps), pack_refs(refs)

@@ -8,8 +8,9 @@ different reference than the raw minimum).
 
 Every function also has a ``prefix_`` variant giving the value for each
 hypothesis prefix ``hyp[:, :t+1]``; positions at or after the hypothesis end
-hold the full-sentence value.  For edit distance the prefixes are free: row
-``i`` of the dynamic program *is* the distance table of ``hyp[:, :i]``.
+hold the full-sentence value.  For edit distance the prefixes are free: the
+dynamic program runs over the hypothesis, and its score after ``i`` tokens
+*is* the distance of ``hyp[:, :i]``.
 """
 
 from typing import NamedTuple, Optional
@@ -21,7 +22,7 @@ from ._common import INT_INF, as_multi_reference, check_batch, present_reference
 
 
 class _PerReference(NamedTuple):
-    prefix: Tensor    # LongTensor [B, R, T]: distance of each hypothesis prefix
+    prefix: Optional[Tensor]  # LongTensor [B, R, T]: distance of each hypothesis prefix (None: not asked)
     full: Tensor      # LongTensor [B, R]
     ref_lens: Tensor  # LongTensor [B, R]
     present: Tensor   # BoolTensor [B, R]
@@ -33,54 +34,122 @@ def _prefix_lengths(hyp_len: Tensor, width: int) -> Tensor:
     return torch.minimum(positions.unsqueeze(0), hyp_len.unsqueeze(-1))
 
 
-def _prefix_min(values: Tensor, scratch: Tensor) -> Tensor:
-    """Running minimum along dim 1 in log2(width) doubling steps, ping-ponging
-    between ``values`` and ``scratch`` (both overwritten; much faster than
-    ``torch.cummin``, which also computes indices)."""
-    width, shift = values.size(1), 1
-    while shift < width:
-        torch.minimum(values[:, shift:], values[:, :-shift], out=scratch[:, shift:])
-        scratch[:, :shift] = values[:, :shift]
-        values, scratch = scratch, values
-        shift *= 2
-    return values
+def _match_masks(hyp: Tensor, refs: Tensor, words: int, budget: int = 1 << 18) -> Tensor:
+    """``[N, T, W]`` int64: bit ``i`` of word ``w`` set where ``refs[n, 64·w + i]
+    == hyp[n, t]`` (Myers' Peq of each hypothesis token).
+
+    Built in O(N * (T + T')) through a table row → (token, word) → bits, over
+    the tokens the references use (mapped to dense ids), a chunk of rows at a
+    time (``budget`` table entries); a byte comparison of every (t, i) pair
+    costs O(N * T * T') and is several times slower at sentence lengths."""
+    num_rows, width = refs.shape
+    device = refs.device
+    flat_refs = refs.reshape(-1)
+    size = int(torch.cat([flat_refs, hyp.reshape(-1), flat_refs.new_zeros(1)]).max()) + 1
+    used = torch.zeros(size, dtype=torch.long, device=device).index_fill_(0, flat_refs, 1)
+    unused = int(used.sum())  # the id of every token no reference has: its column stays 0
+    dense = torch.where(used.bool(), used.cumsum(0) - 1, unused)
+    positions = torch.arange(width, device=device)
+    ref_col = dense.index_select(0, flat_refs).view(num_rows, width) * words + positions // 64
+    ref_bit = (torch.ones_like(positions) << positions % 64).expand(num_rows, width)
+    hyp_col = dense.index_select(0, hyp.reshape(-1)).view(num_rows, -1, 1) * words
+    hyp_col = (hyp_col + torch.arange(words, device=device)).view(num_rows, -1)
+    cols = (unused + 1) * words
+    out = torch.empty(hyp_col.shape, dtype=torch.long, device=device)
+    chunk = max(1, budget // cols)
+    table = torch.zeros(min(chunk, num_rows), cols, dtype=torch.long, device=device)
+    for start in range(0, num_rows, chunk):
+        rows = slice(start, start + chunk)
+        part = table[: ref_col[rows].size(0)]
+        # one bit per position, so the sum over a row's equal tokens is their OR
+        part.scatter_add_(1, ref_col[rows], ref_bit[rows])
+        torch.gather(part, 1, hyp_col[rows], out=out[rows])
+        part.scatter_(1, ref_col[rows], 0)  # back to zeros for the next chunk
+    return out.view(num_rows, hyp.size(1), words)
 
 
 def _levenshtein_rows(hyp: Tensor, refs: Tensor, ref_len: Tensor) -> Tensor:
-    """Distances of every hypothesis prefix to each reference.
+    """Distances of every hypothesis prefix to each reference, bit-parallel
+    (Myers 1999, Hyyrö 2001's global form): a DP column over the reference is
+    W = ⌈T'/64⌉ int64 words of vertical +1/−1 deltas, advanced by one
+    hypothesis token in ~15 word operations.
 
     Args:
         hyp: LongTensor ``[N, T]`` (N rows = B*R pairs).
         refs: LongTensor ``[N, T']``.
-        ref_len: LongTensor ``[N]``.
+        ref_len: LongTensor ``[N]`` (tokens past it are ignored).
     Returns:
         LongTensor ``[N, T + 1]``; column ``i`` = distance(hyp[:, :i], ref),
         exact for ``i <= len(hyp)`` (the caller masks the rest).
     Cost:
-        ``T`` iterations of O(N * T') work; memory O(N * (T + T')).
+        O(N * (T + T')) to build the match masks, then ``T`` steps of
+        O(N * W) word operations; memory O(N * T * W).
     """
-    num_rows, ref_width = refs.shape
-    device = refs.device
-    cols = torch.arange(ref_width + 1, device=device, dtype=torch.int32)
-    # Row 0 of the table: distance(empty, ref[:j]) = j.
-    row = cols.expand(num_rows, ref_width + 1).contiguous()
-    gather_at = ref_len.clamp(max=ref_width).unsqueeze(-1)
-    out = [row.gather(1, gather_at)]
-    candidate, scratch = torch.empty_like(row), torch.empty_like(row)
-    for i in range(1, hyp.size(1) + 1):
-        substitution_cost = (refs != hyp[:, i - 1: i]).to(torch.int32)
-        # Diagonal (match / substitute) and vertical (delete a hyp token) moves.
-        torch.minimum(row[:, :-1] + substitution_cost, row[:, 1:] + 1, out=candidate[:, 1:])
-        candidate[:, 0] = i
-        # Horizontal moves (insertions) chain within the row:
-        #   row[j] = min_k<=j candidate[k] + (j - k) = j + prefix_min_k<=j(candidate[k] - k)
-        candidate -= cols
-        row = _prefix_min(candidate, scratch) + cols  # a new tensor: both buffers are free again
-        out.append(row.gather(1, gather_at))
-    return torch.cat(out, dim=1).long()
+    num_rows, steps = hyp.shape
+    words = max(1, -(-refs.size(1) // 64))
+    # Bits past a reference's length may be set: carries and shifts only move
+    # upwards, so they never reach the bit the distance is read from.
+    match = _match_masks(hyp, refs, words).transpose(0, 1).contiguous()  # [T, N, W]: steps read rows
+    top = (ref_len - 1).clamp(min=0)
+    top_word, top_bit = (top // 64).unsqueeze(-1), torch.ones_like(top) << (top % 64)
+    pos = torch.full((num_rows, words), -1, dtype=torch.long, device=hyp.device)  # Pv: column 0 is 0..m
+    neg = torch.zeros_like(pos)                                                  # Mv
+    up = torch.empty(steps, num_rows, dtype=torch.long, device=hyp.device)       # Ph, Mh at the top bit
+    down = torch.empty_like(up)
+    if words == 1:
+        match, pos, neg = match.squeeze(-1), pos.squeeze(-1), neg.squeeze(-1)
+    for i in range(steps):
+        eq = match[i]
+        if words == 1:
+            xv = eq | neg
+            xh = (((eq & pos) + pos) ^ pos) | eq
+            ph = neg | ~(xh | pos)
+            mh = pos & xh
+            up[i], down[i] = ph, mh
+            ph = (ph << 1) | 1  # row 0 of the table grows by one per hypothesis token
+            mh = mh << 1
+            pos = mh | ~(xv | ph)
+            neg = ph & xv
+        else:
+            pos, neg, up[i], down[i] = _myers_step_words(eq, pos, neg, top_word)
+    delta = (up & top_bit).ne(0).long() - (down & top_bit).ne(0).long()
+    rows = torch.cat([ref_len.unsqueeze(0), ref_len + delta.cumsum(dim=0)]).t()
+    # an empty reference has no bit to read: the distance is the prefix length
+    return torch.where(ref_len.eq(0).unsqueeze(-1), torch.arange(steps + 1, device=hyp.device), rows)
 
 
-def _edit_per_reference(hyp: Tensor, ref: Tensor, pad: int, eos: Optional[int]) -> _PerReference:
+def _myers_step_words(eq, pos, neg, top_word):
+    """One Myers step over W > 1 words: the addition's carry and the horizontal
+    deltas' top bits move from word w to word w + 1.  Returns the new Pv, Mv
+    and the words of Ph, Mh holding each row's top bit."""
+    carry = torch.zeros_like(top_word.squeeze(-1))
+    ph_in, mh_in = torch.ones_like(carry), torch.zeros_like(carry)
+    new_pos, new_neg, ph_all, mh_all = [], [], [], []
+    for w in range(eq.size(1)):
+        e, p, n = eq[:, w], pos[:, w], neg[:, w]
+        xv = e | n
+        a = e & p
+        total = a + p + carry
+        # carry out of the unsigned 64-bit sum a + p + carry_in (its top bit)
+        carry = ((a & p) | ((a | p) & ~total)).lt(0).long()
+        xh = (total ^ p) | e
+        ph = n | ~(xh | p)
+        mh = p & xh
+        ph_all.append(ph)
+        mh_all.append(mh)
+        ph_out, mh_out = ph.lt(0).long(), mh.lt(0).long()
+        ph = (ph << 1) | ph_in
+        mh = (mh << 1) | mh_in
+        ph_in, mh_in = ph_out, mh_out
+        new_pos.append(mh | ~(xv | ph))
+        new_neg.append(ph & xv)
+    ph_top = torch.stack(ph_all, dim=1).gather(1, top_word).squeeze(1)
+    mh_top = torch.stack(mh_all, dim=1).gather(1, top_word).squeeze(1)
+    return torch.stack(new_pos, dim=1), torch.stack(new_neg, dim=1), ph_top, mh_top
+
+
+def _edit_per_reference(hyp: Tensor, ref: Tensor, pad: int, eos: Optional[int],
+                        prefixes: bool = True) -> _PerReference:
     check_batch(hyp, ref)
     refs = as_multi_reference(ref)
     batch, num_refs, _ = refs.shape
@@ -96,9 +165,10 @@ def _edit_per_reference(hyp: Tensor, ref: Tensor, pad: int, eos: Optional[int]) 
         ref_lens.reshape(-1),
     ).view(batch, num_refs, steps + 1)
     full = rows.gather(2, hyp_len.view(batch, 1, 1).expand(batch, num_refs, 1)).squeeze(-1)
-    # Column i of `rows` is the prefix of length i; prefix t has length t+1.
-    prefix_len = _prefix_lengths(hyp_len, width)
-    prefix = rows.gather(2, prefix_len.unsqueeze(1).expand(batch, num_refs, width))
+    prefix = None
+    if prefixes:  # column i of `rows` is the prefix of length i; prefix t has length t+1
+        prefix_len = _prefix_lengths(hyp_len, width)
+        prefix = rows.gather(2, prefix_len.unsqueeze(1).expand(batch, num_refs, width))
     return _PerReference(prefix, full, ref_lens, present_references(ref_lens))
 
 
@@ -146,10 +216,10 @@ def edit_distance(hyp: Tensor, ref: Tensor, pad: int, eos: Optional[int] = None)
     Returns:
         LongTensor ``[B]``.
     Cost:
-        ``max(len(hyp))`` vectorized DP rows of O(B * R * T') each; memory
-        O(B * R * (T + T')).
+        O(B * R * T * T') byte comparisons, then ``max(len(hyp))`` bit-parallel
+        steps of O(B * R * ⌈T'/64⌉) word operations; memory O(B * R * T * T') bytes.
     """
-    per_ref = _edit_per_reference(hyp, ref, pad, eos)
+    per_ref = _edit_per_reference(hyp, ref, pad, eos, prefixes=False)
     return _min_over_present(per_ref.full, per_ref.present)
 
 
@@ -157,7 +227,7 @@ def normalized_edit_distance(hyp: Tensor, ref: Tensor, pad: int, eos: Optional[i
     """Edit distance / max(reference length, 1); multi-reference: the min of
     the per-reference normalized values.  FloatTensor ``[B]``; cost as
     :func:`edit_distance`."""
-    per_ref = _edit_per_reference(hyp, ref, pad, eos)
+    per_ref = _edit_per_reference(hyp, ref, pad, eos, prefixes=False)
     return _min_over_present(_normalize(per_ref.full, per_ref.ref_lens), per_ref.present).float()
 
 
