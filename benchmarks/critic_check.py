@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""What an erac critic has learned: does Q(ŷ_<t, ŷ_t) follow the return or only the
+step's own reward, and how much does Q vary over the tokens the actor would emit
+compared with the entropy term of the actor's gradient (no training).
+
+    python benchmarks/critic_check.py CHECKPOINT [--actor ACTOR_CHECKPOINT] [--criterion erac]
+        [--batches 4] [--tau 0.045]
+
+CHECKPOINT holds the critic (its ``criterion`` state, e.g. RUN/critic/checkpoint_last.pt of
+``quality.py``); the actor is the pre-trained Bible model (or ``--actor``).  One multinomial
+trajectory per source of the speed setting ``bible``'s batches, the criterion's own rewards:
+
+* mean Q of the taken tokens vs mean step reward r_t and mean return G_t = Σ_k≥t r_k, and the
+  correlation of Q with each (a critic that bootstraps from a target network that has barely
+  moved regresses r_t);
+* per state, the std of Q under π (what Σ_w π(w)·Q(w) can push the actor by) against
+  τ · the std of log π under π (what the entropy term pushes by), and the std of Q over the
+  vocabulary (what the variance smoothing penalizes).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness as H  # noqa: E402
+from benchmarks import speed as S  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--actor", default=None, help="actor weights (default: the speed setting's pre-trained model)")
+    p.add_argument("--criterion", default="erac")
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--tau", type=float, default=0.045)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    S.quiet()
+    from fairseq_seqlevel.criterions.base import references_of
+    from fairseq_seqlevel.critics import length_scaled_rewards, taken
+    from fairseq_seqlevel.decoding.sampler import sample
+    from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs
+
+    cfg = H.load_config(str(H.DEFAULT_CONFIG))
+    setting = S.Setting(cfg, "bible", H.DEFAULT_WORKDIR)
+    setting.prepare_files([])
+    setting.build()
+    model = setting.model
+    if args.actor:
+        model.load_state_dict(torch.load(args.actor, map_location="cpu", weights_only=False)["model"])
+    crit = setting.build_criterion(args.criterion)
+    crit.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=False)["criterion"])
+    model.eval()
+    crit.eval()
+    torch.manual_seed(args.seed)
+    q_taken, rewards, returns, spread_pi, spread_vocab, entropy_push = [], [], [], [], [], []
+    with torch.no_grad():
+        for batch in setting.batches[: args.batches]:
+            pad, eos = crit.padding_idx, crit.eos
+            tokens = sample(model, batch["net_input"], n=1, strategy="multinomial").tokens
+            mask = tokens.ne(pad)
+            r, _ = length_scaled_rewards(crit.reward.prefix, tokens, references_of(batch), batch["target"], pad)
+            q = crit.critic(batch["target"], prev_output_tokens_from_target(tokens, pad, eos)).float()
+            lprobs = rows_lprobs(model, batch["net_input"], tokens, 1, pad, eos, grad=False).float()
+            probs = lprobs.exp()
+            expected_q = (probs * q).sum(-1, keepdim=True)
+            entropy = -(probs * lprobs).sum(-1, keepdim=True)
+            q_taken.append(taken(q, tokens)[mask])
+            rewards.append(r[mask])
+            returns.append(r.flip(1).cumsum(1).flip(1)[mask])
+            spread_pi.append((probs * (q - expected_q) ** 2).sum(-1).sqrt()[mask])
+            spread_vocab.append(q.std(-1)[mask])
+            entropy_push.append(args.tau * (probs * (lprobs + entropy) ** 2).sum(-1).sqrt()[mask])
+    q, r, g = torch.cat(q_taken), torch.cat(rewards), torch.cat(returns)
+
+    def corr(a, b):
+        return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+
+    print(f"{q.numel()} tokens of {sum(b['nsentences'] for b in setting.batches[: args.batches])} trajectories")
+    print(f"  mean Q(taken) {q.mean():.3f}   mean r_t {r.mean():.3f}   mean return G_t {g.mean():.3f}")
+    print(f"  corr(Q, r_t) {corr(q, r):.3f}   corr(Q, G_t) {corr(q, g):.3f}")
+    print(f"  per state: std of Q under pi {torch.cat(spread_pi).mean():.4f}   "
+          f"tau * std of log pi under pi {torch.cat(entropy_push).mean():.4f} (tau {args.tau})   "
+          f"std of Q over the vocabulary {torch.cat(spread_vocab).mean():.4f}")
+
+
+if __name__ == "__main__":
+    main()
