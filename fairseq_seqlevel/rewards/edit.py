@@ -100,7 +100,7 @@ def _levenshtein_rows(hyp: Tensor, refs: Tensor, ref_len: Tensor) -> Tensor:
         match, pos, neg = match.squeeze(-1), pos.squeeze(-1), neg.squeeze(-1)
     for i in range(steps):
         eq = match[i]
-        if words == 1:
+        if words == 1:  # _myers_step_words at W = 1 without its carries: ~10 fewer ops per token
             xv = eq | neg
             xh = (((eq & pos) + pos) ^ pos) | eq
             ph = neg | ~(xh | pos)
@@ -216,8 +216,9 @@ def edit_distance(hyp: Tensor, ref: Tensor, pad: int, eos: Optional[int] = None)
     Returns:
         LongTensor ``[B]``.
     Cost:
-        O(B * R * T * T') byte comparisons, then ``max(len(hyp))`` bit-parallel
-        steps of O(B * R * ⌈T'/64⌉) word operations; memory O(B * R * T * T') bytes.
+        O(B * R * (T + T')) to build the match masks, then ``max(len(hyp))``
+        bit-parallel steps of O(B * R * ⌈T'/64⌉) word operations; memory
+        O(B * R * T * ⌈T'/64⌉) words.
     """
     per_ref = _edit_per_reference(hyp, ref, pad, eos, prefixes=False)
     return _min_over_present(per_ref.full, per_ref.present)
