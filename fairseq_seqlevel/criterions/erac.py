@@ -168,8 +168,8 @@ class EracCriterion(SeqlevelCriterion):
         ref_lprobs, lprobs = ref_lprobs.squeeze(1), lprobs.reshape(batch_size * s, width, -1)
         ref_nll = token_nll(ref_lprobs, ref, pad).sum()
 
-        critic_loss, actor_loss, td, entropy = erac_losses(q, q_target, lprobs, tokens, rewards, mask, cfg.erac_tau,
-                                                  cfg.erac_var_weight)
+        critic_loss, actor_loss, td, entropy = erac_losses(q, q_target, lprobs, tokens, rewards, mask,
+                                                           cfg.erac_tau, cfg.erac_var_weight)
         # sums over tokens, so that batches and workers add up; fairseq divides
         # by the trajectories' tokens (sentences with --sentence-avg)
         traj_tokens = int(mask.sum())
