@@ -96,8 +96,9 @@ def main(argv=None):
     print(f"  per state: std of Q under pi {torch.cat(spread_pi).mean():.4f}   "
           f"tau * std of log pi under pi {torch.cat(entropy_push).mean():.4f} (tau {args.tau})   "
           f"std of Q over the vocabulary {torch.cat(spread_vocab).mean():.4f}")
-    print(f"  where each trajectory stopped: Q(eos) - E_pi Q {torch.cat(eos_advantage).mean():+.3f} "
-          f"(share < 0: {torch.cat(eos_advantage).lt(0).float().mean():.2f}), pi(eos) {torch.cat(eos_prob).mean():.3f}; "
+    stop = torch.cat(eos_advantage)
+    print(f"  where each trajectory stopped: Q(eos) - E_pi Q {stop.mean():+.3f} (share < 0: "
+          f"{stop.lt(0).float().mean():.2f}), pi(eos) {torch.cat(eos_prob).mean():.3f}; "
           f"mean length {torch.cat(lengths).mean():.1f} tokens")
 
 
