@@ -15,7 +15,10 @@ trajectory per source of the speed setting ``bible``'s batches, the criterion's 
   moved regresses r_t);
 * per state, the std of Q under π (what Σ_w π(w)·Q(w) can push the actor by) against
   τ · the std of log π under π (what the entropy term pushes by), and the std of Q over the
-  vocabulary (what the variance smoothing penalizes).
+  vocabulary (what the variance smoothing penalizes);
+* at the state where each trajectory stopped, Q(eos) − E_π Q (eos has no future term in its TD
+  target: a critic that overvalues continuing teaches the actor not to stop), π(eos) there, and
+  the mean trajectory length.
 """
 
 import argparse
@@ -57,6 +60,7 @@ def main(argv=None):
     crit.eval()
     torch.manual_seed(args.seed)
     q_taken, rewards, returns, spread_pi, spread_vocab, entropy_push = [], [], [], [], [], []
+    eos_advantage, eos_prob, lengths = [], [], []
     with torch.no_grad():
         for batch in setting.batches[: args.batches]:
             pad, eos = crit.padding_idx, crit.eos
@@ -74,6 +78,13 @@ def main(argv=None):
             spread_pi.append((probs * (q - expected_q) ** 2).sum(-1).sqrt()[mask])
             spread_vocab.append(q.std(-1)[mask])
             entropy_push.append(args.tau * (probs * (lprobs + entropy) ** 2).sum(-1).sqrt()[mask])
+            # the state where each trajectory stopped: eos ends the episode, so its TD
+            # target has no future term; what does the critic say of stopping there?
+            last = mask.sum(dim=1, keepdim=True) - 1
+            at_stop = lambda x: x.gather(1, last).squeeze(1)  # noqa: E731
+            eos_advantage.append(at_stop(q[..., eos] - expected_q.squeeze(-1)))
+            eos_prob.append(at_stop(probs[..., eos]))
+            lengths.append(mask.sum(dim=1).float())
     q, r, g = torch.cat(q_taken), torch.cat(rewards), torch.cat(returns)
 
     def corr(a, b):
@@ -85,6 +96,10 @@ def main(argv=None):
     print(f"  per state: std of Q under pi {torch.cat(spread_pi).mean():.4f}   "
           f"tau * std of log pi under pi {torch.cat(entropy_push).mean():.4f} (tau {args.tau})   "
           f"std of Q over the vocabulary {torch.cat(spread_vocab).mean():.4f}")
+    stop = torch.cat(eos_advantage)
+    print(f"  where each trajectory stopped: Q(eos) - E_pi Q {stop.mean():+.3f} (share < 0: "
+          f"{stop.lt(0).float().mean():.2f}), pi(eos) {torch.cat(eos_prob).mean():.3f}; "
+          f"mean length {torch.cat(lengths).mean():.1f} tokens")
 
 
 if __name__ == "__main__":

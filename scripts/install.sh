@@ -48,6 +48,10 @@ if ! "$VENV/bin/python" -c "import fairseq" 2>/dev/null; then
   quiet "${PIP[@]}" --no-build-isolation --no-deps "fairseq-fixed==0.12.3.1"
 fi
 quiet "${PIP[@]}" -e "$ROOT[test,bench,recipes]"
+# TensorBLEU (benchmarks/reward_speed.py compares against it): --no-deps, its
+# package's other requirements are a training framework we do not use
+"$VENV/bin/python" -c "import rxlm.metrics.tensorbleu" 2>/dev/null \
+  || quiet "${PIP[@]}" --no-deps "rxlm==0.3.80" || log "rxlm (TensorBLEU) not installed: reward_speed.py skips it"
 "$VENV/bin/python" -c "import fairseq, fairseq_seqlevel, sentencepiece, sacrebleu" 2>/dev/null \
   || { log "error: the venv at $VENV cannot import fairseq_seqlevel"; exit 1; }
 echo "$WANT" > "$STAMP"

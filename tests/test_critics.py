@@ -84,7 +84,7 @@ def test_erac_td_target_by_hand():
     tokens = torch.tensor([[A, B, EOS]])
     mask = tokens.ne(PAD)
     rewards = torch.tensor([[0.5, -0.25, 1.0]])
-    q_bar = torch.zeros(1, 3, V)
+    q_bar = torch.full((1, 3, V), float("-inf"))  # forbidden where π is 0: 0·(−inf) counts as 0
     q_bar[0, :, [A, B, EOS]] = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0], [4.0, 4.0, 4.0]])
     pi = torch.zeros(1, 3, V)
     pi[0, :, [A, B, EOS]] = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])

@@ -9,6 +9,8 @@ eos ends the episode, so it has no future value (eq. 8 / the MDP of
 Corollary 1).  ``q`` may hold -inf for tokens that are not allowed in a state.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -59,17 +61,30 @@ def soft_q_targets(q: Tensor, tokens: Tensor, rewards: Tensor, mask: Tensor, tau
     return rewards + _next(soft_values(q, tau), mask)
 
 
-def erac_td_targets(q_target: Tensor, policy_lprobs: Tensor, rewards: Tensor, mask: Tensor, tau: float) -> Tensor:
+def _zero_nan(products: Tensor) -> Tensor:
+    """0 where π(w)·x(w) is 0·(±inf) (a token π cannot emit, or one Q forbids), in
+    place: one pass and no new [N, T, V] tensor, unlike a mask and masked_fill."""
+    return products.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
+def policy_stats(policy_lprobs: Tensor):
+    """(π ``[N, T, V]``, H(π) ``[N, T]``) from the actor's log-probs, 0·log 0 = 0."""
+    lprobs = policy_lprobs.float()
+    probs = lprobs.exp()
+    return probs, -_zero_nan(probs * lprobs).sum(dim=-1)
+
+
+def erac_td_targets(q_target: Tensor, policy_lprobs: Tensor, rewards: Tensor, mask: Tensor, tau: float,
+                    stats=None) -> Tensor:
     """ERAC's TD target ``[N, T]`` (eq. 19):
     Q̂ = r_t + τ·H(π(·|ŷ_≤t)) + Σ_w π(w|ŷ_≤t)·Q_φ̄(ŷ_≤t, w),
     the future terms 0 at the terminal step; ``q_target`` from the target
     network, ``policy_lprobs [N, T, V]`` the actor's log-probs at every state
-    (same layout as q).  τ = 0 is the actor-critic target of Bahdanau et al."""
-    probs = policy_lprobs.float().exp()
-    q_target = q_target.float()
-    expected = (probs * q_target.masked_fill(probs.eq(0), 0.0)).sum(dim=-1)
+    (same layout as q), ``stats`` their :func:`policy_stats` if already
+    computed.  τ = 0 is the actor-critic target of Bahdanau et al."""
+    probs, entropy = stats if stats is not None else policy_stats(policy_lprobs)
+    expected = _zero_nan(probs * q_target.float()).sum(dim=-1)
     if tau:
-        entropy = -(probs * policy_lprobs.float().masked_fill(probs.eq(0), 0.0)).sum(dim=-1)
         expected = expected + tau * entropy
     return rewards + _next(expected, mask)
 
