@@ -43,7 +43,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     S.quiet()
     from fairseq_seqlevel.criterions.base import references_of
-    from fairseq_seqlevel.critics import length_scaled_rewards, taken
+    from fairseq_seqlevel.critics import length_scaled_rewards, policy_stats, taken
     from fairseq_seqlevel.decoding.sampler import sample
     from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs
 
@@ -69,9 +69,9 @@ def main(argv=None):
             r, _ = length_scaled_rewards(crit.reward.prefix, tokens, references_of(batch), batch["target"], pad)
             q = crit.critic(batch["target"], prev_output_tokens_from_target(tokens, pad, eos)).float()
             lprobs = rows_lprobs(model, batch["net_input"], tokens, 1, pad, eos, grad=False).float()
-            probs = lprobs.exp()
+            probs, entropy = policy_stats(lprobs)  # the criterion's own π and H(π), 0·log 0 = 0
+            entropy = entropy.unsqueeze(-1)
             expected_q = (probs * q).sum(-1, keepdim=True)
-            entropy = -(probs * lprobs).sum(-1, keepdim=True)
             q_taken.append(taken(q, tokens)[mask])
             rewards.append(r[mask])
             returns.append(r.flip(1).cumsum(1).flip(1)[mask])

@@ -162,8 +162,8 @@ class EracCriterion(SeqlevelCriterion):
         rows = torch.cat([ref.unsqueeze(1), tokens.view(batch_size, s, width)], dim=1).view(-1, width)
         lprobs_all = rows_lprobs(model, sample["net_input"], rows, s + 1, pad, self.eos, grad=joint)
         # split, not indexing: the backward of [:, 0] and [:, 1:] zero-fills a
-        # [B, s+1, T, V] gradient for each piece and adds them (~15 % of a step
-        # here); split's backward writes one concatenation
+        # [B, s+1, T, V] gradient for each piece and adds them; split's backward
+        # writes one concatenation (erac 4.18x -> 4.09x MLE with the shared π below)
         ref_lprobs, lprobs = lprobs_all.view(batch_size, s + 1, width, -1).split([1, s], dim=1)
         ref_lprobs, lprobs = ref_lprobs.squeeze(1), lprobs.reshape(batch_size * s, width, -1)
         ref_nll = token_nll(ref_lprobs, ref, pad).sum()
