@@ -60,6 +60,7 @@ CRITERION_KEYS = {
 PRE_PHASE_KEYS = {  # [criterions.NAME.pre_phase]: a run before the fine-tuning run (erac's critic)
     "name": (True, str), "flags": (True, list), "updates": (True, int),
     "finetune_flags": (False, list), "est_step_cost": (False, (int, float)),
+    "task_flags": (False, dict),
 }
 SETTING_KEYS = {
     "task": (True, str), "covers": (False, list), "batches": (False, int),
@@ -156,6 +157,11 @@ def validate_config(raw):
                     errors.append(f"{where}.pre_phase.updates: must be >= 1")
                 if isinstance(pre.get("name"), str) and not re.fullmatch(r"[A-Za-z0-9_]+", pre["name"]):
                     errors.append(f"{where}.pre_phase.name: letters, digits and _ only, got {pre['name']!r}")
+                for task, flags in (pre.get("task_flags") or {}).items():
+                    if task not in tasks:
+                        errors.append(f"{where}.pre_phase.task_flags: unknown task '{task}'")
+                    elif not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+                        errors.append(f"{where}.pre_phase.task_flags.{task}: expected a list of strings")
         for task in crit.get("tasks", []) if isinstance(crit.get("tasks"), list) else []:
             if task not in tasks:
                 errors.append(f"{where}.tasks: unknown task '{task}' (tasks: {', '.join(tasks)})")
@@ -427,7 +433,7 @@ def check_criterion(cfg, name, task_name, workdir=DEFAULT_WORKDIR):
     pre = pre_phase_of(cfg, name)
     runs = [("", criterion_flags(cfg, name, task_name))]
     if pre:
-        runs.insert(0, (f" (pre_phase {pre['name']})", list(pre["flags"])))
+        runs.insert(0, (f" (pre_phase {pre['name']})", pre_phase_flags(pre, task_name)))
     known = known_criterions()
     task = cfg["tasks"][task_name]
     mapping = task_mapping(cfg, task_name, workdir)
@@ -488,6 +494,11 @@ def pre_phase_of(cfg, criterion):
     return cfg["criterions"][criterion].get("pre_phase")
 
 
+def pre_phase_flags(pre, task_name):
+    """A pre-phase's flags on ``task_name``: its own, then its ``task_flags`` for the task."""
+    return list(pre["flags"]) + list((pre.get("task_flags") or {}).get(task_name, []))
+
+
 def pre_phase_updates(cfg, task_name, pre):
     """Updates of a pre-phase run: its own, or in --quick mode the task's (quick) fine-tuning updates."""
     return cfg["tasks"][task_name]["finetune_updates"] if cfg.get("mode") == "quick" else pre["updates"]
@@ -503,7 +514,7 @@ def finetune_command(cfg, task_name, criterion, seed, save_dir, pretrained, work
     crit = cfg["criterions"][criterion]
     if phase == "pre":
         pre = crit["pre_phase"]
-        flags, own = list(pre["flags"]), list(pre.get("finetune_flags", []))
+        flags, own = pre_phase_flags(pre, task_name), list(pre.get("finetune_flags", []))
         updates = pre_phase_updates(cfg, task_name, pre)
     else:
         flags = criterion_flags(cfg, criterion, task_name)
