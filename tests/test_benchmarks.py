@@ -138,6 +138,17 @@ def test_pre_phase_config_is_checked(toy_bench, tmp_path):
     message = H.check_criterion(cfg, "erac", "toy")
     assert message.startswith("criterion 'erac' (pre_phase critic) on toy:") and "--erac-phaze" in message
     assert H.setting_criterions(cfg, "toy")[:1] == ["mle"]
+    # a pre-phase's task_flags follow its flags on that task only (later flags win in fairseq)
+    cfg = H.load_config(toy_bench["config"])
+    pre = cfg["criterions"]["erac"]["pre_phase"]
+    pre["task_flags"] = {"toy": ["--erac-tau", "0.5"]}
+    cmd = H.finetune_command(cfg, "toy", "erac", 1, tmp_path / "run", tmp_path / "pre.pt", tmp_path, phase="pre")
+    assert " ".join(pre["flags"] + ["--erac-tau", "0.5"]) in " ".join(cmd)
+    assert H.pre_phase_flags(pre, "other") == pre["flags"]
+    assert H.check_criterion(cfg, "erac", "toy") is None
+    pre["task_flags"] = {"nope": ["--erac-tau", "0.5"]}
+    assert "criterions.erac.pre_phase.task_flags: unknown task 'nope'" in H.validate_config(cfg)
+    cfg = H.load_config(toy_bench["config"])
     assert H.speed_entry(cfg, "erac_critic") == ("erac", "pre") and H.speed_entry(cfg, "erac") == ("erac", None)
 
 
