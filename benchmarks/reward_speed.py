@@ -108,6 +108,46 @@ def small_batches(hyp, ref, hyp_s, ref_strings, metric, repeats, sizes=(64, 128,
     return out
 
 
+def rapidfuzz_on_tensors(hyp, ref, levenshtein):
+    """Per-pair rapidfuzz from padded id tensors (hyp [N, T], ref [N, T'] or
+    [N, R, T']): to lists, strip the padding, min over references, back to a tensor."""
+    refs = ref if ref.dim() == 3 else ref.unsqueeze(1)
+    hyp_len, ref_len = hyp.ne(PAD).sum(-1).tolist(), refs.ne(PAD).sum(-1).tolist()
+    return torch.tensor([
+        min(levenshtein.distance(h[:n], r[:m]) for r, m in zip(rs, ms) if m) if any(ms) else n
+        for h, n, rs, ms in zip(hyp.tolist(), hyp_len, refs.tolist(), ref_len)])
+
+
+def spelling_edit(num_pairs, repeats, levenshtein, sizes=(256, 1024, 4096)):
+    """edit_distance vs rapidfuzz on spelling-like pairs (28 characters, words of
+    3..16, ~15% deleted, 15% substituted, 10% inserted) at the row counts of
+    searnn_kl's roll-out costs: rapidfuzz on pre-built lists and from the padded tensors."""
+    rng = random.Random(1)
+    refs = [[rng.randint(1, 28) for _ in range(rng.randint(3, 16))] for _ in range(max(sizes))]
+
+    def noisy(seq):
+        out = []
+        for tok in seq:
+            u = rng.random()
+            if u >= 0.15:
+                out.append(rng.randint(1, 28) if u < 0.3 else tok)
+            if rng.random() < 0.1:
+                out.append(rng.randint(1, 28))
+        return out or seq[:1]
+
+    hyps = [noisy(r) for r in refs]
+    out = {}
+    for n in sizes:
+        hyp, ref = pack(hyps[:n]), pack(refs[:n])
+        lists = median_time(lambda: [levenshtein.distance(h, r) for h, r in zip(hyps[:n], refs[:n])], repeats)
+        tensors = median_time(lambda: rapidfuzz_on_tensors(hyp, ref, levenshtein), repeats)
+        ours = median_time(lambda: edit_distance(hyp, ref, PAD), repeats)
+        assert edit_distance(hyp, ref, PAD).tolist() == rapidfuzz_on_tensors(hyp, ref, levenshtein).tolist()
+        out[str(n)] = {"torch_s": ours, "rapidfuzz_s": lists, "rapidfuzz_from_tensors_s": tensors,
+                       "speedup": lists / ours, "speedup_vs_from_tensors": tensors / ours}
+    return out
+
+
 def run(num_pairs, repeats, prefix_subset, thread_counts):
     from rapidfuzz.distance import Levenshtein
     from sacrebleu.metrics import BLEU
@@ -139,13 +179,18 @@ def run(num_pairs, repeats, prefix_subset, thread_counts):
         def rapidfuzz_loop():
             return [min(Levenshtein.distance(h, r) for r in rs) for h, rs in zip(hyps, rf_refs)]
 
+        def rapidfuzz_from_tensors():  # what a criterion holding padded ids would run
+            return rapidfuzz_on_tensors(hyp, ref, Levenshtein)
+
         sacre_bleu = median_time(sacre_loop, max(1, repeats // 2), warmup=0)
         sacre_prefix = median_time(sacre_prefix_loop, 1, warmup=0) / len(subset) * num_pairs
         rf_edit = median_time(rapidfuzz_loop, repeats)
+        rf_edit_tensors = median_time(rapidfuzz_from_tensors, repeats)
+        assert rapidfuzz_from_tensors().tolist() == rapidfuzz_loop() == edit_distance(hyp, ref, PAD).tolist()
         entry = {"sentence_bleu_sacrebleu_s": sacre_bleu, "sentence_bleu_sacrebleu_sent_per_s": num_pairs / sacre_bleu,
                  "prefix_bleu_sacrebleu_s_extrapolated": sacre_prefix,
                  "prefix_bleu_sacrebleu_subset_sentences": len(subset),
-                 "edit_rapidfuzz_s": rf_edit}
+                 "edit_rapidfuzz_s": rf_edit, "edit_rapidfuzz_from_tensors_s": rf_edit_tensors}
         default_threads = torch.get_num_threads()
         for threads in thread_counts:
             torch.set_num_threads(threads)
@@ -162,6 +207,7 @@ def run(num_pairs, repeats, prefix_subset, thread_counts):
                 "prefix_bleu_torch_sent_per_s" + suffix: num_pairs / torch_prefix,
                 "edit_torch_s" + suffix: torch_edit,
                 "edit_speedup" + suffix: rf_edit / torch_edit,
+                "edit_speedup_vs_rapidfuzz_from_tensors" + suffix: rf_edit_tensors / torch_edit,
                 "edit_torch_sent_per_s" + suffix: num_pairs / torch_edit,
             })
         torch.set_num_threads(default_threads)
@@ -169,6 +215,7 @@ def run(num_pairs, repeats, prefix_subset, thread_counts):
         if not multi:
             entry["small_batches"] = small_batches(hyp, ref, hyp_s, ref_strings, metric, repeats)
         results[tag] = entry
+    results["edit_spelling"] = spelling_edit(num_pairs, repeats, Levenshtein)
     results["loadavg_1min_after"] = os.getloadavg()[0]
     return results
 
@@ -185,7 +232,8 @@ def report(res, thread_counts):
         print(f"  sacrebleu loop over all prefixes  {r['prefix_bleu_sacrebleu_s_extrapolated'] * 1e3:9.1f} ms "
               f"(timed on the first {r['prefix_bleu_sacrebleu_subset_sentences']} sentences, "
               f"extrapolated per sentence to {res['pairs']})")
-        print(f"  rapidfuzz Levenshtein loop        {r['edit_rapidfuzz_s'] * 1e3:9.1f} ms")
+        print(f"  rapidfuzz Levenshtein loop        {r['edit_rapidfuzz_s'] * 1e3:9.1f} ms "
+              f"(from the padded tensors: {r['edit_rapidfuzz_from_tensors_s'] * 1e3:.1f} ms)")
         for threads in thread_counts:
             suffix = "" if threads == thread_counts[0] else f"_{threads}thread"
             label = f"torch, {threads} thread{'s' if threads > 1 else ''}"
@@ -199,7 +247,8 @@ def report(res, thread_counts):
                   f"speedup vs sacrebleu {r['prefix_bleu_speedup' + suffix]:6.1f}x (target >= 50x)")
             print(f"    edit_distance {r['edit_torch_s' + suffix] * 1e3:8.1f} ms "
                   f"({r['edit_torch_sent_per_s' + suffix]:8.0f} sent/s)  "
-                  f"speedup vs rapidfuzz {r['edit_speedup' + suffix]:6.2f}x")
+                  f"speedup vs rapidfuzz {r['edit_speedup' + suffix]:6.2f}x "
+                  f"(vs rapidfuzz from tensors {r['edit_speedup_vs_rapidfuzz_from_tensors' + suffix]:5.2f}x)")
         print(f"  max |BLEU - sacrebleu|: ours {r['sentence_bleu_max_abs_dev_vs_sacrebleu']:.2e} points", end="")
         if "tensorbleu_s" in r:
             print(f"; TensorBLEU {r['tensorbleu_max_abs_dev_vs_sacrebleu']:.2f} (mean "
@@ -209,6 +258,15 @@ def report(res, thread_counts):
         for n, b in r.get("small_batches", {}).items():
             print(f"  {n:>5} pairs: sentence_bleu {b['torch_s'] * 1e3:7.2f} ms, sacrebleu {b['sacrebleu_s'] * 1e3:7.2f} ms, "
                   f"speedup {b['speedup']:5.1f}x")
+
+
+def report_spelling(res):
+    print("[edit distance on spelling-like pairs (28 symbols, 3..16 long), "
+          f"torch {torch.get_num_threads()} thread(s)]")
+    for n, b in res["edit_spelling"].items():
+        print(f"  {n:>5} pairs: edit_distance {b['torch_s'] * 1e3:6.2f} ms, rapidfuzz {b['rapidfuzz_s'] * 1e3:6.2f} ms "
+              f"on lists / {b['rapidfuzz_from_tensors_s'] * 1e3:6.2f} ms from tensors: speedup {b['speedup']:4.2f}x "
+              f"/ {b['speedup_vs_from_tensors']:4.2f}x")
 
 
 def main():
@@ -226,6 +284,7 @@ def main():
         thread_counts.append(1)
     res = run(args.pairs, max(5, args.repeats), args.prefix_subset, thread_counts)
     report(res, thread_counts)
+    report_spelling(res)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
