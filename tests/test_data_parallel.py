@@ -188,7 +188,7 @@ def fixed_sle_outputs(criterion):
 
 CASES = [
     "mle", "mle_transformer", "raml", "raml_sampled", "raml_lazy", "raml_transformer", "token_smooth",
-    "searnn", "searnn_reference", "searnn_learned", "critic",
+    "searnn", "searnn_reference", "searnn_learned", "searnn_mle", "critic",
     "risk", "risk_sampled", "risk_transformer", "seq_exploration", "seq_exploration_sampled", "scst",
     "interpolation", "interpolation_sampled", "interpolation_transformer",
     "erac_critic", "erac_joint", "erac_joint_sampled", "erac_joint_transformer", "vaml_q", "vaml_actor",
@@ -232,6 +232,9 @@ def make_cases(toy_data, embeddings):
                                       "reference"), batches_fn=examples(3), **det),
         Case("searnn_learned", base(*searnn, "--searnn-roll-in", "learned", "--searnn-roll-out", "learned"),
              batches_fn=examples(3), **det),
+        # the reference NLL term: reference and roll-in rows in one forward of the wrapped model
+        Case("searnn_mle", base(*searnn, "--searnn-roll-in", "learned", "--searnn-roll-out", "learned",
+                                "--searnn-mle-weight", "0.3"), batches_fn=examples(3), **det),
         Case("critic", base("--criterion", "ddp_test_critic"), **det, **ours),
         Case("risk", base(*risk, "--risk-include-reference"), deterministic_check=True,
              patch=fixed_risk_candidates),

@@ -104,6 +104,41 @@ def test_ll_reference_hamming_is_mle(toy_data, arch):
     assert logged[0]["searnn_gt_best"] == 1.0
 
 
+def test_mle_weight_mixes_searnn_with_the_reference_nll(toy_data, pretrained):
+    """--searnn-mle-weight w: loss and gradients are (1 - w)·(w = 0) + w·(w = 1);
+    w = 1 with reference roll-in and all cells is stock MLE (each sentence's mean
+    token NLL counted once per scored cell = its summed NLL); the reference rides
+    in the roll-ins' forward without changing their scores."""
+    task, trained = pretrained("lstm")
+    weights = trained.state_dict()
+    flags = ["--reward", "edit", "--searnn-roll-in", "learned", "--searnn-roll-out", "mixed",
+             "--searnn-cells", "2", "--searnn-tokens", "3", "--searnn-token-sampling", "biased"]
+    batch = first_batch(task)
+
+    def run(*args):
+        _, _, model, crit = _searnn(toy_data, *args)
+        model.load_state_dict(weights)
+        return _loss_and_grads(model, crit, batch)
+
+    got = {w: run(*flags, "--searnn-mle-weight", str(w)) for w in (0.0, 0.3, 1.0)}
+    assert got[1.0][1] == got[0.0][1] == got[0.3][1] < batch["ntokens"]
+    torch.testing.assert_close(got[0.3][0], 0.7 * got[0.0][0] + 0.3 * got[1.0][0], atol=1e-5, rtol=1e-5)
+    for name, grad in got[0.3][3].items():
+        torch.testing.assert_close(grad, 0.7 * got[0.0][3][name] + 0.3 * got[1.0][3][name], atol=1e-6, rtol=1e-4)
+    # the logged nll (roll-in cells) and the search do not depend on w
+    assert got[0.3][2]["nll_loss"] == pytest.approx(float(got[0.0][2]["nll_loss"]), rel=1e-5)
+    assert got[0.3][2]["searnn_gt_best"] == got[0.0][2]["searnn_gt_best"]
+
+    _, _, model, stock = _stock_mle(toy_data)
+    model.load_state_dict(weights)
+    mle = _loss_and_grads(model, stock, batch)
+    only_mle = run("--reward", "edit", *REFERENCE, "--searnn-mle-weight", "1")
+    assert only_mle[1] == batch["ntokens"]
+    torch.testing.assert_close(only_mle[0], mle[0], atol=1e-5, rtol=1e-5)
+    for name, grad in mle[3].items():
+        torch.testing.assert_close(only_mle[3][name], grad, atol=1e-6, rtol=1e-4)
+
+
 def test_kl_reference_hamming_is_label_smoothing(toy_data):
     """Appendix C.1: with Hamming costs counted in tokens, KL is label smoothing
     with ε = (V'-1)e^{-α}/(1+(V'-1)e^{-α}) over the V' scored tokens (eos scored
@@ -406,6 +441,7 @@ def test_stock_translation_task_uses_hamming_and_bleu_uses_best_suffix(toy_data)
     (["--searnn-neighbours", "-1"], "--searnn-neighbours must be >= 0"),
     (["--searnn-max-len-b", "-1"], "--searnn-max-len-b must be >= 0"),
     (["--searnn-reward", "blue"], "--searnn-reward: unknown reward 'blue'"),
+    (["--searnn-mle-weight", "1.5"], "--searnn-mle-weight must be in [0, 1]"),
 ])
 def test_bad_flags_fail_at_startup(toy_data, flags, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -100,7 +100,7 @@ from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, log_s
                                               worker_rng)
 from fairseq_seqlevel.decoding import rollouts
 from fairseq_seqlevel.decoding.model import eval_mode
-from fairseq_seqlevel.decoding.teacher_forcing import encode, prev_output_tokens_from_target, token_nll
+from fairseq_seqlevel.decoding.teacher_forcing import encode, prev_output_tokens_from_target, rows_lprobs, token_nll
 from fairseq_seqlevel.errors import check
 from fairseq_seqlevel.sampling.gumbel import gumbel_topk
 from fairseq_seqlevel.sampling.vocab import never_sampled_ids
@@ -171,6 +171,11 @@ class SearnnConfig(FairseqDataclass):
         default=None, metadata={"help": "reward for the costs (default: the task's --reward; hamming in a "
                                 "task without one)"}
     )
+    searnn_mle_weight: float = field(
+        default=0.0, metadata={"help": "w: loss = (1 - w)·SeaRnn + w·NLL(y*), a sentence's mean token NLL "
+                               "counted once per scored cell of it; anchors the tokens a restricted "
+                               "softmax (K > 0) never scores"}
+    )
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
@@ -192,6 +197,7 @@ def check_searnn_config(cfg):
     check(cfg.searnn_tokens >= 0, f"--searnn-tokens must be >= 0 (0 = whole vocabulary), got {cfg.searnn_tokens}")
     check(cfg.searnn_neighbours >= 0, f"--searnn-neighbours must be >= 0, got {cfg.searnn_neighbours}")
     check(cfg.searnn_max_len_b >= 0, f"--searnn-max-len-b must be >= 0, got {cfg.searnn_max_len_b}")
+    check(0.0 <= cfg.searnn_mle_weight <= 1.0, f"--searnn-mle-weight must be in [0, 1], got {cfg.searnn_mle_weight}")
 
 
 # ------------------------------------------------------------------ pure math
@@ -492,9 +498,21 @@ class SearnnCriterion(SeqlevelCriterion):
         with worker_rng():  # roll-ins, cells, roll-out tokens: this worker's own draws
             found = self.search(model, sample)
         # the loss pass is a stock forward of the wrapped model (data parallelism sees it)
-        prev = prev_output_tokens_from_target(found.rollin, self.padding_idx, self.eos)
-        net_output = model(**{**sample["net_input"], "prev_output_tokens": prev})
-        lprobs = model.get_normalized_probs(net_output, log_probs=True)
+        pad, w = self.padding_idx, self.cfg.searnn_mle_weight
+        if w > 0:  # the reference beside each roll-in, in the same forward
+            target = sample["target"]
+            width = max(found.rollin.size(1), target.size(1))
+            rows = torch.stack([pad_right(target, width, pad), pad_right(found.rollin, width, pad)], dim=1)
+            both = rows_lprobs(model, sample["net_input"], rows.view(-1, width), 2, pad, self.eos)
+            ref_lprobs, lprobs = both.view(target.size(0), 2, width, -1).split([1, 1], dim=1)
+            # per sentence: its mean token NLL, weighted below by its scored cells
+            ref_nll = token_nll(ref_lprobs.squeeze(1), pad_right(target, width, pad), pad).sum(dim=1)
+            ref_nll = ref_nll / target.ne(pad).sum(dim=1).clamp(min=1)
+            lprobs = lprobs.squeeze(1)[:, :found.rollin.size(1)]
+        else:
+            prev = prev_output_tokens_from_target(found.rollin, pad, self.eos)
+            net_output = model(**{**sample["net_input"], "prev_output_tokens": prev})
+            lprobs = model.get_normalized_probs(net_output, log_probs=True)
         cell_lprobs = lprobs[found.cell_rows, found.cell_pos]
         cand_lprobs = candidate_log_probs(cell_lprobs, found.candidates, found.valid,
                                           restrict=self.cfg.searnn_tokens > 0)
@@ -507,6 +525,12 @@ class SearnnCriterion(SeqlevelCriterion):
         gt_best = best_candidate(found.costs, found.valid).eq(0).sum()
         num_cells = found.cell_rows.numel()
         sample_size = self.sample_size_of(sample, tokens=num_cells)
+        if w > 0:
+            # each sentence's mean token NLL counts as many times as it has scored cells: a
+            # sum over sentences (data parallelism splits it exactly), and at w = 1 with all
+            # cells and reference roll-in, MLE
+            cells_per_sentence = torch.bincount(found.cell_rows, minlength=ref_nll.size(0))
+            loss = (1.0 - w) * loss + w * (cells_per_sentence * ref_nll).sum()
         logging_output = self.stock_logging_output(
             loss, nll, sample, sample_size,
             searnn_nll_cells=int(found.gt.ne(self.padding_idx).sum()),
