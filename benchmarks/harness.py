@@ -191,6 +191,10 @@ def validate_config(raw):
             for task in setting.get("covers", []):
                 if task not in tasks:
                     errors.append(f"{where}.covers: unknown task '{task}'")
+    for section in ("run", "quick"):  # the default task selection of a full / --quick run
+        chosen = (raw.get(section) or {}).get("tasks")
+        if chosen is not None and (not isinstance(chosen, list) or not all(t in tasks for t in chosen)):
+            errors.append(f"{section}.tasks: expected a list of task names (tasks: {', '.join(tasks)}), got {chosen!r}")
     sampler = (raw.get("speed") or {}).get("sampler")
     if sampler is not None:
         _check_table("speed.sampler", sampler, SAMPLER_KEYS, errors)

@@ -88,7 +88,8 @@ def select(cfg, tasks=None, criterions=None, seeds=None):
     criterions = criterions or [c for c in all_crits if H.criterion_tasks(cfg, c)]
     if H.CONTROL not in criterions:
         criterions = [H.CONTROL] + criterions  # no Δ without the control
-    tasks = tasks or [t for t in all_tasks if any(t in H.criterion_tasks(cfg, c) for c in criterions)]
+    default_tasks = cfg["run"].get("tasks") or all_tasks  # [run] / [quick] tasks: the default selection
+    tasks = tasks or [t for t in default_tasks if any(t in H.criterion_tasks(cfg, c) for c in criterions)]
     seeds = seeds or list(cfg["run"].get("seeds", [1]))
     return tasks, criterions, [int(s) for s in seeds]
 

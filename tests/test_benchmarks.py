@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 import textwrap
+import tomllib
 
 import pytest
 
@@ -110,6 +111,13 @@ def test_shipped_config_is_valid_and_complete():
     assert quick["run"]["results"] != cfg["run"].get("results", "benchmarks/results")
     for name in cfg["tasks"]:
         assert quick["tasks"][name]["finetune_updates"] < cfg["tasks"][name]["finetune_updates"]
+    # --quick runs every criterion that has a task, on its default tasks, within its budget
+    q_tasks, q_crits, q_seeds = quality.select(quick)
+    q_runs = quality.plan_runs(quick, q_tasks, q_crits, q_seeds)
+    assert {c for c in cfg["criterions"] if H.criterion_tasks(cfg, c) and
+            set(H.criterion_tasks(cfg, c)) & set(q_tasks)} == {r[1] for r in q_runs}
+    assert {"mle", "raml", "searnn_kl", "erac", "vaml", "interpolation", "risk", "scst"} <= {r[1] for r in q_runs}
+    assert H.estimate_plan(quick, q_runs, [(t, 1) for t in q_tasks])["total"] <= quick["run"]["budget_s"]
     assert len(cfg["run"]["seeds"]) >= 3
     # every piece (one task's pre-training, one criterion and its MLE control, all
     # seeds: quality.py --tasks T --criterions mle,C) fits the budget, estimated
@@ -150,6 +158,15 @@ def test_pre_phase_config_is_checked(toy_bench, tmp_path):
     assert "criterions.erac.pre_phase.task_flags: unknown task 'nope'" in H.validate_config(cfg)
     cfg = H.load_config(toy_bench["config"])
     assert H.speed_entry(cfg, "erac_critic") == ("erac", "pre") and H.speed_entry(cfg, "erac") == ("erac", None)
+
+
+def test_default_task_selection_is_checked_and_used(toy_bench, tmp_path):
+    cfg = H.load_config(toy_bench["config"])
+    cfg["run"]["tasks"] = []
+    assert quality.select(cfg)[0] == ["toy"]  # empty: every task
+    raw = tomllib.loads(toy_bench["config"].read_text())
+    raw.setdefault("quick", {})["tasks"] = ["toy", "nope"]
+    assert any(e.startswith("quick.tasks: expected a list of task names") for e in H.validate_config(raw))
 
 
 def test_validate_config_reports_every_problem():
