@@ -161,8 +161,10 @@ def pretrain(cfg, task_name, workdir, force=False, pretrain_seed=1):
                 f"[{name}] the cached pre-trained model in {pdir} was trained with another command:\n"
                 f"  cached: {old}\n  now:    {text}\n"
                 "rerun with --force-pretrain to retrain it (this reruns the task's fine-tuning runs too)")
+        built = info["row"].get("details", {}).get("omp_threads")
         log(f"[{name}] reusing pre-trained MLE model {pdir / 'checkpoint_last.pt'} "
-            f"({info['row']['updates']} updates, {info['row']['metric']} {info['row']['value']:.2f})")
+            f"({info['row']['updates']} updates, {info['row']['metric']} {info['row']['value']:.2f}"
+            + (f", built with OMP_NUM_THREADS {built}" if built else "") + ")")
         return info
     old = (pdir / "command.txt").read_text().strip() if (pdir / "command.txt").exists() else None
     if old is not None and old != text and pdir.exists():
@@ -187,7 +189,7 @@ def pretrain(cfg, task_name, workdir, force=False, pretrain_seed=1):
         "row": {"task": task_name, "criterion": H.PRETRAIN, "seed": int(_seed_of(cmd)), "pretrain": pretrain_seed,
                 "metric": metric,
                 "value": value, "updates": final_updates(parsed), "wall_s": round(prev_wall + wall, 1),
-                "details": {**scores, "eval_s": round(time.time() - t0, 1)}},
+                "details": {**scores, "eval_s": round(time.time() - t0, 1), "omp_threads": H.omp_threads()}},
         "final_valid": valid[-1][1] if valid else None,
         "curve": valid,
     }
@@ -256,7 +258,7 @@ def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False, 
                 "updates": final_updates(parsed),
                 # the cost of the method: a pre-phase (critic pre-training) counts
                 "wall_s": round(wall + (pre_info["wall_s"] if pre_info else 0.0), 1),
-                "details": {**scores, "eval_s": round(time.time() - t0, 1),
+                "details": {**scores, "eval_s": round(time.time() - t0, 1), "omp_threads": H.omp_threads(),
                             **({"pre_phase": pre_info} if pre_info else {})}},
         "curve": H.curve(parsed["valid"], task["curve_key"], task.get("curve_scale", 1.0)),
         "train_loss": [(e.get("num_updates"), e.get("loss")) for e in parsed["train"]],

@@ -3,6 +3,7 @@ and one tiny end-to-end quality + speed run on the toy data (a few updates)."""
 
 import json
 import math
+import os
 import shutil
 import textwrap
 import tomllib
@@ -354,6 +355,8 @@ def test_quality_end_to_end(toy_run):
         assert set(row) >= {"task", "criterion", "seed", "metric", "value", "updates", "wall_s"}
         assert row["task"] == "toy" and row["metric"] == "bleu" and 0.0 <= row["value"] <= 100.0
         assert row["updates"] == 2 and row["wall_s"] > 0
+        # the thread count is part of what makes a run reproducible (float summation order)
+        assert row["details"]["omp_threads"] == (os.environ.get("OMP_NUM_THREADS") or "unset")
     md = (results / "quality.md").read_text()
     assert "| mle |" in md and "| raml |" in md
     assert "--raml-samplez (did you mean --raml-samples?)" in md and "no_such_criterion" in md
