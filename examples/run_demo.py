@@ -52,8 +52,8 @@ FINETUNE = {
              "--raml-lazy"],
     # the demo's default: the best Bible row of the benchmark table after vaml (README
     # "Benchmarks": +0.26 BLEU over continued MLE on 2 pre-trained models x 2 seeds, a tie;
-    # vaml's +0.38 costs 5.8x per step plus a critic phase): raml with token-level smoothing
-    # towards PPMI-SVD neighbours
+    # vaml's +0.44, the one row ahead, costs 5.8x per step plus a Q-learning stage before it):
+    # raml with token-level smoothing towards PPMI-SVD neighbours
     "tok_seq": ["--criterion", "raml", "--raml-sampler", "hamming", "--raml-vocab", "batch",
                 "--raml-samples", "2", "--raml-alpha", "0.3", "--raml-temperature", "0.11",
                 "--token-smooth-alpha", "0.3", "--token-smooth-temperature", "0.1",
