@@ -735,6 +735,23 @@ def verdict(entry, higher_is_better):
     return "tie"
 
 
+def check_same_model(old, pre_row):
+    """A piece's pre-trained model must be the one whose rows ``old`` (quality.json)
+    already pairs under its id: same task and pretrain id, same score. The id is the
+    pre-training seed, and the same seed at another thread count (or after
+    --force-pretrain) is another model; merging would pair its fine-tunes with the old
+    model's controls. Raises :class:`ConfigError`."""
+    key = (pre_row["task"], pre_row.get("pretrain", 1))
+    for r in old:
+        if r["criterion"] == PRETRAIN and (r["task"], r.get("pretrain", 1)) == key \
+                and not math.isclose(r["value"], pre_row["value"], abs_tol=1e-9):
+            raise ConfigError(
+                f"{key[0]} pre-trained model {key[1]} scores {pre_row['value']:.4f} here but "
+                f"{r['value']:.4f} in quality.json (OMP_NUM_THREADS {r.get('details', {}).get('omp_threads', '?')} "
+                f"there, {pre_row.get('details', {}).get('omp_threads', '?')} here): another model; "
+                "write this piece to another --results and merge it under a new pretrain id")
+
+
 def merge_rows(old, new, replace_all=False):
     """quality.json rows: ``new`` replaces rows of the same (task, criterion, pretrain, seed);
     with ``replace_all`` (a full run) only ``new`` is kept."""

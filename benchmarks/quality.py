@@ -415,6 +415,8 @@ def main(argv=None):
         for p in models:
             try:
                 pre = pretrain(cfg, task, workdir, force=args.force_pretrain, pretrain_seed=p)
+                if not replace_all:  # a piece adds to quality.json: its model must be the one there
+                    H.check_same_model(H.read_json(Path(results) / "quality.json", []) or [], pre["row"])
             except (RuntimeError, H.ConfigError) as e:
                 log(f"error: {e}")
                 failed.append(f"{task}: pre-training {p}: {str(e).splitlines()[0]}")

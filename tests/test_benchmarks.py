@@ -297,6 +297,13 @@ def test_merge_rows():
     merged = H.merge_rows(old, new)
     assert sorted((r["task"], r["seed"], r["value"]) for r in merged) == [("t", 1, 1.0), ("t", 2, 9.0), ("u", 1, 5.0)]
     assert H.merge_rows(old, new, replace_all=True) == new
+    # a piece's pre-trained model must be the model quality.json pairs under its id
+    start = {"task": "t", "criterion": H.PRETRAIN, "seed": 2, "pretrain": 2, "value": 32.75,
+             "details": {"omp_threads": "1"}}
+    H.check_same_model(old + [start], {**start, "value": 32.75})  # the same model: fine
+    H.check_same_model(old + [start], {**start, "pretrain": 3, "value": 32.98})  # a new id: fine
+    with pytest.raises(H.ConfigError, match="pre-trained model 2 scores 32.9800 here but 32.7500"):
+        H.check_same_model(old + [start], {**start, "value": 32.98, "details": {"omp_threads": "2"}})
 
 
 def test_curves():
