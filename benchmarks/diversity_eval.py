@@ -2,10 +2,12 @@
 """Diversity of K sampled outputs per source for fine-tuned checkpoints (chen2019 Table 4).
 
     python benchmarks/diversity_eval.py --task bible_es_en --criterions mle,scst,seq_exploration
-        [--seeds 1,2,3] [--k 5] [--workdir work/bench] [--out benchmarks/results/diversity.json]
+        [--seeds 1,2,3] [--pretrain-seed 1] [--pretrain-id N] [--k 5] [--workdir work/bench]
+        [--out benchmarks/results/diversity.json]
 
-Needs the checkpoints of ``quality.py --keep-checkpoints``
-(WORKDIR/TASK/CRITERION/seedS/checkpoint_last.pt).  For each one:
+Needs the checkpoints of ``quality.py --keep-checkpoints`` (WORKDIR/TASK/CRITERION/seedS/
+checkpoint_last.pt; pretrain{N}_seedS from pre-training seed N); rows carry ``pretrain``
+(``--pretrain-id``, default the pre-training seed: quality.json's id of that model).  For each one:
 ``fairseq-generate --sampling --beam K --nbest K`` on the task's test split
 (sampling seed 1, words after ``--remove-bpe sentencepiece``), then
 ``fairseq_seqlevel.diversity``'s div1, div2 and mBLEU-4 of the K outputs of
@@ -44,6 +46,9 @@ def main(argv=None):
     p.add_argument("--task", default="bible_es_en")
     p.add_argument("--criterions", default="mle,scst,seq_exploration")
     p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--pretrain-seed", type=int, default=1, help="the runs fine-tuned from this pre-training seed")
+    p.add_argument("--pretrain-id", type=int, default=None,
+                   help="the rows' pretrain field (default: --pretrain-seed; quality.json's id of the model)")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--workdir", default=str(H.DEFAULT_WORKDIR))
     p.add_argument("--config", default=str(H.DEFAULT_CONFIG))
@@ -51,10 +56,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = H.load_config(args.config)
     data = H.resolve_path(cfg["tasks"][args.task]["data"])
+    pretrain_id = args.pretrain_seed if args.pretrain_id is None else args.pretrain_id
     rows = []
     for crit in args.criterions.split(","):
         for seed in args.seeds.split(","):
-            ckpt = Path(args.workdir) / args.task / crit / f"seed{seed}" / "checkpoint_last.pt"
+            ckpt = H.run_dir(args.workdir, args.task, crit, int(seed), args.pretrain_seed) / "checkpoint_last.pt"
             if not ckpt.exists():
                 print(f"skip: {ckpt} not found (run quality.py --keep-checkpoints)", file=sys.stderr)
                 continue
@@ -67,7 +73,7 @@ def main(argv=None):
             if res.returncode != 0:
                 sys.exit(f"error: diversity failed on {ckpt}: {res.stderr.strip()}")
             scores = json.loads(res.stdout.strip().splitlines()[-1])
-            rows.append({"task": args.task, "criterion": crit, "seed": int(seed), **scores})
+            rows.append({"task": args.task, "criterion": crit, "pretrain": pretrain_id, "seed": int(seed), **scores})
             print(json.dumps(rows[-1]))
     # rows of other checkpoints already in --out stay (a run for more seeds adds to it)
     key = lambda r: (r["task"], r["criterion"], r.get("pretrain", 1), r["seed"])  # noqa: E731
@@ -76,13 +82,13 @@ def main(argv=None):
     H.write_json(Path(args.out), rows)
     for crit in args.criterions.split(","):
         mine = [r for r in rows if r["criterion"] == crit and r["task"] == args.task]
-        if mine:
+        if mine:  # pooled over every pre-trained model in --out
             parts = []
             for key in ("div1", "div2", "mbleu4"):
                 vals = [r[key] for r in mine]
                 sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
                 parts.append(f"{key} {statistics.mean(vals):.4f} ± {sd:.4f}")
-            print(f"{crit:<16} ({len(mine)} seeds): " + ", ".join(parts))
+            print(f"{crit:<16} ({len(mine)} runs): " + ", ".join(parts))
     return 0
 
 
