@@ -439,6 +439,40 @@ def test_edit_distance_multi_word_references_against_rapidfuzz():
         assert prefix[i, : len(h)].tolist() == want
 
 
+def test_equal_token_bitsets_split_token_ids_exactly():
+    """The bitsets behind edit distance (Myers' Peq) and the n-gram counts split a
+    token id into its high and low bits and AND two tables: ids that share one half
+    but not the other must not match.  Against the definition (bit i of word w set
+    iff key[word_bits·w + i] == query[t] and the key position is valid), one chunk and
+    many, 64- and 56-bit words, then edit distances over a 50k vocabulary against rapidfuzz."""
+    from fairseq_seqlevel.rewards._common import equal_token_bitsets
+
+    gen = torch.Generator().manual_seed(64)
+    half = 1 << ((49_999).bit_length() + 1) // 2
+    # ids on a small grid of (hi, lo) pairs: most pairs of ids share a half
+    grid = torch.tensor([hi * half + lo for hi in (1, 2, 190) for lo in (0, 3, 220)] + [49_999])
+    cases = [(grid, 40, 64, False), (grid, 150, 64, False), (grid, 150, 56, True), (grid, 1, 56, True),
+             ((1 << 61) + grid * (1 << 30), 70, 64, True)]  # hashed-word-sized ids: renumbered first
+    for ids, width, word_bits, masked in cases:
+        keys = ids[torch.randint(len(ids), (257, width), generator=gen)]
+        query = ids[torch.randint(len(ids), (257, 33), generator=gen)]
+        mask = torch.rand(257, width, generator=gen) < 0.8 if masked else torch.ones(257, width, dtype=torch.bool)
+        equal = (query.unsqueeze(-1) == keys.unsqueeze(1)) & mask.unsqueeze(1)  # [N, T, L]
+        want = torch.zeros(257, 33, -(-width // word_bits), dtype=torch.long)
+        for i in range(width):  # the definition, bit by bit
+            want[..., i // word_bits] |= equal[..., i].long() << (i % word_bits)
+        for budget in (1 << 22, 1000, 1):
+            got = equal_token_bitsets(query, keys, word_bits, mask if masked else None, budget=budget)
+            assert torch.equal(got, want), (width, word_bits, budget)
+    levenshtein_rf = pytest.importorskip("rapidfuzz.distance").Levenshtein
+    rng = random.Random(65)
+    ids = grid.tolist()
+    refs = [[rng.choice(ids) for _ in range(rng.randint(0, 90))] for _ in range(300)]
+    hyps = [[rng.choice(ids) if rng.random() < 0.3 else t for t in r if rng.random() > 0.1] for r in refs]
+    dist = R.edit_distance(pack(hyps), pack(refs), PAD)
+    assert dist.tolist() == [levenshtein_rf.distance(h, r) for h, r in zip(hyps, refs)]
+
+
 def test_hamming_against_plain_loop():
     hyps, refs = random_examples(seed=71, n=1500, vocab=4, max_refs=3)
     hyp, ref = pack(hyps), pack_refs(refs)

@@ -18,7 +18,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._common import INT_INF, as_multi_reference, check_batch, present_references, valid_token_mask
+from ._common import (INT_INF, as_multi_reference, check_batch, equal_token_bitsets, present_references,
+                      valid_token_mask)
 
 
 class _PerReference(NamedTuple):
@@ -32,40 +33,6 @@ def _prefix_lengths(hyp_len: Tensor, width: int) -> Tensor:
     """``[B, T]`` lengths ``min(t + 1, hyp_len)`` of the prefixes."""
     positions = torch.arange(1, width + 1, device=hyp_len.device)
     return torch.minimum(positions.unsqueeze(0), hyp_len.unsqueeze(-1))
-
-
-def _match_masks(hyp: Tensor, refs: Tensor, words: int, budget: int = 1 << 18) -> Tensor:
-    """``[N, T, W]`` int64: bit ``i`` of word ``w`` set where ``refs[n, 64·w + i]
-    == hyp[n, t]`` (Myers' Peq of each hypothesis token).
-
-    Built in O(N * (T + T')) through a table row → (token, word) → bits, over
-    the tokens the references use (mapped to dense ids), a chunk of rows at a
-    time (``budget`` table entries); a byte comparison of every (t, i) pair
-    costs O(N * T * T') and is several times slower at sentence lengths."""
-    num_rows, width = refs.shape
-    device = refs.device
-    flat_refs = refs.reshape(-1)
-    size = int(torch.cat([flat_refs, hyp.reshape(-1), flat_refs.new_zeros(1)]).max()) + 1
-    used = torch.zeros(size, dtype=torch.long, device=device).index_fill_(0, flat_refs, 1)
-    unused = int(used.sum())  # the id of every token no reference has: its column stays 0
-    dense = torch.where(used.bool(), used.cumsum(0) - 1, unused)
-    positions = torch.arange(width, device=device)
-    ref_col = dense.index_select(0, flat_refs).view(num_rows, width) * words + positions // 64
-    ref_bit = (torch.ones_like(positions) << positions % 64).expand(num_rows, width)
-    hyp_col = dense.index_select(0, hyp.reshape(-1)).view(num_rows, -1, 1) * words
-    hyp_col = (hyp_col + torch.arange(words, device=device)).view(num_rows, -1)
-    cols = (unused + 1) * words
-    out = torch.empty(hyp_col.shape, dtype=torch.long, device=device)
-    chunk = max(1, budget // cols)
-    table = torch.zeros(min(chunk, num_rows), cols, dtype=torch.long, device=device)
-    for start in range(0, num_rows, chunk):
-        rows = slice(start, start + chunk)
-        part = table[: ref_col[rows].size(0)]
-        # one bit per position, so the sum over a row's equal tokens is their OR
-        part.scatter_add_(1, ref_col[rows], ref_bit[rows])
-        torch.gather(part, 1, hyp_col[rows], out=out[rows])
-        part.scatter_(1, ref_col[rows], 0)  # back to zeros for the next chunk
-    return out.view(num_rows, hyp.size(1), words)
 
 
 def _levenshtein_rows(hyp: Tensor, refs: Tensor, ref_len: Tensor) -> Tensor:
@@ -82,37 +49,39 @@ def _levenshtein_rows(hyp: Tensor, refs: Tensor, ref_len: Tensor) -> Tensor:
         LongTensor ``[N, T + 1]``; column ``i`` = distance(hyp[:, :i], ref),
         exact for ``i <= len(hyp)`` (the caller masks the rest).
     Cost:
-        O(N * (T + T')) to build the match masks, then ``T`` steps of
+        O(N * (T + T')) to build the match masks (``equal_token_bitsets``), then ``T`` steps of
         O(N * W) word operations; memory O(N * T * W).
     """
     num_rows, steps = hyp.shape
     words = max(1, -(-refs.size(1) // 64))
     # Bits past a reference's length may be set: carries and shifts only move
     # upwards, so they never reach the bit the distance is read from.
-    match = _match_masks(hyp, refs, words).transpose(0, 1).contiguous()  # [T, N, W]: steps read rows
+    match = equal_token_bitsets(hyp, refs, 64).transpose(0, 1).contiguous()  # Peq, [T, N, W]: steps read rows
     top = (ref_len - 1).clamp(min=0)
-    top_word, top_bit = (top // 64).unsqueeze(-1), torch.ones_like(top) << (top % 64)
+    top_word, top_bit = (top >> 6).unsqueeze(-1), (top & 63).unsqueeze(0)
     pos = torch.full((num_rows, words), -1, dtype=torch.long, device=hyp.device)  # Pv: column 0 is 0..m
     neg = torch.zeros_like(pos)                                                  # Mv
     up = torch.empty(steps, num_rows, dtype=torch.long, device=hyp.device)       # Ph, Mh at the top bit
     down = torch.empty_like(up)
-    if words == 1:
+    if words == 1:  # _myers_step_words at W = 1 without its carries, in place: ~15 ops per token
         match, pos, neg = match.squeeze(-1), pos.squeeze(-1), neg.squeeze(-1)
-    for i in range(steps):
-        eq = match[i]
-        if words == 1:  # _myers_step_words at W = 1 without its carries: ~10 fewer ops per token
-            xv = eq | neg
-            xh = (((eq & pos) + pos) ^ pos) | eq
-            ph = neg | ~(xh | pos)
-            mh = pos & xh
-            up[i], down[i] = ph, mh
-            ph = (ph << 1) | 1  # row 0 of the table grows by one per hypothesis token
-            mh = mh << 1
-            pos = mh | ~(xv | ph)
-            neg = ph & xv
-        else:
-            pos, neg, up[i], down[i] = _myers_step_words(eq, pos, neg, top_word)
-    delta = (up & top_bit).ne(0).long() - (down & top_bit).ne(0).long()
+        xv, xh, shifted = torch.empty_like(pos), torch.empty_like(pos), torch.empty_like(pos)
+        for i in range(steps):
+            eq, ph, mh = match[i], up[i], down[i]  # Ph, Mh are written straight into up, down
+            torch.bitwise_or(eq, neg, out=xv)
+            torch.bitwise_and(eq, pos, out=xh).add_(pos).bitwise_xor_(pos).bitwise_or_(eq)
+            torch.bitwise_or(xh, pos, out=ph).bitwise_not_().bitwise_or_(neg)
+            torch.bitwise_and(pos, xh, out=mh)
+            # row 0 of the table grows by one per hypothesis token: the 1 shifted in
+            torch.bitwise_left_shift(ph, 1, out=shifted).bitwise_or_(1)
+            torch.bitwise_or(xv, shifted, out=pos).bitwise_not_()  # Pv = (Mh << 1) | ~(Xv | Ph')
+            torch.bitwise_and(shifted, xv, out=neg)                # Mv = Ph' & Xv
+            pos.bitwise_or_(torch.bitwise_left_shift(mh, 1, out=shifted))
+    else:
+        for i in range(steps):
+            pos, neg, up[i], down[i] = _myers_step_words(match[i], pos, neg, top_word)
+    # the horizontal deltas at the top bit: +1, -1 or 0 (an arithmetic shift keeps bit 63 readable)
+    delta = ((up >> top_bit) & 1) - ((down >> top_bit) & 1)
     rows = torch.cat([ref_len.unsqueeze(0), ref_len + delta.cumsum(dim=0)]).t()
     # an empty reference has no bit to read: the distance is the prefix length
     return torch.where(ref_len.eq(0).unsqueeze(-1), torch.arange(steps + 1, device=hyp.device), rows)

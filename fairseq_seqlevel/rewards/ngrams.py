@@ -15,8 +15,9 @@ are exact (no hashing):
 
 * ``"bitset"`` (default): the comparisons of one hypothesis position with all
   positions of a sequence are packed into int64 bitsets (56 positions per
-  word).  Unigram bitsets come from one table built per row (tokens renamed by
-  ``torch.unique`` to small per-row ids); the bitset of order ``n`` is that of
+  word).  Unigram bitsets come from ``equal_token_bitsets`` (two small tables
+  per row, over the high and the low bits of the ids; hashed word ids are first
+  renamed per row by ``torch.unique``); the bitset of order ``n`` is that of
   order ``n-1`` AND the unigram bitset of the next token shifted by ``n-1``;
   counts are popcounts.  About ``T * (R+1) * ceil(max(T, T')/56)`` words per
   sentence and order.
@@ -35,7 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import chunk_rows
+from ._common import DIRECT_ID_LIMIT, chunk_rows, equal_token_bitsets
 
 #: Max elements of the largest per-chunk intermediate (bitset words or
 #: pairwise booleans); larger batches are processed in chunks of rows.
@@ -65,16 +66,16 @@ def _end_position_valid(hyp_mask: Tensor, max_order: int) -> Tensor:
 
 # -------------------------------------------------------------- bitset backend
 
-def _row_local_ids(tokens: Tensor) -> Tensor:
+def _row_local_ids(tokens: Tensor, max_id: int) -> Tensor:
     """Rename the ids of each row to ``0..L-1`` (equal <=> equal within the row).
 
     Args:
-        tokens: LongTensor ``[B, L]`` of non-negative ids.
+        tokens: LongTensor ``[B, L]`` of ids in ``[0, max_id]``.
     Returns:
         LongTensor ``[B, L]``.
     """
     batch = tokens.size(0)
-    base = 1 + int(tokens.max())  # one host sync per call
+    base = 1 + max_id
     if batch * base > _CODE_LIMIT:  # huge ids (e.g. hashed words): densify first
         tokens = torch.unique(tokens, return_inverse=True)[1]
         base = tokens.numel() + 1
@@ -118,18 +119,6 @@ def _low_bits(length: int, num_words: int, device: torch.device) -> Tensor:
     return (below.long() << (j % _WORD_BITS)).view(length, num_words, _WORD_BITS).sum(-1)
 
 
-@functools.lru_cache(maxsize=256)
-def _token_layout(length: int, ref_length: int, num_refs: int, device: torch.device):
-    """For the ``T + R*T'`` tokens of a row (hypothesis, then references):
-    sequence index, bitset word and bit (``[T + R*T']`` each; cached)."""
-    position = torch.cat([torch.arange(length, device=device),
-                          torch.arange(ref_length, device=device).repeat(num_refs)])
-    sequence = torch.cat([torch.zeros(length, dtype=torch.long, device=device),
-                          torch.arange(1, num_refs + 1, device=device).repeat_interleave(ref_length)])
-    bit = torch.ones((), dtype=torch.long, device=device) << (position % _WORD_BITS)
-    return sequence, position // _WORD_BITS, bit
-
-
 def _unigram_bitsets(hyp: Tensor, hyp_mask: Tensor, refs: Tensor, ref_mask: Tensor) -> Tensor:
     """Position bitsets of each hypothesis token in every sequence.
 
@@ -144,26 +133,21 @@ def _unigram_bitsets(hyp: Tensor, hyp_mask: Tensor, refs: Tensor, ref_mask: Tens
     """
     batch, length = hyp.shape
     num_refs, ref_length = refs.shape[1:]
-    device = hyp.device
-    num_seqs, slots = num_refs + 1, length + 1
-    local = _row_local_ids(torch.cat([hyp, refs.reshape(batch, -1)], dim=1))
-    # Name every token by its first position in the hypothesis (``length``
-    # if absent), so each sequence needs only ``length + 1`` table slots.
-    hyp_positions = torch.arange(length, device=device).expand(batch, length).masked_fill(~hyp_mask, length)
-    first = torch.full_like(local, length).scatter_reduce_(1, local[:, :length], hyp_positions, "amin")
-    names = first.gather(1, local)  # [B, T + R*T']
-
-    # Where each token goes: (row, sequence, name, word) and which bit.
-    sequence, word, bit = _token_layout(length, ref_length, num_refs, device)
-    num_words = -(-max(length, ref_length) // _WORD_BITS)
-    rows = torch.arange(batch, device=device).unsqueeze(1) * num_seqs + sequence
-    index = (rows * slots + names) * num_words + word
-    bits = bit.masked_fill(~torch.cat([hyp_mask, ref_mask.reshape(batch, -1)], dim=1), 0)
-    tables = torch.zeros(batch * num_seqs * slots * num_words, dtype=torch.long, device=device)
-    tables.index_add_(0, index.flatten(), bits.flatten())  # distinct bits: add == or
-    tables = tables.view(batch, num_seqs, slots, num_words)
-    hyp_names = names[:, None, :length, None].expand(batch, num_seqs, length, num_words)
-    return tables.gather(2, hyp_names)
+    width = max(length, ref_length)
+    max_id = int(torch.cat([hyp.reshape(-1), refs.reshape(-1)]).max())  # one host sync per call (hyp is not empty)
+    if max_id >= DIRECT_ID_LIMIT:  # hashed word ids: per-row names 0..T+R*T'-1 keep the tables small
+        local = _row_local_ids(torch.cat([hyp, refs.reshape(batch, -1)], dim=1), max_id)
+        hyp, refs = local[:, :length], local[:, length:].view(refs.shape)
+        max_id = local.size(1) - 1
+    # rows (b, k): the hypothesis queried against sequence k, all padded to one width
+    keys = torch.cat([torch.nn.functional.pad(hyp, (0, width - length)).unsqueeze(1),
+                      torch.nn.functional.pad(refs, (0, width - ref_length))], dim=1)
+    key_mask = torch.cat([torch.nn.functional.pad(hyp_mask, (0, width - length)).unsqueeze(1),
+                          torch.nn.functional.pad(ref_mask, (0, width - ref_length))], dim=1)
+    query = hyp.unsqueeze(1).expand(batch, num_refs + 1, length)
+    bitsets = equal_token_bitsets(query.reshape(-1, length), keys.view(-1, width), _WORD_BITS,
+                                  key_mask.view(-1, width), max_id=max_id)
+    return bitsets.view(batch, num_refs + 1, length, -1)
 
 
 def _bitset_ranks_and_counts(hyp: Tensor, hyp_mask: Tensor, refs: Tensor, ref_mask: Tensor, max_order: int):
