@@ -107,6 +107,17 @@ def resume_interrupts():
         _raise_for(signum)
 
 
+def _interrupt_cause(error):
+    """The KeyboardInterrupt / Terminated in ``error``'s chain of causes, or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (KeyboardInterrupt, Terminated)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def run_cli(main_fn, argv=None):
     """Run ``main_fn(argv)``; turn PrepareError/OSError into one line + exit 2.
 
@@ -126,6 +137,17 @@ def run_cli(main_fn, argv=None):
     except Terminated as e:
         print(f"error: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
         return 128 + e.signum
+    except Exception as e:
+        # an interrupt raised while a C extension initialises (e.g. ``import sentencepiece``)
+        # comes back as that module's ImportError, caused by the interrupt
+        interrupt = _interrupt_cause(e)
+        if interrupt is None:
+            raise
+        if isinstance(interrupt, KeyboardInterrupt):
+            print("error: interrupted", file=sys.stderr)
+            return 128 + signal.SIGINT
+        print(f"error: terminated by {signal.Signals(interrupt.signum).name}", file=sys.stderr)
+        return 128 + interrupt.signum
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

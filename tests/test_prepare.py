@@ -428,6 +428,28 @@ def _wait_for(condition, timeout=60.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def test_interrupt_inside_an_import_is_reported_as_the_interrupt(capsys):
+    """A SIGTERM / Ctrl-C that lands while a C extension initialises comes back as
+    that module's ImportError caused by the interrupt (seen with sentencepiece in
+    test_sigterm_cleans_up): still the one-line message and exit 143 / 130."""
+    import signal
+
+    def failing_import(interrupt):
+        def main(argv):
+            try:
+                raise interrupt
+            except BaseException as e:
+                raise ImportError("initialization failed") from e
+        return main
+
+    assert prepare_text.run_cli(failing_import(prepare_text.Terminated(signal.SIGTERM))) == 143
+    assert capsys.readouterr().err.strip() == "error: terminated by SIGTERM"
+    assert prepare_text.run_cli(failing_import(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err.strip() == "error: interrupted"
+    with pytest.raises(ImportError):  # any other ImportError is not an interrupt
+        prepare_text.run_cli(failing_import(ValueError("x")))
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (Linux)")
 @pytest.mark.parametrize("script, moment", [
     ("prepare_text.py", "preprocess"),
