@@ -56,6 +56,9 @@ CRITERION_KEYS = {
     "flags": (True, list), "task_flags": (False, dict), "tasks": (True, list), "finetune_flags": (False, list),
     "speed": (False, list), "speed_targets": (False, list), "est_step_cost": (False, (int, float)),
     "notes": (True, str), "pre_phase": (False, dict),
+    # a variant with its own budget: its updates, and the criterion its Δ pairs with
+    # (that criterion must have the same budget)
+    "finetune_updates": (False, int), "control": (False, str),
 }
 PRE_PHASE_KEYS = {  # [criterions.NAME.pre_phase]: a run before the fine-tuning run (erac's critic)
     "name": (True, str), "flags": (True, list), "updates": (True, int),
@@ -147,6 +150,15 @@ def validate_config(raw):
             continue
         if isinstance(crit.get("flags"), list) and criterion_of(crit["flags"]) is None:
             errors.append(f"{where}.flags: no '--criterion NAME'")
+        if isinstance(crit.get("finetune_updates"), int) and crit["finetune_updates"] < 1:
+            errors.append(f"{where}.finetune_updates: must be >= 1")
+        if "control" in crit and isinstance(crit["control"], str):
+            other = crits.get(crit["control"])
+            if not isinstance(other, dict) or crit["control"] == name:
+                errors.append(f"{where}.control: unknown criterion '{crit['control']}'")
+            elif other.get("finetune_updates") != crit.get("finetune_updates"):
+                errors.append(f"{where}.control: '{crit['control']}' has another budget "
+                              f"(finetune_updates {other.get('finetune_updates')} vs {crit.get('finetune_updates')})")
         if "pre_phase" in crit:
             pre = crit["pre_phase"]
             _check_table(f"{where}.pre_phase", pre, PRE_PHASE_KEYS, errors)
@@ -508,6 +520,18 @@ def pre_phase_updates(cfg, task_name, pre):
     return cfg["tasks"][task_name]["finetune_updates"] if cfg.get("mode") == "quick" else pre["updates"]
 
 
+def finetune_updates(cfg, task_name, criterion):
+    """Updates of a criterion's fine-tuning run: its own ``finetune_updates`` (a budget
+    variant), else the task's; in --quick mode always the task's (quick) budget."""
+    own = cfg["criterions"][criterion].get("finetune_updates")
+    return cfg["tasks"][task_name]["finetune_updates"] if own is None or cfg.get("mode") == "quick" else own
+
+
+def control_of(cfg, criterion):
+    """The criterion a criterion's Δ pairs with: its ``control``, else the control (mle)."""
+    return cfg["criterions"].get(criterion, {}).get("control", CONTROL)
+
+
 def finetune_command(cfg, task_name, criterion, seed, save_dir, pretrained, workdir, phase=None):
     """The fine-tuning run of ``criterion`` from ``pretrained``; with ``phase="pre"``,
     its pre-phase run instead (the pre-phase's flags and updates).  The run after a
@@ -522,7 +546,7 @@ def finetune_command(cfg, task_name, criterion, seed, save_dir, pretrained, work
         updates = pre_phase_updates(cfg, task_name, pre)
     else:
         flags = criterion_flags(cfg, criterion, task_name)
-        own, updates = list(crit.get("finetune_flags", [])), task["finetune_updates"]
+        own, updates = list(crit.get("finetune_flags", [])), finetune_updates(cfg, task_name, criterion)
     # the criterion's own finetune_flags come last, so they win over the task's (e.g. --lr)
     extra = flags + list(task.get("finetune_flags", [])) + own
     extra += ["--finetune-from-model", str(pretrained), "--max-update", str(updates),
@@ -683,7 +707,7 @@ def run_key(row):
     return (row.get("pretrain", 1), row["seed"])
 
 
-def aggregate(rows, control=CONTROL):
+def aggregate(rows, control=CONTROL, controls=None):
     """Per task and criterion: metric summary, Δ vs the control, wall time.
 
     Returns {task: {criterion: {"metric", "n", "mean", "std", "seeds",
@@ -700,7 +724,6 @@ def aggregate(rows, control=CONTROL):
         groups.setdefault(row["task"], {}).setdefault(row["criterion"], []).append(row)
     out = {}
     for task, by_crit in groups.items():
-        ctrl = {run_key(r): r["value"] for r in by_crit.get(control, [])}
         out[task] = {}
         for crit, crit_rows in by_crit.items():
             values = {run_key(r): r["value"] for r in crit_rows}
@@ -709,6 +732,9 @@ def aggregate(rows, control=CONTROL):
                      "pretrains": sorted({k[0] for k in values}),
                      "wall_s": summarize([r.get("wall_s") for r in crit_rows])["mean"],
                      "updates": crit_rows[0].get("updates")}
+            own_control = (controls or {}).get(crit, control)
+            ctrl = {run_key(r): r["value"] for r in by_crit.get(own_control, [])}
+            entry["control"] = own_control
             if crit == control:
                 entry.update(delta=0.0, delta_std=None, delta_n=s["n"], delta_ci95=None)
             elif crit != PRETRAIN and s["mean"] is not None:
@@ -809,6 +835,8 @@ def markdown_report(cfg, agg, speed=None, skipped=(), failed=(), order=None):
                 delta = "–"
             else:
                 delta = _fmt(e["delta"], signed=True) + (f" ± {_fmt(e['delta_std'])}" if e["delta_std"] is not None else "")
+                if e.get("control", CONTROL) != CONTROL:
+                    delta += f" (vs {e['control']})"
             ci = "–"
             if e.get("delta_ci95") is not None:
                 ci = (f"[{_fmt(e['delta'] - e['delta_ci95'], signed=True)}, "
@@ -875,7 +903,7 @@ def estimate_finetune_s(cfg, task_name, criterion, speed=None):
     if ratio is None:
         ratio = cfg["criterions"][criterion].get("est_step_cost", 1.0)
     spu = task.get("est_sec_per_update", 0.1)
-    updates = task["finetune_updates"]
+    updates = finetune_updates(cfg, task_name, criterion)
     n_valid = updates // task["validate_every"] if task.get("validate_every") else 1
     total = (cfg["run"].get("startup_s", 8) + updates * spu * ratio
              + n_valid * task.get("est_validate_s", 5) + task.get("est_eval_s", 30))

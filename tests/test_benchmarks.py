@@ -126,7 +126,10 @@ def test_shipped_config_is_valid_and_complete():
     tasks, crits, seeds = quality.select(cfg)
     for task in tasks:
         for crit in crits:
-            runs = quality.plan_runs(cfg, [task], sorted({"mle", crit}), seeds)
+            # a budget variant's piece is one seed (it and its control, --seeds S)
+            own = cfg["criterions"][crit].get("finetune_updates") is not None
+            runs = quality.plan_runs(cfg, [task], sorted({"mle", H.control_of(cfg, crit), crit}),
+                                     seeds[:1] if own else seeds)
             if any(r[1] == crit for r in runs):
                 est = H.estimate_plan(cfg, runs, [task])
                 assert est["total"] <= cfg["run"]["budget_s"], (task, crit, est["total"])
@@ -242,6 +245,33 @@ def test_aggregate_delta_and_paired_std():
     # Δ is over pairs: x has only seed 1, paired with mle's seed 1 (not with mle's mean)
     assert math.isclose(agg["x"]["delta"], 10.0) and agg["x"]["delta_std"] is None
     assert agg[H.PRETRAIN]["delta"] is None
+
+
+def test_budget_variant_runs_longer_and_pairs_with_its_own_control(toy_bench, tmp_path):
+    cfg = H.load_config(toy_bench["config"])
+    crits = cfg["criterions"]
+    crits["mle_x4"] = {**crits["mle"], "finetune_updates": 40}
+    crits["raml_x4"] = {**crits["raml"], "finetune_updates": 40, "control": "mle_x4"}
+    assert H.validate_config(cfg) == []
+    cmd = H.finetune_command(cfg, "toy", "raml_x4", 1, tmp_path / "r", tmp_path / "p.pt", tmp_path)
+    assert cmd[cmd.index("--max-update") + 1] == "40"
+    plain = H.finetune_command(cfg, "toy", "raml", 1, tmp_path / "r", tmp_path / "p.pt", tmp_path)
+    assert plain[plain.index("--max-update") + 1] == str(cfg["tasks"]["toy"]["finetune_updates"])
+    assert H.finetune_updates({**cfg, "mode": "quick"}, "toy", "raml_x4") == cfg["tasks"]["toy"]["finetune_updates"]
+    # selecting the variant selects its control (and the control of every criterion)
+    assert quality.select(cfg, criterions=["raml_x4"])[1] == ["mle", "mle_x4", "raml_x4"]
+    rows = (_rows("toy", "mle", {1: 20.0, 2: 22.0}) + _rows("toy", "mle_x4", {1: 21.0, 2: 23.0})
+            + _rows("toy", "raml_x4", {1: 21.5, 2: 23.0}))
+    agg = H.aggregate(rows, controls={c: H.control_of(cfg, c) for c in crits})["toy"]
+    assert math.isclose(agg["raml_x4"]["delta"], 0.25) and agg["raml_x4"]["control"] == "mle_x4"
+    assert math.isclose(agg["mle_x4"]["delta"], 1.0) and agg["mle_x4"]["control"] == "mle"
+    md = H.markdown_report(cfg, {"toy": agg})
+    assert "| raml_x4 | 22.25 ± 1.06 | +0.25 ± 0.35 (vs mle_x4) |" in md
+    # a control of another budget, or none, is a config error
+    crits["raml_x4"]["finetune_updates"] = 30
+    assert any("control: 'mle_x4' has another budget (finetune_updates 40 vs 30)" in e for e in H.validate_config(cfg))
+    crits["raml_x4"]["control"] = "mle_x8"
+    assert "criterions.raml_x4.control: unknown criterion 'mle_x8'" in H.validate_config(cfg)
 
 
 def test_markdown_report_and_cost_gain(toy_bench):
