@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--results", help="output directory (default: benchmarks/results, quick: .../quick)")
     p.add_argument("--speed-json", help="speed.json for step-time ratios (default: RESULTS/speed.json, "
                    "else benchmarks/results/speed.json)")
-    p.add_argument("--force", action="store_true", help="rerun fine-tuning runs that have results")
+    p.add_argument("--force", action="store_true", help="rerun fine-tuning runs that have results (with "
+                   "--criterions: only theirs, not the MLE control added to them)")
     p.add_argument("--force-pretrain", action="store_true",
                    help="retrain the MLE models (and rerun every fine-tuning run of their tasks)")
     p.add_argument("--keep-checkpoints", action="store_true",
@@ -350,6 +351,10 @@ def main(argv=None):
     workdir = Path(args.workdir or H.resolve_path(cfg["run"].get("workdir", H.DEFAULT_WORKDIR))).resolve()
     results = Path(args.results or H.resolve_path(cfg["run"].get("results", H.DEFAULT_RESULTS))).resolve()
     replace_all = not (args.tasks or args.criterions or args.seeds or args.pretrain_seeds)
+    # --force reruns what was asked for: with --criterions, not the controls added to it
+    # (two pieces side by side would otherwise both rerun mle into the same directory)
+    named = set(split_list(args.criterions) or crits)
+    forced = lambda crit: args.force and crit in named
     t_start = time.time()
     try:
         models = pretrain_seeds(cfg, args.pretrain_seeds)
@@ -369,7 +374,7 @@ def main(argv=None):
     all_pre = [(t, p) for t in tasks for p in models]
     todo_pre = [tp for tp in all_pre
                 if args.force_pretrain or not (H.pretrain_dir(workdir, *tp) / "done.json").exists()]
-    todo = [r for r in runs if args.force or (r[0], r[3]) in todo_pre
+    todo = [r for r in runs if forced(r[1]) or (r[0], r[3]) in todo_pre
             or not (H.run_dir(workdir, r[0], r[1], r[2], r[3]) / "result.json").exists()]
     est = H.estimate_plan(cfg, todo, todo_pre, speed)
     full_est = H.estimate_plan(cfg, runs, all_pre, speed)
@@ -426,7 +431,7 @@ def main(argv=None):
             append_row(results, pre["row"])
             for _, crit, seed, _ in (r for r in task_runs if r[3] == p):
                 try:
-                    res = finetune(cfg, task, crit, seed, workdir, pre, force=args.force or args.force_pretrain,
+                    res = finetune(cfg, task, crit, seed, workdir, pre, force=forced(crit) or args.force_pretrain,
                                    keep=args.keep_checkpoints, pretrain_seed=p)
                 except RuntimeError as e:
                     log(f"error: {e}")

@@ -445,6 +445,12 @@ def test_quality_rerun_is_cached(toy_run, capsys):
     assert "fine-tuning 2 updates" not in out
 
 
+def test_quality_force_reruns_the_named_criterions_not_their_control(toy_run, capsys):
+    assert quality.main(toy_run["argv"] + ["--no-plots", "--criterions", "raml", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "mle seed 1: cached" in out and "raml seed 1: fine-tuning" in out
+
+
 def test_quality_second_pretrained_model(toy_run, capsys):
     """--pretrain-seeds 1,2: model 1 is the cached one, model 2 is trained with seed 2
     into pretrain2, and its runs pair with its own continued-MLE runs."""
