@@ -59,7 +59,10 @@ CRITERION_KEYS = {
     # a variant with its own budget: its updates, and the criterion its Δ pairs with
     # (that criterion must have the same budget)
     "finetune_updates": (False, int), "control": (False, str),
+    # the criterion whose flags, task_flags, finetune_flags and pre_phase it takes (unless set)
+    "like": (False, str),
 }
+LIKE_KEYS = ("flags", "task_flags", "finetune_flags", "pre_phase")
 PRE_PHASE_KEYS = {  # [criterions.NAME.pre_phase]: a run before the fine-tuning run (erac's critic)
     "name": (True, str), "flags": (True, list), "updates": (True, int),
     "finetune_flags": (False, list), "est_step_cost": (False, (int, float)),
@@ -159,6 +162,10 @@ def validate_config(raw):
             elif other.get("finetune_updates") != crit.get("finetune_updates"):
                 errors.append(f"{where}.control: '{crit['control']}' has another budget "
                               f"(finetune_updates {other.get('finetune_updates')} vs {crit.get('finetune_updates')})")
+        if "like" in crit and isinstance(crit["like"], str):
+            base = crits.get(crit["like"])
+            if not isinstance(base, dict) or crit["like"] == name or "like" in base:
+                errors.append(f"{where}.like: '{crit['like']}' is not a criterion without its own 'like'")
         if "pre_phase" in crit:
             pre = crit["pre_phase"]
             _check_table(f"{where}.pre_phase", pre, PRE_PHASE_KEYS, errors)
@@ -230,6 +237,12 @@ def load_config(path=DEFAULT_CONFIG, quick=False):
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
+    for crit in (raw.get("criterions") or {}).values():  # a variant takes its base's flags
+        base = (raw.get("criterions") or {}).get(crit.get("like")) if isinstance(crit, dict) else None
+        if isinstance(base, dict) and "like" not in base:
+            for key in LIKE_KEYS:
+                if key in base and key not in crit:
+                    crit[key] = copy.deepcopy(base[key])
     errors = validate_config(raw)
     if errors:
         raise ConfigError(f"{path}:\n  " + "\n  ".join(errors))

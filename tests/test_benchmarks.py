@@ -537,6 +537,24 @@ def test_speed_sampler_only_merges_into_the_output(toy_bench, tmp_path):
         H.load_config(bad)
 
 
+def test_like_variants_run_their_base_s_commands_with_their_own_budget():
+    cfg = H.load_config(H.DEFAULT_CONFIG)
+    variants = {n: c["like"] for n, c in cfg["criterions"].items() if "like" in c}
+    assert {"mle_e4": "mle", "vaml_e4": "vaml", "tok_seq_e4": "tok_seq"}.items() <= variants.items()
+    for name, base in variants.items():
+        for phase in ([None, "pre"] if "pre_phase" in cfg["criterions"][base] else [None]):
+            mine, theirs = (H.finetune_command(cfg, "bible_es_en", c, 1, "/r", "/p.pt", "/w", phase=phase)
+                            for c in (name, base))
+            if phase is None:
+                i = mine.index("--max-update") + 1
+                assert mine[i] == str(cfg["criterions"][name]["finetune_updates"]) != theirs[i]
+                mine, theirs = mine[:i] + mine[i + 1:], theirs[:i] + theirs[i + 1:]
+            assert mine == theirs, (name, phase)
+    raw = tomllib.loads(H.DEFAULT_CONFIG.read_text())
+    raw["criterions"]["vaml_e4"]["like"] = "vaml_e4"
+    assert "criterions.vaml_e4.like: 'vaml_e4' is not a criterion without its own 'like'" in H.validate_config(raw)
+
+
 def test_criterion_finetune_flags_win_over_the_task_s():
     cfg = H.load_config(H.DEFAULT_CONFIG)
     cmd = H.finetune_command(cfg, "bible_es_en", "scst", 1, "/tmp/x", "/tmp/p.pt", H.DEFAULT_WORKDIR)
