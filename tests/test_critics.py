@@ -115,6 +115,35 @@ def test_actor_gradient_is_eq_20_in_closed_form(tau):
     torch.testing.assert_close(logits.grad, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tau", [0.0, 0.5])
+def test_actor_objective_equals_autograd_of_its_expression(tau):
+    """Value and gradient (through log_softmax, and w.r.t. lprobs themselves) equal
+    autograd of the plain expression, with a token the actor cannot emit."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 4, V, generator=g)
+    logits[0, 1, 3] = -math.inf
+    q = torch.randn(2, 4, V, generator=g)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+
+    def expression(lprobs):
+        probs = lprobs.exp()
+        per_step = (probs * q).sum(-1) - tau * (probs * lprobs.masked_fill(probs.eq(0), 0.0)).sum(-1)
+        return -(per_step * mask).sum()
+
+    for leaf_is_lprobs in (False, True):
+        grads, values = [], []
+        for fn in (expression, lambda lp: actor_objective(lp, q, mask, tau)):
+            z = (logits.log_softmax(-1) if leaf_is_lprobs else logits).clone().requires_grad_(True)
+            lprobs = z if leaf_is_lprobs else z.log_softmax(-1)
+            value = fn(lprobs)
+            value.backward()
+            values.append(value.detach())
+            grads.append(z.grad.nan_to_num(nan=123.0))  # a NaN would fail the comparison below
+        torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(grads[1]).all()
+
+
 def test_step_rewards_scale_and_padding():
     prefix = torch.tensor([[0.1, 0.3, 0.6], [0.2, 0.9, 0.9]])
     mask = torch.tensor([[True, True, True], [True, False, False]])

@@ -85,7 +85,7 @@ def erac_losses(q, q_target, lprobs, tokens, rewards, mask, tau, var_weight):
     td = torch.where(mask, residual, residual.new_zeros(())).pow(2).sum()
     critic = td + var_weight * q_variance(q.float(), mask) if var_weight else td
     entropy = stats[1].masked_fill(~mask, 0.0).sum()
-    return critic, actor_objective(lprobs, q, mask, tau), td, entropy
+    return critic, actor_objective(lprobs, q, mask, tau, probs=stats[0]), td, entropy
 
 
 @register_criterion("erac", dataclass=EracConfig)

@@ -96,13 +96,34 @@ def q_variance(q: Tensor, mask: Tensor) -> Tensor:
     return (centered.pow(2).sum(dim=-1) * mask).sum()
 
 
-def actor_objective(lprobs: Tensor, q: Tensor, mask: Tensor, tau: float) -> Tensor:
+class _ActorObjective(torch.autograd.Function):
+    """−Σ_t mask·Σ_w π_w (Q_w − τ log π_w) of ``lprobs`` with its derivative written
+    out: −π (Q − τ log π − τ) at the real steps.  Autograd of the expression keeps
+    five [N, T, V] intermediates and runs a backward through each; this keeps one."""
+
+    @staticmethod
+    def forward(ctx, lprobs, q, mask, tau, probs):
+        lp = lprobs.detach().float()
+        probs = lp.exp() if probs is None else probs
+        weights = lp.mul(-tau).add_(q.float()).sub_(tau) if tau else q.float().clone()
+        weights = _zero_nan(weights.mul_(probs)).masked_fill_(~mask.unsqueeze(-1), 0.0)
+        # Σ_w π (Q − τ log π) = Σ_w weights + τ Σ_w π
+        per_step = weights.sum(dim=-1)
+        if tau:
+            per_step = per_step + tau * (probs.sum(dim=-1) * mask)
+        ctx.save_for_backward(weights)
+        ctx.lprobs_dtype = lprobs.dtype
+        return -per_step.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weights,) = ctx.saved_tensors
+        return (weights * -grad).to(ctx.lprobs_dtype), None, None, None, None
+
+
+def actor_objective(lprobs: Tensor, q: Tensor, mask: Tensor, tau: float, probs: Tensor = None) -> Tensor:
     """−Σ_t [Σ_w π(w|s_t)·Q(s_t, w) + τ·H(π(·|s_t))] with Q constant: its gradient
     is minus eq. 20 (the expectation over the whole vocabulary, no sampled
-    action, hence no baseline)."""
-    lprobs = lprobs.float()
-    probs = lprobs.exp()
-    per_step = (probs * q.detach().float()).sum(dim=-1)
-    if tau:  # 0·log 0 = 0 for tokens the actor cannot emit
-        per_step = per_step - tau * (probs * lprobs.masked_fill(probs.eq(0), 0.0)).sum(dim=-1)
-    return -(per_step * mask).sum()
+    action, hence no baseline); ``probs`` = exp(lprobs) in fp32 if already
+    computed (:func:`policy_stats`).  0·log 0 = 0 for tokens the actor cannot emit."""
+    return _ActorObjective.apply(lprobs, q.detach(), mask, float(tau), probs)
