@@ -105,7 +105,7 @@ class _ActorObjective(torch.autograd.Function):
     def forward(ctx, lprobs, q, mask, tau, probs):
         lp = lprobs.detach().float()
         probs = lp.exp() if probs is None else probs
-        weights = lp.mul(-tau).add_(q.float()).sub_(tau) if tau else q.float().clone()
+        weights = lp.mul(-tau).add_(q.float()).sub_(tau) if tau else q.to(torch.float32, copy=True)
         weights = _zero_nan(weights.mul_(probs)).masked_fill_(~mask.unsqueeze(-1), 0.0)
         # Σ_w π (Q − τ log π) = Σ_w weights + τ Σ_w π
         per_step = weights.sum(dim=-1)
