@@ -511,6 +511,19 @@ def pretrain_dir(workdir, task_name, pretrain=1):
     return Path(workdir) / task_name / ("pretrain" if pretrain == 1 else f"pretrain{pretrain}")
 
 
+def curve_key(seed, pretrain=1):
+    """quality_curves.json's key of a run: "S" from model 1, "pretrain{N}_seed{S}" from model N."""
+    return str(seed) if pretrain == 1 else f"pretrain{pretrain}_seed{seed}"
+
+
+def parse_curve_key(key):
+    """(seed, pretrain) of a :func:`curve_key`."""
+    if key.startswith("pretrain"):
+        pre, seed = key[len("pretrain"):].split("_seed")
+        return int(seed), int(pre)
+    return int(key), 1
+
+
 def run_dir(workdir, task_name, criterion, seed, pretrain=1):
     """A fine-tuning run: WORKDIR/TASK/CRIT/seed{S} from pre-trained model 1,
     WORKDIR/TASK/CRIT/pretrain{N}_seed{S} from model N."""
@@ -788,7 +801,7 @@ def check_same_model(old, pre_row):
                 f"{key[0]} pre-trained model {key[1]} scores {pre_row['value']:.4f} here but "
                 f"{r['value']:.4f} in quality.json (OMP_NUM_THREADS {r.get('details', {}).get('omp_threads', '?')} "
                 f"there, {pre_row.get('details', {}).get('omp_threads', '?')} here): another model; "
-                "write this piece to another --results and merge it under a new pretrain id")
+                "record it under a new id (--pretrain-ids) in its own --results, then --merge it")
 
 
 def merge_rows(old, new, replace_all=False):

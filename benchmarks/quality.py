@@ -2,8 +2,9 @@
 """Quality benchmark: does each criterion beat MLE when fine-tuning the same model?
 
     python benchmarks/quality.py [--quick] [--tasks a,b] [--criterions a,b]
-        [--seeds 1,2,3] [--pretrain-seeds 1,2] [--workdir work/bench] [--config benchmarks/config.toml]
-        [--results benchmarks/results] [--force] [--force-pretrain] [--dry-run]
+        [--seeds 1,2,3] [--pretrain-seeds 1,2] [--pretrain-ids 1,3] [--workdir work/bench]
+        [--config benchmarks/config.toml] [--results benchmarks/results] [--force] [--force-pretrain] [--dry-run]
+    python benchmarks/quality.py --merge PIECE_DIR[,PIECE_DIR...] [--results benchmarks/results]
 
 For every task of ``benchmarks/config.toml``:
 
@@ -26,6 +27,13 @@ A full run (no --tasks/--criterions/--seeds) rewrites quality.json; a partial
 one replaces only its own rows.  ``--quick`` (1 seed, short pre-training, few
 updates) uses its own workdir and results (``[quick]`` in the config), so it
 never touches the full results.
+
+Pieces run side by side write to their own ``--results`` (two processes would both
+rewrite one quality.json); ``--merge`` adds their rows and curves to RESULTS and
+rewrites the report, refusing a piece whose pre-trained model differs from the one
+RESULTS pairs under the same id.  ``--pretrain-ids`` records a model under another
+id than its pre-training seed (the same seed built at another thread count is
+another model).
 """
 
 import argparse
@@ -52,6 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--seeds", help="comma-separated fine-tuning seeds (default: the config's)")
     p.add_argument("--pretrain-seeds", help="comma-separated pre-training seeds, one pre-trained MLE model "
                    "each (default: the config's run.pretrain_seeds)")
+    p.add_argument("--pretrain-ids", help="comma-separated ids quality.json records the models of "
+                   "--pretrain-seeds under, one per seed (default: the seeds themselves)")
+    p.add_argument("--merge", help="comma-separated --results directories of earlier pieces: add their rows "
+                   "and curves to --results and rewrite the report; runs nothing")
     p.add_argument("--workdir", help="checkpoints and logs (default: work/bench, quick: work/bench_quick)")
     p.add_argument("--results", help="output directory (default: benchmarks/results, quick: .../quick)")
     p.add_argument("--speed-json", help="speed.json for step-time ratios (default: RESULTS/speed.json, "
@@ -104,6 +116,29 @@ def plan_runs(cfg, tasks, criterions, seeds, pretrains=(1,)):
 
 def pretrain_seeds(cfg, text=None):
     return [int(x) for x in (split_list(text) or cfg["run"].get("pretrain_seeds", [1]))]
+
+
+def pretrain_ids(models, text=None):
+    """{pre-training seed: the id its rows carry in quality.json} (the seed itself
+    unless ``--pretrain-ids`` names one per seed). Raises :class:`ConfigError`."""
+    if not text:
+        return {p: p for p in models}
+    try:
+        ids = [int(x) for x in split_list(text)]
+    except ValueError:
+        raise H.ConfigError(f"--pretrain-ids: expected comma-separated integers, got {text!r}") from None
+    if len(ids) != len(models) or len(set(ids)) != len(ids) or min(ids) < 1:
+        raise H.ConfigError(f"--pretrain-ids: expected {len(models)} distinct positive ids, one per pre-training "
+                            f"seed {models}, got {text!r}")
+    return dict(zip(models, ids))
+
+
+def relabel(row, pretrain_id):
+    """``row`` recorded under ``pretrain_id``; the pre-training seed stays in its details."""
+    if row.get("pretrain", 1) == pretrain_id:
+        return row
+    return {**row, "pretrain": pretrain_id,
+            "details": {**row.get("details", {}), "pretrain_seed": row.get("pretrain", 1)}}
 
 
 def check_runnable(cfg, runs, workdir):
@@ -300,9 +335,8 @@ def write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed,
     curves_path = results / "quality_curves.json"
     old_curves = {} if replace_all else (H.read_json(curves_path, {}) or {})
     for (task, crit, seed, pre), points in curves.items():
-        key = str(seed) if pre == 1 else f"pretrain{pre}_seed{seed}"
-        old_curves.setdefault(task, {}).setdefault(crit, {})[key] = points
-    for task, info in pretrains.items():
+        old_curves.setdefault(task, {}).setdefault(crit, {})[H.curve_key(seed, pre)] = points
+    for task, info in pretrains.items():  # the curves' start point: the first model's last validation
         old_curves.setdefault(task, {})["_start"] = info.get("final_valid")
     H.write_json(curves_path, old_curves)
 
@@ -337,6 +371,36 @@ def write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed,
     return md
 
 
+def merge_pieces(cfg, results, pieces, speed, plots=True):
+    """Add the rows and curves of the ``--results`` directories ``pieces`` to
+    ``results`` and rewrite its report (``--merge``). Every piece's pre-trained
+    model must be the one ``results`` (and the pieces before it) pair under its id.
+    Raises :class:`ConfigError` before writing anything."""
+    results = Path(results)
+    old = H.read_json(results / "quality.json", []) or []
+    have_start = set((H.read_json(results / "quality_curves.json", {}) or {}))
+    rows, curves, starts = [], {}, {}
+    for piece in pieces:
+        piece = Path(piece)
+        piece_rows = H.read_json(piece / "quality.json")
+        if not isinstance(piece_rows, list):
+            raise H.ConfigError(f"--merge: {piece / 'quality.json'} is missing or not a list of rows "
+                                "(expected the --results directory of a quality.py run)")
+        for r in piece_rows:
+            if r["criterion"] == H.PRETRAIN:
+                H.check_same_model(H.merge_rows(old, rows), r)
+        rows = H.merge_rows(rows, piece_rows)
+        for task, by_crit in (H.read_json(piece / "quality_curves.json", {}) or {}).items():
+            for crit, runs in by_crit.items():
+                if crit == "_start":
+                    starts.setdefault(task, runs)
+                    continue
+                for key, points in runs.items():
+                    curves[(task, crit, *H.parse_curve_key(key))] = points
+    pretrains = {t: {"final_valid": v} for t, v in starts.items() if t not in have_start}
+    return rows, write_outputs(cfg, results, rows, curves, pretrains, speed, [], [], False, plots=plots)
+
+
 # ---------------------------------------------------------------------------
 
 def main(argv=None):
@@ -351,6 +415,17 @@ def main(argv=None):
     workdir = Path(args.workdir or H.resolve_path(cfg["run"].get("workdir", H.DEFAULT_WORKDIR))).resolve()
     results = Path(args.results or H.resolve_path(cfg["run"].get("results", H.DEFAULT_RESULTS))).resolve()
     replace_all = not (args.tasks or args.criterions or args.seeds or args.pretrain_seeds)
+    if args.merge:
+        speed, _ = load_speed(args, results)
+        try:
+            rows, md = merge_pieces(cfg, results, split_list(args.merge), speed, plots=not args.no_plots)
+        except H.ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        log(md)
+        log(f"merged {len(rows)} rows of {args.merge} into {results}/quality.json, quality.md, "
+            "quality_curves.json" + ("" if args.no_plots else " and the plots"))
+        return 0
     # --force reruns what was asked for: with --criterions, not the controls added to it
     # (two pieces side by side would otherwise both rerun mle into the same directory)
     named = set(split_list(args.criterions) or crits)
@@ -361,6 +436,11 @@ def main(argv=None):
     except ValueError:
         print(f"error: --pretrain-seeds: expected comma-separated integers, got {args.pretrain_seeds!r}",
               file=sys.stderr)
+        return 2
+    try:
+        ids = pretrain_ids(models, args.pretrain_ids)
+    except H.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
     runs = plan_runs(cfg, tasks, crits, seeds, models)
@@ -380,7 +460,8 @@ def main(argv=None):
     full_est = H.estimate_plan(cfg, runs, all_pre, speed)
     log(f"benchmark: {cfg['mode']} run; config {cfg['path']}; workdir {workdir}; results {results}")
     log(f"tasks: {', '.join(tasks) or 'none'}; criterions: {', '.join(crits)}; seeds: {seeds}; "
-        f"pre-trained models (pre-training seeds): {models}; "
+        f"pre-trained models (pre-training seeds): {models}"
+        + (f" recorded as {[ids[p] for p in models]}" if any(ids[p] != p for p in models) else "") + "; "
         f"{len(runs)} fine-tuning runs ({len(todo)} to run, the rest cached)")
     log("estimated wall time (this 2-core CPU, nothing else running; step-time ratios from "
         + (f"{speed_path}" if speed else "the config's est_step_cost") + "):")
@@ -420,6 +501,7 @@ def main(argv=None):
         for p in models:
             try:
                 pre = pretrain(cfg, task, workdir, force=args.force_pretrain, pretrain_seed=p)
+                pre = {**pre, "row": relabel(pre["row"], ids[p])}
                 if not replace_all:  # a piece adds to quality.json: its model must be the one there
                     H.check_same_model(H.read_json(Path(results) / "quality.json", []) or [], pre["row"])
             except (RuntimeError, H.ConfigError) as e:
@@ -438,9 +520,10 @@ def main(argv=None):
                     failed.append(f"{task} / {crit} / pretrain {p} / seed {seed}: {str(e).splitlines()[0]} "
                                   f"(see {H.run_dir(workdir, task, crit, seed, p) / 'train.log'})")
                     continue
-                rows.append(res["row"])
-                curves[(task, crit, seed, p)] = res["curve"]
-                append_row(results, res["row"])
+                row = relabel(res["row"], ids[p])
+                rows.append(row)
+                curves[(task, crit, seed, ids[p])] = res["curve"]
+                append_row(results, row)
 
     md = write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed, replace_all,
                        plots=not args.no_plots)

@@ -562,3 +562,60 @@ def test_criterion_finetune_flags_win_over_the_task_s():
     assert lrs[-1] == "5e-5" and "0.001" in lrs  # fairseq's parser keeps the last value
     mle = H.finetune_command(cfg, "bible_es_en", "mle", 1, "/tmp/x", "/tmp/p.pt", H.DEFAULT_WORKDIR)
     assert [mle[i + 1] for i, a in enumerate(mle) if a == "--lr"][-1] == "0.001"
+
+
+def test_pretrain_ids_and_curve_keys():
+    assert quality.pretrain_ids([1, 2]) == {1: 1, 2: 2}
+    assert quality.pretrain_ids([2], "3") == {2: 3}
+    for bad in ("3,4", "x", "1,1", "0"):
+        with pytest.raises(H.ConfigError, match="--pretrain-ids"):
+            quality.pretrain_ids([1, 2] if bad == "1,1" else [2], bad)
+    row = {"task": "t", "criterion": "raml", "seed": 1, "pretrain": 2, "value": 1.0, "details": {"x": 1}}
+    moved = quality.relabel(row, 3)
+    assert moved["pretrain"] == 3 and moved["details"] == {"x": 1, "pretrain_seed": 2} and row["pretrain"] == 2
+    assert quality.relabel(row, 2) is row
+    for seed, pre in [(1, 1), (2, 1), (1, 3), (12, 10)]:
+        assert H.parse_curve_key(H.curve_key(seed, pre)) == (seed, pre)
+    assert H.curve_key(2) == "2" and H.curve_key(1, 3) == "pretrain3_seed1"
+
+
+def test_quality_piece_under_another_id_then_merged(toy_run, toy_bench, tmp_path, capsys):
+    """A piece on pre-training seed 2 recorded as model 3 in its own --results, then
+    --merge'd into a copy of the main results: its rows and curves arrive under id 3,
+    the report counts the new model, and a piece whose model 1 differs is refused
+    before anything is written."""
+    piece = tmp_path / "piece"
+    argv = ["--config", str(toy_bench["config"]), "--workdir", str(toy_run["work"]), "--no-plots",
+            "--criterions", "raml", "--pretrain-seeds", "2", "--pretrain-ids", "3", "--results", str(piece)]
+    assert quality.main(argv) == 0
+    assert "pre-training seeds): [2] recorded as [3]" in capsys.readouterr().out
+    rows = json.loads((piece / "quality.json").read_text())
+    assert {(r["criterion"], r["pretrain"], r["details"]["pretrain_seed"]) for r in rows} == {
+        (H.PRETRAIN, 3, 2), ("mle", 3, 2), ("raml", 3, 2)}
+
+    main = tmp_path / "main"
+    shutil.copytree(toy_run["results"], main)
+    before = json.loads((main / "quality.json").read_text())
+    assert all(r.get("pretrain", 1) != 3 for r in before)
+    merge = ["--config", str(toy_bench["config"]), "--results", str(main), "--no-plots", "--merge", str(piece)]
+    assert quality.main(merge) == 0
+    after = json.loads((main / "quality.json").read_text())
+    assert len(after) == len(before) + 3 and all(r in after for r in before)
+    curves = json.loads((main / "quality_curves.json").read_text())["toy"]
+    assert "pretrain3_seed1" in curves["raml"] and "pretrain3_seed1" in curves["mle"]
+    md = (main / "quality.md").read_text()
+    models = {r.get("pretrain", 1) for r in after if r["criterion"] == "raml"}
+    assert 3 in models and f"({len(models)} × 1)" in md
+
+    # a piece whose model 1 is another model than the one main pairs under id 1
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    start = next(r for r in after if r["criterion"] == H.PRETRAIN and r.get("pretrain", 1) == 1)
+    (bad / "quality.json").write_text(json.dumps([{**start, "value": start["value"] + 1.0},
+                                                   {**start, "criterion": "raml", "seed": 9}]))
+    snapshot = (main / "quality.json").read_text()
+    assert quality.main(merge[:-1] + [f"{piece},{bad}"]) == 2
+    assert "pre-trained model 1 scores" in capsys.readouterr().err
+    assert (main / "quality.json").read_text() == snapshot
+    assert quality.main(merge[:-1] + [str(tmp_path / "nowhere")]) == 2
+    assert "nowhere/quality.json is missing" in capsys.readouterr().err
