@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from benchmarks.actor_objective_speed import autograd_objective
+from benchmarks.closed_form_speed import autograd_critic_loss, autograd_objective
 from fairseq_seqlevel.criterions.vaml import soft_q_loss
-from fairseq_seqlevel.critics import ReferenceCritic, actor_objective, erac_td_targets, q_variance, step_rewards
+from fairseq_seqlevel.critics import (ReferenceCritic, actor_objective, critic_loss, erac_td_targets, q_variance,
+                                      step_rewards)
 
 PAD, EOS, A, B, V = 1, 2, 4, 5, 6
 ALLOWED = (A, B, EOS)
@@ -139,6 +140,34 @@ def test_actor_objective_equals_autograd_of_its_expression(tau):
         torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)  # a NaN fails here
         assert torch.isfinite(grads[1]).all()
+
+
+@pytest.mark.parametrize("var_weight", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_critic_loss_equals_autograd_of_its_expression(var_weight, dtype):
+    """TD error + λ·variance with the derivative written out: value, TD term and
+    gradient equal autograd of the plain expression (the one its speed benchmark
+    times), with a padded step whose token repeats a real one and an all-pad row;
+    a half-precision Q gets a half-precision gradient."""
+    g = torch.Generator().manual_seed(3)
+    q0 = torch.randn(3, 4, V, generator=g).to(dtype)
+    tokens = torch.tensor([[A, B, EOS, A], [B, B, EOS, PAD], [PAD, PAD, PAD, PAD]])
+    target = torch.randn(3, 4, generator=g)
+    mask = torch.tensor([[True, True, True, False], [True, True, True, False], [False] * 4])
+    out, grads = [], []
+    for fn, leaf in ((autograd_critic_loss, q0.float()), (critic_loss, q0)):  # the oracle in fp32
+        q = leaf.clone().requires_grad_(True)
+        loss, td = fn(q, tokens, target, mask, var_weight)
+        loss.backward()
+        out.append((loss.detach(), td.detach()))
+        grads.append(q.grad)
+    torch.testing.assert_close(out[1], out[0], rtol=1e-6, atol=1e-5)
+    assert grads[1].dtype == dtype and out[1][1].requires_grad is False
+    # within one rounding of the fp32 gradient (autograd of a bf16 Q rounds twice:
+    # each of its two gathers of Q casts its own gradient before they are added)
+    rtol = 1e-5 if dtype == torch.float32 else 2.0 ** -8
+    torch.testing.assert_close(grads[1].float(), grads[0], rtol=rtol, atol=1e-6)
+    assert grads[1][2].abs().sum() == 0  # the all-pad row has no gradient
 
 
 def test_step_rewards_scale_and_padding():

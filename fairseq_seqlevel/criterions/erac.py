@@ -32,8 +32,8 @@ from torch.func import functional_call
 
 from fairseq_seqlevel.compat import trainer_num_updates
 from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of, worker_rng
-from fairseq_seqlevel.critics import (actor_objective, blend_shadow, erac_td_targets, length_scaled_rewards,
-                                      policy_stats, q_variance, register_shadow, shadow, taken)
+from fairseq_seqlevel.critics import (actor_objective, blend_shadow, critic_loss, erac_td_targets,
+                                      length_scaled_rewards, policy_stats, register_shadow, shadow, taken)
 from fairseq_seqlevel.critics.config import CriticConfig, build_critic
 from fairseq_seqlevel.decoding.model import unwrap
 from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
@@ -81,9 +81,7 @@ def erac_losses(q, q_target, lprobs, tokens, rewards, mask, tau, var_weight):
     with torch.no_grad():  # π and H(π) once, for the TD target and the logged entropy
         stats = policy_stats(lprobs.detach())
         target = erac_td_targets(q_target, lprobs.detach(), rewards, mask, tau, stats=stats)
-    residual = taken(q.float(), tokens) - target
-    td = torch.where(mask, residual, residual.new_zeros(())).pow(2).sum()
-    critic = td + var_weight * q_variance(q.float(), mask) if var_weight else td
+    critic, td = critic_loss(q, tokens, target, mask, var_weight)
     entropy = stats[1].masked_fill(~mask, 0.0).sum()
     return critic, actor_objective(lprobs, q, mask, tau, probs=stats[0]), td, entropy
 

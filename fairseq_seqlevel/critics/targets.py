@@ -96,6 +96,42 @@ def q_variance(q: Tensor, mask: Tensor) -> Tensor:
     return (centered.pow(2).sum(dim=-1) * mask).sum()
 
 
+class _CriticLoss(torch.autograd.Function):
+    """Σ_t mask·(Q(s_t, ŷ_t) − Q̂_t)² + λ·Σ_t mask·Σ_w (Q_w − mean Q)² of ``q`` with its
+    derivative written out: 2λ·mask·(Q − mean Q), plus 2·(Q(ŷ_t) − Q̂_t) at the
+    taken token.  Autograd of the expression saves the centered values, runs the
+    square's and the mean's backward over [N, T, V] and adds the gather's
+    zero-filled [N, T, V] gradient to theirs; this builds the one gradient in place."""
+
+    @staticmethod
+    def forward(ctx, q, tokens, target, mask, var_weight):
+        qf = q.detach().float()
+        residual = (taken(qf, tokens) - target.float()).masked_fill_(~mask, 0.0)
+        td = residual.pow(2).sum()
+        if var_weight:
+            centered = qf - qf.mean(dim=-1, keepdim=True)
+            variance = (torch.linalg.vecdot(centered, centered) * mask).sum()
+            grad = centered.mul_((2.0 * var_weight) * mask.unsqueeze(-1))
+        else:
+            variance, grad = td.new_zeros(()), torch.zeros_like(qf)
+        grad.scatter_add_(-1, tokens.unsqueeze(-1), (2.0 * residual).unsqueeze(-1))
+        ctx.save_for_backward(grad)
+        ctx.q_dtype = q.dtype
+        ctx.mark_non_differentiable(td)
+        return td + var_weight * variance, td
+
+    @staticmethod
+    def backward(ctx, grad, _grad_td):
+        (saved,) = ctx.saved_tensors
+        return (saved * grad).to(ctx.q_dtype), None, None, None, None
+
+
+def critic_loss(q: Tensor, tokens: Tensor, target: Tensor, mask: Tensor, var_weight: float):
+    """(Σ_t (Q(ŷ_<t, ŷ_t) − Q̂_t)² + λ_var·:func:`q_variance`, the TD term alone)
+    over the real steps; ``target`` Q̂ ``[N, T]`` is a constant (no gradient)."""
+    return _CriticLoss.apply(q, tokens, target.detach(), mask, float(var_weight))
+
+
 class _ActorObjective(torch.autograd.Function):
     """−Σ_t mask·Σ_w π_w (Q_w − τ log π_w) of ``lprobs`` with its derivative written
     out: −π (Q − τ log π − τ) at the real steps.  Autograd of the expression keeps
