@@ -604,6 +604,7 @@ def test_quality_piece_under_another_id_then_merged(toy_run, toy_bench, tmp_path
     curves = json.loads((main / "quality_curves.json").read_text())["toy"]
     assert "pretrain3_seed1" in curves["raml"] and "pretrain3_seed1" in curves["mle"]
     md = (main / "quality.md").read_text()
+    assert "(--merge of 1 piece(s) into the full results," in md.splitlines()[0]
     models = {r.get("pretrain", 1) for r in after if r["criterion"] == "raml"}
     assert 3 in models and f"({len(models)} × 1)" in md
 
