@@ -379,7 +379,7 @@ def merge_pieces(cfg, results, pieces, speed, plots=True):
     Raises :class:`ConfigError` before writing anything."""
     results = Path(results)
     old = H.read_json(results / "quality.json", []) or []
-    have_start = set((H.read_json(results / "quality_curves.json", {}) or {}))
+    have_start = {t for t, c in (H.read_json(results / "quality_curves.json", {}) or {}).items() if "_start" in c}
     rows, curves, starts = [], {}, {}
     for piece in pieces:
         piece = Path(piece)

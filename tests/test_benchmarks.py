@@ -596,6 +596,7 @@ def test_quality_piece_under_another_id_then_merged(toy_run, toy_bench, tmp_path
     main = tmp_path / "main"
     shutil.copytree(toy_run["results"], main)
     before = json.loads((main / "quality.json").read_text())
+    start_before = json.loads((main / "quality_curves.json").read_text())["toy"]["_start"]
     assert all(r.get("pretrain", 1) != 3 for r in before)
     merge = ["--config", str(toy_bench["config"]), "--results", str(main), "--no-plots", "--merge", str(piece)]
     assert quality.main(merge) == 0
@@ -603,6 +604,15 @@ def test_quality_piece_under_another_id_then_merged(toy_run, toy_bench, tmp_path
     assert len(after) == len(before) + 3 and all(r in after for r in before)
     curves = json.loads((main / "quality_curves.json").read_text())["toy"]
     assert "pretrain3_seed1" in curves["raml"] and "pretrain3_seed1" in curves["mle"]
+    assert curves["_start"] == start_before  # the curves' start stays the first model's
+    # results with curves but no start point take the piece's
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "quality_curves.json").write_text(json.dumps({"toy": {"raml": {"1": [[1, 1.0]]}}}))
+    assert quality.main(["--config", str(toy_bench["config"]), "--results", str(fresh), "--no-plots",
+                         "--merge", str(piece)]) == 0
+    piece_start = json.loads((piece / "quality_curves.json").read_text())["toy"]["_start"]
+    assert json.loads((fresh / "quality_curves.json").read_text())["toy"]["_start"] == piece_start
     md = (main / "quality.md").read_text()
     assert "(--merge of 1 piece(s) into the full results," in md.splitlines()[0]
     models = {r.get("pretrain", 1) for r in after if r["criterion"] == "raml"}
