@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fairseq_seqlevel.critics import actor_objective, critic_loss, policy_stats, q_variance, taken  # noqa: E402,E501
+from fairseq_seqlevel.critics import actor_objective, critic_loss, policy_stats, taken  # noqa: E402
 
 
 def autograd_objective(lprobs, q, mask, tau):
@@ -25,6 +25,13 @@ def autograd_objective(lprobs, q, mask, tau):
     probs = lprobs.float().exp()
     per_step = (probs * q).sum(dim=-1) - tau * (probs * lprobs.masked_fill(probs.eq(0), 0.0)).sum(dim=-1)
     return -(per_step * mask).sum()
+
+
+def q_variance(q, mask):
+    """Σ_t Σ_w (Q(s_t, w) − mean_w Q(s_t, ·))² over the real steps: the variance
+    smoothing that ``critic_loss`` computes with its derivative."""
+    centered = q - q.mean(dim=-1, keepdim=True)
+    return (centered.pow(2).sum(dim=-1) * mask).sum()
 
 
 def autograd_critic_loss(q, tokens, target, mask, var_weight):

@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 
-from benchmarks.closed_form_speed import autograd_critic_loss, autograd_objective
+from benchmarks.closed_form_speed import autograd_critic_loss, autograd_objective, q_variance
 from fairseq_seqlevel.criterions.vaml import soft_q_loss
-from fairseq_seqlevel.critics import (ReferenceCritic, actor_objective, critic_loss, erac_td_targets, q_variance,
-                                      step_rewards)
+from fairseq_seqlevel.critics import ReferenceCritic, actor_objective, critic_loss, erac_td_targets, step_rewards
 
 PAD, EOS, A, B, V = 1, 2, 4, 5, 6
 ALLOWED = (A, B, EOS)

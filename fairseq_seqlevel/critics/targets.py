@@ -89,13 +89,6 @@ def erac_td_targets(q_target: Tensor, policy_lprobs: Tensor, rewards: Tensor, ma
     return rewards + _next(expected, mask)
 
 
-def q_variance(q: Tensor, mask: Tensor) -> Tensor:
-    """Σ_t Σ_w (Q(s_t, w) − mean_w Q(s_t, ·))² over the real steps (the critic's
-    variance smoothing, Bahdanau et al. 2017; dai2018 §4.2)."""
-    centered = q - q.mean(dim=-1, keepdim=True)
-    return (centered.pow(2).sum(dim=-1) * mask).sum()
-
-
 class _CriticLoss(torch.autograd.Function):
     """Σ_t mask·(Q(s_t, ŷ_t) − Q̂_t)² + λ·Σ_t mask·Σ_w (Q_w − mean Q)² of ``q`` with its
     derivative written out: 2λ·mask·(Q − mean Q), plus 2·(Q(ŷ_t) − Q̂_t) at the
@@ -127,8 +120,10 @@ class _CriticLoss(torch.autograd.Function):
 
 
 def critic_loss(q: Tensor, tokens: Tensor, target: Tensor, mask: Tensor, var_weight: float):
-    """(Σ_t (Q(ŷ_<t, ŷ_t) − Q̂_t)² + λ_var·:func:`q_variance`, the TD term alone)
-    over the real steps; ``target`` Q̂ ``[N, T]`` is a constant (no gradient)."""
+    """(Σ_t (Q(ŷ_<t, ŷ_t) − Q̂_t)² + λ_var·Σ_t Σ_w (Q(s_t, w) − mean_w Q(s_t, ·))², the
+    TD term alone) over the real steps: the TD error and the critic's variance
+    smoothing (Bahdanau et al. 2017; dai2018 §4.2); ``target`` Q̂ ``[N, T]`` is a
+    constant (no gradient)."""
     return _CriticLoss.apply(q, tokens, target.detach(), mask, float(var_weight))
 
 
