@@ -39,6 +39,31 @@ def test_actor_phase_alpha_zero_on_references_is_mle(toy_data, arch):
     assert all(float(p.grad.abs().sum()) == 0.0 for p in vaml.critic.parameters())  # in the graph, weight 0
 
 
+@pytest.mark.parametrize("alpha", ["0", "0.5"])
+def test_actor_reference_row_is_one_more_row_in_the_mean(toy_data, alpha):
+    """--vaml-actor-reference: (L + 1)·loss = loss on y* alone + L·loss on the same L samples."""
+    actor = ["--criterion", "vaml", *CRITIC, "--vaml-phase", "actor", "--vaml-alpha", alpha]
+    _, task, model, samples_only = _build(toy_data, *actor, "--vaml-samples", "2", "--vaml-sample-temperature", "0.5")
+    _, _, _, with_ref = _build(toy_data, *actor, "--vaml-samples", "2", "--vaml-sample-temperature", "0.5",
+                               "--vaml-actor-reference")
+    # a Hamming temperature this low draws the reference itself: the reference row alone
+    _, _, _, ref_only = _build(toy_data, *actor, "--vaml-samples", "1", "--vaml-sample-temperature", "1e-6")
+    for crit in (with_ref, ref_only):
+        crit.load_state_dict(samples_only.state_dict())  # one critic for all three
+    batch = first_batch(task)
+    runs = []
+    for crit in (samples_only, with_ref, ref_only):
+        crit.q_batches.fill_(1)
+        runs.append(_loss_and_grads(model, crit, batch))
+    (la, sa, loga, ga), (lb, sb, logb, gb), (lr, sr, logr, gr) = runs
+    assert sa == sb == sr
+    assert not torch.allclose(la, lr)  # the samples differ from the reference
+    torch.testing.assert_close(3 * lb, lr + 2 * la)
+    torch.testing.assert_close(3 * logb["nll_loss"], logr["nll_loss"] + 2 * loga["nll_loss"])
+    for name in gb:
+        torch.testing.assert_close(3 * gb[name], gr[name] + 2 * ga[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_actor_phase_learns_from_the_snapshot(toy_data):
     _, task, model, crit = _build(toy_data, "--criterion", "vaml", *CRITIC, "--vaml-phase", "actor",
                                   "--vaml-alpha", "1")

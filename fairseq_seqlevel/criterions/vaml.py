@@ -9,7 +9,8 @@ through both sides, no target network.  The actor is not in the gradient.
 ``--vaml-phase actor``: Q_φ fixed; along the RAML samples, every step's
 target is (1 − α)·one-hot(ỹ_t) + α·softmax(Q_φ(ỹ_<t, ·)/τ) (eq. 17, mixed with
 the token NLL by ``--vaml-alpha``), trained by cross-entropy through one
-``model(...)`` pass.  The fixed Q comes from a snapshot of the critic taken
+``model(...)`` pass; ``--vaml-actor-reference`` adds y* itself as one more
+row per source, as the authors' code does.  The fixed Q comes from a snapshot of the critic taken
 when the phase starts (a buffer, checkpointed); the live critic parameters
 enter the loss with weight 0 so that a data-parallel wrapper sees every
 parameter (one without a gradient stalls DDP).
@@ -47,6 +48,9 @@ class VamlConfig(CriticConfig):
     vaml_alpha: float = field(default=0.5, metadata={"help": "α: weight of softmax(Q/τ) against the one-hot token"})
     vaml_samples: int = field(default=5, metadata={"help": "RAML samples per reference (Hamming, V_batch)"})
     vaml_sample_temperature: float = field(default=0.1, metadata={"help": "temperature of the Hamming RAML sampler"})
+    vaml_actor_reference: bool = field(
+        default=False, metadata={"help": "actor phase: train on y* too, one row beside the L samples of each "
+                                 "source (the mean over L + 1 rows), as the authors' train_vaml.py does"})
     vaml_reward: Optional[str] = field(
         default=None, metadata={"help": "R of the per-step rewards (prefix values on target tokens): default "
                                 "the task's --reward (bleu in a stock task)"})
@@ -134,7 +138,7 @@ class VamlCriterion(SeqlevelCriterion):
             drawn = hamming_sampler(target, pad, self.eos, L, cfg.vaml_sample_temperature,
                                     raml_vocab.batch_vocab(target, self.special_ids))
         samples = drawn.tokens
-        if actor:
+        if actor and not cfg.vaml_actor_reference:
             rows, per_source = samples, L
         else:  # the reference and its corruptions
             width = max(samples.size(1), target.size(1))
@@ -149,7 +153,7 @@ class VamlCriterion(SeqlevelCriterion):
         if actor:
             lprobs = rows_lprobs(model, sample["net_input"], rows, per_source, pad, self.eos)
             loss, nll = value_targets_loss(lprobs, q, rows, mask, cfg.vaml_alpha, cfg.vaml_tau, pad)
-            loss, nll = loss / L, nll / L  # the mean over a reference's samples
+            loss, nll = loss / per_source, nll / per_source  # the mean over a reference's rows
             # weight 0: every critic parameter in the graph for a data-parallel wrapper
             loss = loss + 0.0 * sum(p.sum() for p in self.critic.parameters())
             extra["vaml_actor_sum"] = loss.detach()
