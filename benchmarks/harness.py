@@ -61,6 +61,8 @@ CRITERION_KEYS = {
     "finetune_updates": (False, int), "control": (False, str),
     # the criterion whose flags, task_flags, finetune_flags and pre_phase it takes (unless set)
     "like": (False, str),
+    # a diagnostic variant --quick leaves out of its default selection (it runs when named)
+    "skip_quick": (False, bool),
 }
 LIKE_KEYS = ("flags", "task_flags", "finetune_flags", "pre_phase")
 PRE_PHASE_KEYS = {  # [criterions.NAME.pre_phase]: a run before the fine-tuning run (erac's critic)

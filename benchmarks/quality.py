@@ -98,7 +98,8 @@ def select(cfg, tasks=None, criterions=None, seeds=None):
         for name in chosen or []:
             if name not in known:
                 raise H.ConfigError(f"--{kind}s: unknown {kind} '{name}'; known: {', '.join(known)}")
-    criterions = criterions or [c for c in all_crits if H.criterion_tasks(cfg, c)]
+    criterions = criterions or [c for c in all_crits if H.criterion_tasks(cfg, c)
+                                and not (cfg.get("mode") == "quick" and cfg["criterions"][c].get("skip_quick"))]
     controls = dict.fromkeys([H.CONTROL] + [H.control_of(cfg, c) for c in criterions])
     criterions = [c for c in controls if c not in criterions] + criterions  # no Δ without its control
     default_tasks = cfg["run"].get("tasks") or all_tasks  # [run] / [quick] tasks: the default selection
