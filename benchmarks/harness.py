@@ -63,6 +63,8 @@ CRITERION_KEYS = {
     "like": (False, str),
     # a diagnostic variant --quick leaves out of its default selection (it runs when named)
     "skip_quick": (False, bool),
+    # the updates of the pre_phase it has (its own or its base's), the rest of that pre_phase unchanged
+    "pre_phase_updates": (False, int),
 }
 LIKE_KEYS = ("flags", "task_flags", "finetune_flags", "pre_phase")
 PRE_PHASE_KEYS = {  # [criterions.NAME.pre_phase]: a run before the fine-tuning run (erac's critic)
@@ -168,6 +170,8 @@ def validate_config(raw):
             base = crits.get(crit["like"])
             if not isinstance(base, dict) or crit["like"] == name or "like" in base:
                 errors.append(f"{where}.like: '{crit['like']}' is not a criterion without its own 'like'")
+        if "pre_phase_updates" in crit and "pre_phase" not in crit:
+            errors.append(f"{where}.pre_phase_updates: no pre_phase (its own or its 'like' base's) to set")
         if "pre_phase" in crit:
             pre = crit["pre_phase"]
             _check_table(f"{where}.pre_phase", pre, PRE_PHASE_KEYS, errors)
@@ -245,6 +249,8 @@ def load_config(path=DEFAULT_CONFIG, quick=False):
             for key in LIKE_KEYS:
                 if key in base and key not in crit:
                     crit[key] = copy.deepcopy(base[key])
+        if isinstance(crit, dict) and isinstance(crit.get("pre_phase"), dict) and "pre_phase_updates" in crit:
+            crit["pre_phase"]["updates"] = crit["pre_phase_updates"]
     errors = validate_config(raw)
     if errors:
         raise ConfigError(f"{path}:\n  " + "\n  ".join(errors))

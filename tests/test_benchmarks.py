@@ -548,9 +548,9 @@ def test_like_variants_run_their_base_s_commands_with_their_own_budget():
         for phase in ([None, "pre"] if "pre_phase" in cfg["criterions"][base] else [None]):
             mine, theirs = (H.finetune_command(cfg, "bible_es_en", c, 1, "/r", "/p.pt", "/w", phase=phase)
                             for c in (name, base))
-            if phase == "pre" and "pre_phase" in own:  # its own pre-phase: only the updates differ
+            if phase == "pre" and "pre_phase_updates" in own:  # its own pre-phase length: only that differs
                 i = mine.index("--max-update") + 1
-                assert mine[i] == str(own["pre_phase"]["updates"]) != theirs[i]
+                assert mine[i] == str(own["pre_phase_updates"]) != theirs[i]
                 mine, theirs = mine[:i] + mine[i + 1:], theirs[:i] + theirs[i + 1:]
             if phase is None and "finetune_updates" in own:
                 i = mine.index("--max-update") + 1
@@ -564,6 +564,9 @@ def test_like_variants_run_their_base_s_commands_with_their_own_budget():
             assert mine == theirs, (name, phase)
     raw["criterions"]["vaml_e4"]["like"] = "vaml_e4"
     assert "criterions.vaml_e4.like: 'vaml_e4' is not a criterion without its own 'like'" in H.validate_config(raw)
+    raw["criterions"]["mle_e4"]["pre_phase_updates"] = 5
+    assert "criterions.mle_e4.pre_phase_updates: no pre_phase (its own or its 'like' base's) to set" in \
+        H.validate_config(raw)
 
 
 def test_criterion_finetune_flags_win_over_the_task_s():
