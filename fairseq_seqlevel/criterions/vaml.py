@@ -10,8 +10,8 @@ through both sides, no target network.  The actor is not in the gradient.
 target is (1 − α)·one-hot(ỹ_t) + α·softmax(Q_φ(ỹ_<t, ·)/τ) (eq. 17, mixed with
 the token NLL by ``--vaml-alpha``), trained by cross-entropy through one
 ``model(...)`` pass; ``--vaml-actor-reference`` adds y* itself as one more
-row per source, as the authors' code does.  The fixed Q comes from a snapshot of the critic taken
-when the phase starts (a buffer, checkpointed); the live critic parameters
+row per source, as the authors' code does.  The fixed Q comes from a snapshot
+of the critic taken when the phase starts (a buffer, checkpointed); the live critic parameters
 enter the loss with weight 0 so that a data-parallel wrapper sees every
 parameter (one without a gradient stalls DDP).
 """
