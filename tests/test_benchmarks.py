@@ -552,10 +552,10 @@ def test_like_variants_run_their_base_s_commands_with_their_own_budget():
                 i = mine.index("--max-update") + 1
                 assert mine[i] == str(own["pre_phase_updates"]) != theirs[i]
                 mine, theirs = mine[:i] + mine[i + 1:], theirs[:i] + theirs[i + 1:]
-            if phase is None and "finetune_updates" in own:
-                i = mine.index("--max-update") + 1
-                assert mine[i] == str(own["finetune_updates"]) != theirs[i]
-                mine, theirs = mine[:i] + mine[i + 1:], theirs[:i] + theirs[i + 1:]
+            if phase is None and "finetune_updates" in own:  # each at its own index: own flags may precede it
+                i, j = mine.index("--max-update") + 1, theirs.index("--max-update") + 1
+                assert mine[i] == str(own["finetune_updates"]) != theirs[j]
+                mine, theirs = mine[:i] + mine[i + 1:], theirs[:j] + theirs[j + 1:]
             if phase is None and "finetune_flags" in own:  # its own flags, once, added to the base's
                 extra = list(own["finetune_flags"])
                 at = [i for i in range(len(mine)) if mine[i:i + len(extra)] == extra]
