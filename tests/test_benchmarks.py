@@ -549,9 +549,9 @@ def test_like_variants_run_their_base_s_commands_with_their_own_budget():
             mine, theirs = (H.finetune_command(cfg, "bible_es_en", c, 1, "/r", "/p.pt", "/w", phase=phase)
                             for c in (name, base))
             if phase == "pre" and "pre_phase_updates" in own:  # its own pre-phase length: only that differs
-                i = mine.index("--max-update") + 1
-                assert mine[i] == str(own["pre_phase_updates"]) != theirs[i]
-                mine, theirs = mine[:i] + mine[i + 1:], theirs[:i] + theirs[i + 1:]
+                i, j = mine.index("--max-update") + 1, theirs.index("--max-update") + 1
+                assert mine[i] == str(own["pre_phase_updates"]) != theirs[j]
+                mine, theirs = mine[:i] + mine[i + 1:], theirs[:j] + theirs[j + 1:]
             if phase is None and "finetune_updates" in own:  # each at its own index: own flags may precede it
                 i, j = mine.index("--max-update") + 1, theirs.index("--max-update") + 1
                 assert mine[i] == str(own["finetune_updates"]) != theirs[j]
