@@ -10,7 +10,8 @@ import torch
 
 from benchmarks.closed_form_speed import autograd_critic_loss, autograd_objective, q_variance
 from fairseq_seqlevel.criterions.vaml import soft_q_loss
-from fairseq_seqlevel.critics import ReferenceCritic, actor_objective, critic_loss, erac_td_targets, step_rewards
+from fairseq_seqlevel.critics import (ReferenceCritic, actor_objective, continuation_returns, continuation_rows,
+                                      critic_loss, erac_td_targets, step_rewards)
 
 PAD, EOS, A, B, V = 1, 2, 4, 5, 6
 ALLOWED = (A, B, EOS)
@@ -167,6 +168,47 @@ def test_critic_loss_equals_autograd_of_its_expression(var_weight, dtype):
     rtol = 1e-5 if dtype == torch.float32 else 2.0 ** -8
     torch.testing.assert_close(grads[1].float(), grads[0], rtol=rtol, atol=1e-6)
     assert grads[1][2].abs().sum() == 0  # the all-pad row has no gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_critic_loss_extra_entries_equal_autograd(dtype):
+    """``extra`` entries (erac's continuations) add Σ (Q[n, t, w] − target)² to the
+    loss, not to the TD term, and their gradient, also where an entry repeats
+    another or a taken token."""
+    g = torch.Generator().manual_seed(5)
+    q0 = torch.randn(2, 3, V, generator=g).to(dtype)
+    tokens = torch.tensor([[A, B, EOS], [B, EOS, PAD]])
+    mask = tokens.ne(PAD)
+    target, extra_target = torch.randn(2, 3, generator=g), torch.randn(4, generator=g)
+    index = (torch.tensor([0, 0, 1, 1]), torch.tensor([2, 2, 1, 0]), torch.tensor([A, A, B, B]))  # (1, 0, B) is taken
+    out, grads = [], []
+    for with_extra in (False, True):
+        q = q0.float().clone().requires_grad_(True)  # the oracle in fp32
+        loss, td = autograd_critic_loss(q, tokens, target, mask, 0.1)
+        if with_extra:
+            loss = loss + (q[index] - extra_target).pow(2).sum()
+        loss.backward()
+        out.append((loss.detach(), td.detach()))
+        grads.append(q.grad)
+    q = q0.clone().requires_grad_(True)
+    loss, td = critic_loss(q, tokens, target, mask, 0.1, extra=(index, extra_target))
+    loss.backward()
+    torch.testing.assert_close((loss.detach(), td), out[1], rtol=1e-6, atol=1e-5)
+    assert not torch.allclose(out[1][0], out[0][0]) and torch.equal(out[1][1], out[0][1])
+    rtol = 1e-5 if dtype == torch.float32 else 2.0 ** -7
+    torch.testing.assert_close(q.grad.float(), grads[1], rtol=rtol, atol=1e-6)
+
+
+def test_continuation_rows_by_hand():
+    """Each trajectory's eos replaced by each candidate and eos after it; the
+    return from the stop is r(w) + r(eos); an eos-at-step-1 row continues from
+    the empty prefix."""
+    tokens = torch.tensor([[A, B, EOS], [EOS, PAD, PAD]])
+    rows, stop = continuation_rows(tokens, tokens.ne(PAD), torch.tensor([[A, B], [B, A]]), PAD, EOS)
+    assert stop.tolist() == [2, 0]
+    assert rows.tolist() == [[A, B, A, EOS], [A, B, B, EOS], [B, EOS, PAD, PAD], [A, EOS, PAD, PAD]]
+    r = torch.arange(16.0).view(4, 4)
+    assert continuation_returns(r, stop, 2).tolist() == [[2 + 3, 6 + 7], [8 + 9, 12 + 13]]
 
 
 def test_step_rewards_scale_and_padding():

@@ -250,7 +250,9 @@ def make_cases(toy_data, embeddings):
         Case("interpolation_transformer", base(*interp, arch=TINY_TRANSFORMER), deterministic_check=True,
              patch=fixed_interp_sequences),
         Case("erac_critic", base(*erac), deterministic_check=True, patch=fixed_erac_trajectories),
-        Case("erac_joint", base(*erac, "--erac-phase", "joint"), deterministic_check=True, patch=fixed_erac_joint),
+        # with the continuation targets at the trajectories' ends (the other erac cases without)
+        Case("erac_joint", base(*erac, "--erac-phase", "joint", "--erac-continuations", "2"),
+             deterministic_check=True, patch=fixed_erac_joint),
         Case("erac_joint_sampled", base(*erac, "--erac-phase", "joint"), patch=erac_joint),
         Case("erac_joint_transformer", base(*erac, "--erac-phase", "joint", arch=TINY_TRANSFORMER),
              deterministic_check=True, patch=fixed_erac_joint),

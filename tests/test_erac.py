@@ -5,7 +5,7 @@ continues bit-identically (critic, target network, phase)."""
 import pytest
 import torch
 
-from conftest import ARCHS, USER_DIR, build_toy, build_training, first_batch
+from conftest import ARCHS, USER_DIR, build_toy, build_training, first_batch, mle_steps
 from fairseq_seqlevel.errors import ConfigError
 
 CRITIC = ["--critic-embed-dim", "8", "--critic-hidden-size", "8"]
@@ -127,3 +127,54 @@ def test_critic_phase_starts_from_an_mle_checkpoint(toy_data, tmp_path):
                                                        reset_meters=True)
     assert all(torch.equal(before[k], v) for k, v in crit.state_dict().items())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+
+
+@pytest.mark.parametrize("phase", ["critic", "joint"])
+def test_continuations_regress_q_onto_exact_returns(toy_data, phase):
+    """--erac-continuations k adds to the loss, for each trajectory ŷ with L tokens
+    before eos, Σ over the actor's k likeliest tokens w other than eos and pad at
+    its last state of (Q(ŷ_<L, w) − |y*|·(R(ŷ_<L w eos) − R(ŷ_<L eos)))², with the
+    sentence reward and π computed here row by row; nothing else changes."""
+    k = 3
+    _, task, model, crit = _build(toy_data, "--erac-phase", phase, "--erac-samples", "2",
+                                  "--erac-continuations", str(k))
+    crit.critic_batches.fill_(1)
+    mle_steps(task, model, 40)  # an actor that stops, so eos is likely where it does
+    sample = first_batch(task, n=6)
+    model.eval()  # no dropout anyway; the oracle's forward below is the same function
+    torch.manual_seed(0)
+    with torch.no_grad():
+        tokens = crit.trajectories(model, sample)
+    crit.trajectories = lambda m, s: tokens
+    losses = {}
+    for kk in (0, k):
+        crit.cfg.erac_continuations = kk
+        losses[kk] = crit(model, sample)[0].detach()
+
+    pad, eos, s = crit.padding_idx, crit.eos, 2
+    net = sample["net_input"]
+    src, src_len = net["src_tokens"].repeat_interleave(s, 0), net["src_lengths"].repeat_interleave(s, 0)
+    refs = sample["references"].repeat_interleave(s, 0)
+    target = sample["target"].repeat_interleave(s, 0)
+    width = max(tokens.size(1), target.size(1))
+    rows = torch.nn.functional.pad(tokens, (0, width - tokens.size(1)), value=pad)
+    prev = torch.cat([rows.new_full((rows.size(0), 1), eos), rows[:, :-1]], dim=1).masked_fill(
+        torch.cat([torch.zeros_like(rows[:, :1], dtype=torch.bool), rows[:, :-1].eq(pad)], dim=1), pad)
+    with torch.no_grad():
+        lprobs = model.get_normalized_probs(model(src, src_len, prev), log_probs=True)
+        q = crit.critic(target, prev)
+    want, eos_on_top = torch.zeros(()), []
+    for i in range(rows.size(0)):
+        row = rows[i][rows[i].ne(pad)].tolist()
+        assert row[-1] == eos
+        prefix, last = row[:-1], len(row) - 1
+        scale = max(int(target[i].ne(pad).sum()) - 1, 1)
+        base = float(crit.reward(torch.tensor([prefix + [eos]]), refs[i:i + 1]))
+        at_end = lprobs[i, last].clone()
+        eos_on_top.append(int(at_end.argmax()) == eos)
+        at_end[[eos, pad]] = float("-inf")
+        for w in at_end.topk(k).indices.tolist():
+            ret = scale * (float(crit.reward(torch.tensor([prefix + [w, eos]]), refs[i:i + 1])) - base)
+            want = want + (q[i, last, w] - ret) ** 2
+    assert float(want) > 0 and any(eos_on_top)  # eos is the actor's first choice at some stops: left out
+    torch.testing.assert_close(losses[k] - losses[0], want, rtol=1e-4, atol=1e-4)

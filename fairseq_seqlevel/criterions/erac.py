@@ -32,8 +32,9 @@ from torch.func import functional_call
 
 from fairseq_seqlevel.compat import trainer_num_updates
 from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of, worker_rng
-from fairseq_seqlevel.critics import (actor_objective, blend_shadow, critic_loss, erac_td_targets,
-                                      length_scaled_rewards, policy_stats, register_shadow, shadow, taken)
+from fairseq_seqlevel.critics import (actor_objective, blend_shadow, continuation_returns, continuation_rows,
+                                      critic_loss, erac_td_targets, length_scaled_rewards, policy_stats,
+                                      register_shadow, shadow, taken)
 from fairseq_seqlevel.critics.config import CriticConfig, build_critic
 from fairseq_seqlevel.decoding.model import unwrap
 from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
@@ -58,6 +59,10 @@ class EracConfig(CriticConfig):
     erac_reward: Optional[str] = field(
         default=None, metadata={"help": "R of the per-step rewards (prefix values on target tokens): default "
                                 "the task's --reward (bleu in a stock task)"})
+    erac_continuations: int = field(
+        default=0, metadata={"help": "k: where a trajectory ends, also regress the critic's Q of the actor's k "
+                             "likeliest other tokens onto the exact return of taking that token, then eos "
+                             "(not in dai2018; 0 = off, the paper)"})
     erac_max_len_a: float = field(default=1.5, metadata={"help": "trajectories: at most a·|y*| + b tokens"})
     erac_max_len_b: int = field(default=5, metadata={"help": "trajectories: at most a·|y*| + b tokens"})
     sentence_avg: bool = II("optimization.sentence_avg")
@@ -70,18 +75,26 @@ def check_erac_config(cfg):
     check(0 < cfg.erac_target_rate <= 1, f"--erac-target-rate must be in (0, 1], got {cfg.erac_target_rate}")
     check(cfg.erac_var_weight >= 0 and cfg.erac_mle_weight >= 0,
           f"--erac-var-weight and --erac-mle-weight must be >= 0, got {cfg.erac_var_weight}, {cfg.erac_mle_weight}")
+    check(cfg.erac_continuations >= 0, f"--erac-continuations must be >= 0, got {cfg.erac_continuations}")
     check(cfg.erac_max_len_a >= 0 and cfg.erac_max_len_b >= 0,
           f"--erac-max-len-a/-b must be >= 0, got {cfg.erac_max_len_a}, {cfg.erac_max_len_b}")
 
 
-def erac_losses(q, q_target, lprobs, tokens, rewards, mask, tau, var_weight):
+def erac_losses(q, q_target, lprobs, tokens, rewards, mask, tau, var_weight, continuations=None):
     """(critic loss, actor objective, TD error sum, policy entropy sum) summed over
     the trajectories' tokens; ``q`` carries the critic's gradient, ``lprobs`` the
-    actor's."""
+    actor's; ``continuations`` = (stop [N], candidates [N, k], returns [N, k],
+    valid [N]): Q(ŷ_<stop, w) regressed onto each candidate's exact return too."""
     with torch.no_grad():  # π and H(π) once, for the TD target and the logged entropy
         stats = policy_stats(lprobs.detach())
         target = erac_td_targets(q_target, lprobs.detach(), rewards, mask, tau, stats=stats)
-    critic, td = critic_loss(q, tokens, target, mask, var_weight)
+    extra = None
+    if continuations is not None:
+        stop, candidates, returns, valid = continuations
+        rows = torch.arange(candidates.size(0), device=candidates.device).unsqueeze(1).expand_as(candidates)
+        keep = valid.unsqueeze(1).expand_as(candidates)
+        extra = ((rows[keep], stop.unsqueeze(1).expand_as(candidates)[keep], candidates[keep]), returns[keep])
+    critic, td = critic_loss(q, tokens, target, mask, var_weight, extra=extra)
     entropy = stats[1].masked_fill(~mask, 0.0).sum()
     return critic, actor_objective(lprobs, q, mask, tau, probs=stats[0]), td, entropy
 
@@ -132,6 +145,29 @@ class EracCriterion(SeqlevelCriterion):
         return sample_outputs(model, sample["net_input"], n=self.cfg.erac_samples, strategy="multinomial",
                               last_step=last).tokens
 
+    def continuations(self, lprobs, tokens, mask, sample, critic_ref):
+        """(stop, candidates, returns, valid) of ``--erac-continuations`` k (None when
+        0): at each trajectory's last step, the actor's k likeliest tokens other
+        than eos and pad, and the exact return of taking each and then eos.  The
+        one-epoch Bible critic rated continuing above stopping at 99 % of the
+        actor's stops, with no trajectory ever going on past its end: eq. 20 then
+        teaches the actor not to stop (README); these are the values it lacked."""
+        k = self.cfg.erac_continuations
+        if not k:
+            return None
+        with torch.no_grad():
+            valid = mask.any(dim=1)
+            stop = (mask.sum(dim=1) - 1).clamp(min=0)
+            at_stop = lprobs[torch.arange(tokens.size(0), device=tokens.device), stop].float()
+            at_stop[:, [self.eos, self.padding_idx]] = float("-inf")
+            candidates = at_stop.topk(min(k, at_stop.size(1) - 2), dim=-1).indices
+            k = candidates.size(1)
+            rows, stop = continuation_rows(tokens, mask, candidates, self.padding_idx, self.eos)
+            refs = references_of(sample).repeat_interleave(self.cfg.erac_samples * k, dim=0)
+            rewards, _ = length_scaled_rewards(self.reward.prefix, rows, refs, critic_ref.repeat_interleave(k, dim=0),
+                                               self.padding_idx)
+            return stop, candidates, continuation_returns(rewards, stop, k), valid
+
     def forward(self, model, sample, reduce=True):
         if not self.training:  # validation: the reference's NLL, comparable to MLE's
             return self.reference_nll_output(model, sample)
@@ -166,8 +202,9 @@ class EracCriterion(SeqlevelCriterion):
         ref_lprobs, lprobs = ref_lprobs.squeeze(1), lprobs.reshape(batch_size * s, width, -1)
         ref_nll = token_nll(ref_lprobs, ref, pad).sum()
 
+        continuations = self.continuations(lprobs.detach(), tokens, mask, sample, critic_ref)
         critic_loss, actor_loss, td, entropy = erac_losses(q, q_target, lprobs, tokens, rewards, mask,
-                                                           cfg.erac_tau, cfg.erac_var_weight)
+                                                           cfg.erac_tau, cfg.erac_var_weight, continuations)
         # sums over tokens, so that batches and workers add up; fairseq divides
         # by the trajectories' tokens (sentences with --sentence-avg)
         traj_tokens = int(mask.sum())
@@ -177,8 +214,13 @@ class EracCriterion(SeqlevelCriterion):
             loss = loss + actor_loss + cfg.erac_mle_weight * ref_nll
         else:
             self.critic_batches.add_(1)
+        with torch.no_grad():  # where the actor stops: does the critic rate eos at least E_π Q?
+            ends = (mask.sum(dim=1) - 1).clamp(min=0)
+            at = torch.arange(tokens.size(0), device=tokens.device)
+            q_end, lp_end = q.detach()[at, ends].float(), lprobs.detach()[at, ends].float()
+            eos_preferred = (q_end[:, self.eos] >= (lp_end.exp() * q_end).sum(dim=-1)) & mask.any(dim=1)
         extra = {
-            "erac_td_sum": td.detach(), "erac_q_sum": taken(q.detach().float(), tokens).masked_fill(~mask, 0.0).sum(),
+            "erac_eos_preferred_sum": eos_preferred.sum(), "erac_td_sum": td.detach(), "erac_q_sum": taken(q.detach().float(), tokens).masked_fill(~mask, 0.0).sum(),
             "erac_entropy_sum": entropy, "erac_actor_sum": actor_loss.detach(), "erac_ntokens": traj_tokens,
             "erac_reward_sum": (rewards.sum(dim=1) / scale).sum(), "erac_nsamples": tokens.size(0),
         }
@@ -190,3 +232,4 @@ class EracCriterion(SeqlevelCriterion):
         for name in ("td", "q", "entropy", "actor"):
             log_mean(logging_outputs, f"erac_{name}", f"erac_{name}_sum", "erac_ntokens", round=4)
         log_mean(logging_outputs, "erac_reward", "erac_reward_sum", "erac_nsamples", round=4)
+        log_mean(logging_outputs, "erac_eos_preferred", "erac_eos_preferred_sum", "erac_nsamples", round=3)

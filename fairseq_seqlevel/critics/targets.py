@@ -90,14 +90,15 @@ def erac_td_targets(q_target: Tensor, policy_lprobs: Tensor, rewards: Tensor, ma
 
 
 class _CriticLoss(torch.autograd.Function):
-    """Σ_t mask·(Q(s_t, ŷ_t) − Q̂_t)² + λ·Σ_t mask·Σ_w (Q_w − mean Q)² of ``q`` with its
-    derivative written out: 2λ·mask·(Q − mean Q), plus 2·(Q(ŷ_t) − Q̂_t) at the
-    taken token.  Autograd of the expression saves the centered values, runs the
+    """Σ_t mask·(Q(s_t, ŷ_t) − Q̂_t)² + λ·Σ_t mask·Σ_w (Q_w − mean Q)² (+ the squared
+    residuals of ``extra`` entries) of ``q`` with its derivative written out:
+    2λ·mask·(Q − mean Q), plus 2·(Q(ŷ_t) − Q̂_t) at the taken token (and at each
+    extra entry).  Autograd of the expression saves the centered values, runs the
     square's and the mean's backward over [N, T, V] and adds the gather's
     zero-filled [N, T, V] gradient to theirs; this builds the one gradient in place."""
 
     @staticmethod
-    def forward(ctx, q, tokens, target, mask, var_weight):
+    def forward(ctx, q, tokens, target, mask, var_weight, extra_index, extra_target):
         qf = q.detach().float()
         residual = (taken(qf, tokens) - target.float()).masked_fill_(~mask, 0.0)
         td = residual.pow(2).sum()
@@ -108,23 +109,53 @@ class _CriticLoss(torch.autograd.Function):
         else:
             variance, grad = td.new_zeros(()), torch.zeros_like(qf)
         grad.scatter_add_(-1, tokens.unsqueeze(-1), (2.0 * residual).unsqueeze(-1))
+        loss = td + var_weight * variance
+        if extra_index is not None:
+            extra_residual = qf[extra_index] - extra_target.float()
+            loss = loss + extra_residual.pow(2).sum()
+            grad.index_put_(extra_index, 2.0 * extra_residual, accumulate=True)
         ctx.save_for_backward(grad)
         ctx.q_dtype = q.dtype
         ctx.mark_non_differentiable(td)
-        return td + var_weight * variance, td
+        return loss, td
 
     @staticmethod
     def backward(ctx, grad, _grad_td):
         (saved,) = ctx.saved_tensors
-        return (saved * grad).to(ctx.q_dtype), None, None, None, None
+        return (saved * grad).to(ctx.q_dtype), None, None, None, None, None, None
 
 
-def critic_loss(q: Tensor, tokens: Tensor, target: Tensor, mask: Tensor, var_weight: float):
+def critic_loss(q: Tensor, tokens: Tensor, target: Tensor, mask: Tensor, var_weight: float, extra=None):
     """(Σ_t (Q(ŷ_<t, ŷ_t) − Q̂_t)² + λ_var·Σ_t Σ_w (Q(s_t, w) − mean_w Q(s_t, ·))², the
     TD term alone) over the real steps: the TD error and the critic's variance
     smoothing (Bahdanau et al. 2017; dai2018 §4.2); ``target`` Q̂ ``[N, T]`` is a
-    constant (no gradient)."""
-    return _CriticLoss.apply(q, tokens, target.detach(), mask, float(var_weight))
+    constant (no gradient).  ``extra`` = ((rows, steps, tokens) ``[M]`` each,
+    targets ``[M]``): more regressed entries Q[row, step, token] (the
+    continuations of :func:`continuation_rows`), added to the loss, not to the TD term."""
+    index, values = (None, None) if extra is None else (tuple(extra[0]), extra[1].detach())
+    return _CriticLoss.apply(q, tokens, target.detach(), mask, float(var_weight), index, values)
+
+
+def continuation_rows(tokens: Tensor, mask: Tensor, candidates: Tensor, pad: int, eos: int):
+    """Each trajectory with its final eos replaced by each of its ``candidates
+    [N, k]`` w, then eos: rows ŷ_<L w eos ``[N·k, T+1]`` (L = the tokens before
+    eos), and ``stop [N]`` = L, the step whose value Q(ŷ_<L, ·) they score.  An
+    all-pad row gives rows of its candidate and eos (the caller masks them)."""
+    n, k = candidates.shape
+    stop = (mask.sum(dim=1) - 1).clamp(min=0)
+    rows = torch.cat([tokens, tokens.new_full((n, 1), pad)], dim=1).repeat_interleave(k, dim=0)
+    at, step = torch.arange(n * k, device=tokens.device), stop.repeat_interleave(k)
+    rows[at, step] = candidates.reshape(-1)
+    rows[at, step + 1] = eos
+    return rows, stop
+
+
+def continuation_returns(step_rewards_of_rows: Tensor, stop: Tensor, k: int) -> Tensor:
+    """``[N, k]``: the return from the stop state of each row of
+    :func:`continuation_rows`, r(w) + r(eos after w), from its per-step rewards
+    ``[N·k, T+1]`` (what is left of the episode once w is taken and the row ends)."""
+    step = stop.repeat_interleave(k).unsqueeze(1)
+    return step_rewards_of_rows.gather(1, torch.cat([step, step + 1], dim=1)).sum(dim=1).view(-1, k)
 
 
 class _ActorObjective(torch.autograd.Function):
