@@ -204,8 +204,8 @@ def test_continuation_rows_by_hand():
     return from the stop is r(w) + r(eos); an eos-at-step-1 row continues from
     the empty prefix."""
     tokens = torch.tensor([[A, B, EOS], [EOS, PAD, PAD]])
-    rows, stop = continuation_rows(tokens, tokens.ne(PAD), torch.tensor([[A, B], [B, A]]), PAD, EOS)
-    assert stop.tolist() == [2, 0]
+    stop = tokens.ne(PAD).sum(dim=1) - 1
+    rows = continuation_rows(tokens, stop, torch.tensor([[A, B], [B, A]]), PAD, EOS)
     assert rows.tolist() == [[A, B, A, EOS], [A, B, B, EOS], [B, EOS, PAD, PAD], [A, EOS, PAD, PAD]]
     r = torch.arange(16.0).view(4, 4)
     assert continuation_returns(r, stop, 2).tolist() == [[2 + 3, 6 + 7], [8 + 9, 12 + 13]]

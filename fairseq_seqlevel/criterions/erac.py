@@ -83,18 +83,12 @@ def check_erac_config(cfg):
 def erac_losses(q, q_target, lprobs, tokens, rewards, mask, tau, var_weight, continuations=None):
     """(critic loss, actor objective, TD error sum, policy entropy sum) summed over
     the trajectories' tokens; ``q`` carries the critic's gradient, ``lprobs`` the
-    actor's; ``continuations`` = (stop [N], candidates [N, k], returns [N, k],
-    valid [N]): Q(ŷ_<stop, w) regressed onto each candidate's exact return too."""
+    actor's; ``continuations``: more regressed entries of Q (``critic_loss``'s
+    ``extra``, from :meth:`EracCriterion.continuations`)."""
     with torch.no_grad():  # π and H(π) once, for the TD target and the logged entropy
         stats = policy_stats(lprobs.detach())
         target = erac_td_targets(q_target, lprobs.detach(), rewards, mask, tau, stats=stats)
-    extra = None
-    if continuations is not None:
-        stop, candidates, returns, valid = continuations
-        rows = torch.arange(candidates.size(0), device=candidates.device).unsqueeze(1).expand_as(candidates)
-        keep = valid.unsqueeze(1).expand_as(candidates)
-        extra = ((rows[keep], stop.unsqueeze(1).expand_as(candidates)[keep], candidates[keep]), returns[keep])
-    critic, td = critic_loss(q, tokens, target, mask, var_weight, extra=extra)
+    critic, td = critic_loss(q, tokens, target, mask, var_weight, extra=continuations)
     entropy = stats[1].masked_fill(~mask, 0.0).sum()
     return critic, actor_objective(lprobs, q, mask, tau, probs=stats[0]), td, entropy
 
@@ -145,28 +139,29 @@ class EracCriterion(SeqlevelCriterion):
         return sample_outputs(model, sample["net_input"], n=self.cfg.erac_samples, strategy="multinomial",
                               last_step=last).tokens
 
-    def continuations(self, lprobs, tokens, mask, sample, critic_ref):
-        """(stop, candidates, returns, valid) of ``--erac-continuations`` k (None when
-        0): at each trajectory's last step, the actor's k likeliest tokens other
-        than eos and pad, and the exact return of taking each and then eos.  The
-        one-epoch Bible critic rated continuing above stopping at 99 % of the
-        actor's stops, with no trajectory ever going on past its end: eq. 20 then
-        teaches the actor not to stop (README); these are the values it lacked."""
+    def continuations(self, end_lprobs, tokens, ends, sample, critic_ref):
+        """``critic_loss``'s ``extra`` for ``--erac-continuations`` k (None when 0): at
+        each trajectory's last step ``ends``, the actor's k likeliest tokens other
+        than eos and pad (``end_lprobs [N, V]``, π there), each with the exact return
+        of taking it and then eos.  The one-epoch Bible critic rated continuing above
+        stopping at 99 % of the actor's stops, with no trajectory ever going on past
+        its end: eq. 20 then teaches the actor not to stop (README); these are the
+        values it lacked.  Trajectories are the sampler's eos-terminated rows."""
         k = self.cfg.erac_continuations
         if not k:
             return None
         with torch.no_grad():
-            valid = mask.any(dim=1)
-            stop = (mask.sum(dim=1) - 1).clamp(min=0)
-            at_stop = lprobs[torch.arange(tokens.size(0), device=tokens.device), stop].float()
-            at_stop[:, [self.eos, self.padding_idx]] = float("-inf")
-            candidates = at_stop.topk(min(k, at_stop.size(1) - 2), dim=-1).indices
+            banned = torch.tensor([self.eos, self.padding_idx], device=end_lprobs.device)
+            scores = end_lprobs.float().index_fill(1, banned, float("-inf"))
+            candidates = scores.topk(min(k, scores.size(1) - 2), dim=-1).indices  # [N, k]
             k = candidates.size(1)
-            rows, stop = continuation_rows(tokens, mask, candidates, self.padding_idx, self.eos)
+            rows = continuation_rows(tokens, ends, candidates, self.padding_idx, self.eos)
             refs = references_of(sample).repeat_interleave(self.cfg.erac_samples * k, dim=0)
             rewards, _ = length_scaled_rewards(self.reward.prefix, rows, refs, critic_ref.repeat_interleave(k, dim=0),
                                                self.padding_idx)
-            return stop, candidates, continuation_returns(rewards, stop, k), valid
+            index = (torch.arange(tokens.size(0), device=tokens.device).repeat_interleave(k),
+                     ends.repeat_interleave(k), candidates.reshape(-1))
+            return index, continuation_returns(rewards, ends, k).reshape(-1)
 
     def forward(self, model, sample, reduce=True):
         if not self.training:  # validation: the reference's NLL, comparable to MLE's
@@ -202,7 +197,11 @@ class EracCriterion(SeqlevelCriterion):
         ref_lprobs, lprobs = ref_lprobs.squeeze(1), lprobs.reshape(batch_size * s, width, -1)
         ref_nll = token_nll(ref_lprobs, ref, pad).sum()
 
-        continuations = self.continuations(lprobs.detach(), tokens, mask, sample, critic_ref)
+        # each trajectory's last step (its eos) and π there: continuations and the eos log
+        ends = mask.sum(dim=1) - 1
+        at = torch.arange(tokens.size(0), device=tokens.device)
+        end_lprobs = lprobs.detach()[at, ends]
+        continuations = self.continuations(end_lprobs, tokens, ends, sample, critic_ref)
         critic_loss, actor_loss, td, entropy = erac_losses(q, q_target, lprobs, tokens, rewards, mask,
                                                            cfg.erac_tau, cfg.erac_var_weight, continuations)
         # sums over tokens, so that batches and workers add up; fairseq divides
@@ -215,12 +214,11 @@ class EracCriterion(SeqlevelCriterion):
         else:
             self.critic_batches.add_(1)
         with torch.no_grad():  # where the actor stops: does the critic rate eos at least E_π Q?
-            ends = (mask.sum(dim=1) - 1).clamp(min=0)
-            at = torch.arange(tokens.size(0), device=tokens.device)
-            q_end, lp_end = q.detach()[at, ends].float(), lprobs.detach()[at, ends].float()
-            eos_preferred = (q_end[:, self.eos] >= (lp_end.exp() * q_end).sum(dim=-1)) & mask.any(dim=1)
+            q_end = q.detach()[at, ends].float()
+            eos_preferred = q_end[:, self.eos] >= (end_lprobs.float().exp() * q_end).sum(dim=-1)
         extra = {
-            "erac_eos_preferred_sum": eos_preferred.sum(), "erac_td_sum": td.detach(), "erac_q_sum": taken(q.detach().float(), tokens).masked_fill(~mask, 0.0).sum(),
+            "erac_eos_preferred_sum": eos_preferred.sum(), "erac_td_sum": td.detach(),
+            "erac_q_sum": taken(q.detach().float(), tokens).masked_fill(~mask, 0.0).sum(),
             "erac_entropy_sum": entropy, "erac_actor_sum": actor_loss.detach(), "erac_ntokens": traj_tokens,
             "erac_reward_sum": (rewards.sum(dim=1) / scale).sum(), "erac_nsamples": tokens.size(0),
         }

@@ -136,18 +136,16 @@ def critic_loss(q: Tensor, tokens: Tensor, target: Tensor, mask: Tensor, var_wei
     return _CriticLoss.apply(q, tokens, target.detach(), mask, float(var_weight), index, values)
 
 
-def continuation_rows(tokens: Tensor, mask: Tensor, candidates: Tensor, pad: int, eos: int):
-    """Each trajectory with its final eos replaced by each of its ``candidates
-    [N, k]`` w, then eos: rows ŷ_<L w eos ``[N·k, T+1]`` (L = the tokens before
-    eos), and ``stop [N]`` = L, the step whose value Q(ŷ_<L, ·) they score.  An
-    all-pad row gives rows of its candidate and eos (the caller masks them)."""
+def continuation_rows(tokens: Tensor, stop: Tensor, candidates: Tensor, pad: int, eos: int) -> Tensor:
+    """Each trajectory with its final eos (at ``stop [N]``, the tokens before it)
+    replaced by each of its ``candidates [N, k]`` w, then eos: rows ŷ_<stop w eos
+    ``[N·k, T+1]``, whose values Q(ŷ_<stop, w) are at step ``stop`` of the trajectory."""
     n, k = candidates.shape
-    stop = (mask.sum(dim=1) - 1).clamp(min=0)
     rows = torch.cat([tokens, tokens.new_full((n, 1), pad)], dim=1).repeat_interleave(k, dim=0)
     at, step = torch.arange(n * k, device=tokens.device), stop.repeat_interleave(k)
     rows[at, step] = candidates.reshape(-1)
     rows[at, step + 1] = eos
-    return rows, stop
+    return rows
 
 
 def continuation_returns(step_rewards_of_rows: Tensor, stop: Tensor, k: int) -> Tensor:
