@@ -100,6 +100,36 @@ def test_erac_td_target_by_hand():
         torch.testing.assert_close(erac_td_targets(q_bar, lprobs, rewards, mask, tau), expected)
 
 
+@pytest.mark.parametrize("lam", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("tau", [0.0, 0.7])
+def test_erac_lambda_targets_by_backward_recursion(tau, lam):
+    """--erac-td-lambda: Q̂_t = r_t + τ·H_{t+1} + (1−λ)·E_π Q̄_{t+1} + λ·Q̂_{t+1}, by a
+    loop over the steps of each row (rows of different lengths, a pad tail)."""
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.tensor([[A, B, A, EOS], [B, EOS, PAD, PAD], [EOS, PAD, PAD, PAD]])
+    mask = tokens.ne(PAD)
+    rewards = torch.randn(3, 4, generator=g).masked_fill(~mask, 0.0)
+    q_bar = torch.randn(3, 4, V, generator=g)
+    lprobs = torch.log_softmax(torch.randn(3, 4, V, generator=g), dim=-1)
+    pi = lprobs.exp()
+    got = erac_td_targets(q_bar, lprobs, rewards, mask, tau, lam=lam)
+    want = torch.zeros(3, 4)
+    for n in range(3):
+        last = int(mask[n].sum()) - 1
+        want[n, last] = rewards[n, last]
+        for t in reversed(range(last)):
+            soft_value = float((pi[n, t + 1] * q_bar[n, t + 1]).sum() - tau * (pi[n, t + 1] * lprobs[n, t + 1]).sum())
+            bonus = -tau * float((pi[n, t + 1] * lprobs[n, t + 1]).sum())
+            want[n, t] = rewards[n, t] + (1 - lam) * soft_value + lam * (bonus + want[n, t + 1])
+    torch.testing.assert_close(got.masked_fill(~mask, 0.0), want, rtol=1e-5, atol=1e-5)
+    if lam == 1.0 and tau == 0.0:  # the sampled return-to-go: the target network is not read
+        return_to_go = rewards.flip(1).cumsum(1).flip(1).masked_fill(~mask, 0.0)
+        torch.testing.assert_close(got.masked_fill(~mask, 0.0), return_to_go)
+        torch.testing.assert_close(erac_td_targets(q_bar + 3.0, lprobs, rewards, mask, tau, lam=lam), got)
+    if lam == 0.0:  # eq. 19, the default
+        torch.testing.assert_close(got, erac_td_targets(q_bar, lprobs, rewards, mask, tau))
+
+
 @pytest.mark.parametrize("tau", [0.0, 0.5])
 def test_actor_gradient_is_eq_20_in_closed_form(tau):
     g = torch.Generator().manual_seed(1)

@@ -249,7 +249,9 @@ def make_cases(toy_data, embeddings):
         Case("interpolation_sampled", base(*interp)),
         Case("interpolation_transformer", base(*interp, arch=TINY_TRANSFORMER), deterministic_check=True,
              patch=fixed_interp_sequences),
-        Case("erac_critic", base(*erac), deterministic_check=True, patch=fixed_erac_trajectories),
+        # with λ-return targets (the other erac cases with eq. 19's one-step target)
+        Case("erac_critic", base(*erac, "--erac-td-lambda", "0.9"), deterministic_check=True,
+             patch=fixed_erac_trajectories),
         # with the continuation targets at the trajectories' ends (the other erac cases without)
         Case("erac_joint", base(*erac, "--erac-phase", "joint", "--erac-continuations", "2"),
              deterministic_check=True, patch=fixed_erac_joint),

@@ -104,6 +104,7 @@ def test_resume_is_bit_identical(toy_data, tmp_path):
     (["--erac-samples", "0"], "--erac-samples"),
     (["--erac-target-rate", "0"], "--erac-target-rate"),
     (["--critic-hidden-size", "7"], "--critic-hidden-size"),
+    (["--erac-td-lambda", "1.5"], "--erac-td-lambda"),
 ])
 def test_bad_flags_name_the_flag(toy_data, flags, message):
     with pytest.raises(ConfigError, match=message):
@@ -127,6 +128,19 @@ def test_critic_phase_starts_from_an_mle_checkpoint(toy_data, tmp_path):
                                                        reset_meters=True)
     assert all(torch.equal(before[k], v) for k, v in crit.state_dict().items())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+
+
+def _oracle_rows(crit, sample, tokens, s):
+    """(references, y*, trajectories padded to the criterion's width, their decoder
+    input), each trajectory's own copy, built here without the criterion's helpers."""
+    pad, eos = crit.padding_idx, crit.eos
+    refs = sample["references"].repeat_interleave(s, 0)
+    target = sample["target"].repeat_interleave(s, 0)
+    width = max(tokens.size(1), target.size(1))
+    rows = torch.nn.functional.pad(tokens, (0, width - tokens.size(1)), value=pad)
+    prev = torch.cat([rows.new_full((rows.size(0), 1), eos), rows[:, :-1]], dim=1).masked_fill(
+        torch.cat([torch.zeros_like(rows[:, :1], dtype=torch.bool), rows[:, :-1].eq(pad)], dim=1), pad)
+    return refs, target, rows, prev
 
 
 @pytest.mark.parametrize("phase", ["critic", "joint"])
@@ -154,12 +168,7 @@ def test_continuations_regress_q_onto_exact_returns(toy_data, phase):
     pad, eos, s = crit.padding_idx, crit.eos, 2
     net = sample["net_input"]
     src, src_len = net["src_tokens"].repeat_interleave(s, 0), net["src_lengths"].repeat_interleave(s, 0)
-    refs = sample["references"].repeat_interleave(s, 0)
-    target = sample["target"].repeat_interleave(s, 0)
-    width = max(tokens.size(1), target.size(1))
-    rows = torch.nn.functional.pad(tokens, (0, width - tokens.size(1)), value=pad)
-    prev = torch.cat([rows.new_full((rows.size(0), 1), eos), rows[:, :-1]], dim=1).masked_fill(
-        torch.cat([torch.zeros_like(rows[:, :1], dtype=torch.bool), rows[:, :-1].eq(pad)], dim=1), pad)
+    refs, target, rows, prev = _oracle_rows(crit, sample, tokens, s)
     with torch.no_grad():
         lprobs = model.get_normalized_probs(model(src, src_len, prev), log_probs=True)
         q = crit.critic(target, prev)
@@ -178,3 +187,39 @@ def test_continuations_regress_q_onto_exact_returns(toy_data, phase):
             want = want + (q[i, last, w] - ret) ** 2
     assert float(want) > 0 and any(eos_on_top)  # eos is the actor's first choice at some stops: left out
     torch.testing.assert_close(losses[k] - losses[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_td_lambda_one_regresses_q_onto_the_sampled_return(toy_data):
+    """--erac-td-lambda 1 at τ = 0 (critic phase, no variance term): the loss is
+    Σ_t (Q(ŷ_<t, ŷ_t) − |y*|·(R(ŷ) − R(ŷ_<t)))², the sentence reward of the whole
+    trajectory and of each prefix computed here row by row; the target network
+    is not read (it differs from the critic here)."""
+    s = 2
+    _, task, model, crit = _build(toy_data, "--erac-samples", str(s), "--erac-td-lambda", "1", "--erac-tau", "0",
+                                  "--erac-var-weight", "0")
+    mle_steps(task, model, 20)
+    sample = first_batch(task, n=6)
+    for name in crit.target_names.values():
+        getattr(crit, name).add_(0.5)  # a target network far from the critic
+    torch.manual_seed(0)
+    with torch.no_grad():
+        tokens = crit.trajectories(model, sample)
+    crit.trajectories = lambda m, smp: tokens
+    loss = crit(model, sample)[0].detach()
+
+    pad, eos = crit.padding_idx, crit.eos
+    refs, target, rows, prev = _oracle_rows(crit, sample, tokens, s)
+    with torch.no_grad():
+        q = crit.critic(target, prev)
+    want = torch.zeros(())
+    for i in range(rows.size(0)):
+        row = rows[i][rows[i].ne(pad)].tolist()
+        scale = max(int(target[i].ne(pad).sum()) - 1, 1)
+        def reward(words):
+            return float(crit.reward(torch.tensor([words + [eos]]), refs[i:i + 1]))
+        whole = reward(row[:-1])
+        for t, token in enumerate(row):
+            before = reward(row[:t]) if t else 0.0
+            want = want + (q[i, t, token] - scale * (whole - before)) ** 2
+    assert float(want) > 0
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-4)

@@ -7,7 +7,8 @@ the criterion, so fairseq optimizes, checkpoints and data-parallel-wraps it)
 reads y* and scores every token at every state:
 
 * critic loss: Σ_t (Q_φ(ŷ_<t, ŷ_t) − Q̂)² with the TD target of eq. 19 from
-  the target network φ̄, plus λ_var × the variance of Q over the vocabulary;
+  the target network φ̄ (or its λ-return, ``--erac-td-lambda``), plus λ_var ×
+  the variance of Q over the vocabulary;
 * actor loss (``--erac-phase joint``): −Σ_t [Σ_w π(w|ŷ_<t)·Q_φ(ŷ_<t, w) +
   τ·H(π(·|ŷ_<t))] (eq. 20, the whole vocabulary, Q constant), plus
   ``--erac-mle-weight`` × the reference NLL; all three are sums over tokens,
@@ -63,6 +64,10 @@ class EracConfig(CriticConfig):
         default=0, metadata={"help": "k: where a trajectory ends, also regress the critic's Q of the actor's k "
                              "likeliest other tokens onto the exact return of taking that token, then eos "
                              "(not in dai2018; 0 = off, the paper)"})
+    erac_td_lambda: float = field(
+        default=0.0, metadata={"help": "λ: the critic's target is the λ-return along the sampled trajectory "
+                               "(not in dai2018; 0 = the one-step target of eq. 19, the paper; 1 = the sampled "
+                               "return, no bootstrap)"})
     erac_max_len_a: float = field(default=1.5, metadata={"help": "trajectories: at most a·|y*| + b tokens"})
     erac_max_len_b: int = field(default=5, metadata={"help": "trajectories: at most a·|y*| + b tokens"})
     sentence_avg: bool = II("optimization.sentence_avg")
@@ -75,19 +80,20 @@ def check_erac_config(cfg):
     check(0 < cfg.erac_target_rate <= 1, f"--erac-target-rate must be in (0, 1], got {cfg.erac_target_rate}")
     check(cfg.erac_var_weight >= 0 and cfg.erac_mle_weight >= 0,
           f"--erac-var-weight and --erac-mle-weight must be >= 0, got {cfg.erac_var_weight}, {cfg.erac_mle_weight}")
+    check(0 <= cfg.erac_td_lambda <= 1, f"--erac-td-lambda must be in [0, 1], got {cfg.erac_td_lambda}")
     check(cfg.erac_continuations >= 0, f"--erac-continuations must be >= 0, got {cfg.erac_continuations}")
     check(cfg.erac_max_len_a >= 0 and cfg.erac_max_len_b >= 0,
           f"--erac-max-len-a/-b must be >= 0, got {cfg.erac_max_len_a}, {cfg.erac_max_len_b}")
 
 
-def erac_losses(q, q_target, lprobs, tokens, rewards, mask, tau, var_weight, continuations=None):
+def erac_losses(q, q_target, lprobs, tokens, rewards, mask, tau, var_weight, continuations=None, lam=0.0):
     """(critic loss, actor objective, TD error sum, policy entropy sum) summed over
     the trajectories' tokens; ``q`` carries the critic's gradient, ``lprobs`` the
     actor's; ``continuations``: more regressed entries of Q (``critic_loss``'s
-    ``extra``, from :meth:`EracCriterion.continuations`)."""
+    ``extra``, from :meth:`EracCriterion.continuations`); ``lam``: λ of the target."""
     with torch.no_grad():  # π and H(π) once, for the TD target and the logged entropy
         stats = policy_stats(lprobs.detach())
-        target = erac_td_targets(q_target, lprobs.detach(), rewards, mask, tau, stats=stats)
+        target = erac_td_targets(q_target, lprobs.detach(), rewards, mask, tau, stats=stats, lam=lam)
     critic, td = critic_loss(q, tokens, target, mask, var_weight, extra=continuations)
     entropy = stats[1].masked_fill(~mask, 0.0).sum()
     return critic, actor_objective(lprobs, q, mask, tau, probs=stats[0]), td, entropy
@@ -203,7 +209,8 @@ class EracCriterion(SeqlevelCriterion):
         end_lprobs = lprobs.detach()[at, ends]
         continuations = self.continuations(end_lprobs, tokens, ends, sample, critic_ref)
         critic_loss, actor_loss, td, entropy = erac_losses(q, q_target, lprobs, tokens, rewards, mask,
-                                                           cfg.erac_tau, cfg.erac_var_weight, continuations)
+                                                           cfg.erac_tau, cfg.erac_var_weight, continuations,
+                                                           lam=cfg.erac_td_lambda)
         # sums over tokens, so that batches and workers add up; fairseq divides
         # by the trajectories' tokens (sentences with --sentence-avg)
         traj_tokens = int(mask.sum())

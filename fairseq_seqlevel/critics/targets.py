@@ -74,19 +74,35 @@ def policy_stats(policy_lprobs: Tensor):
     return probs, -_zero_nan(probs * lprobs).sum(dim=-1)
 
 
+def lambda_sums(x: Tensor, lam: float) -> Tensor:
+    """Σ_{k≥t} λ^(k−t)·x_k ``[N, T]`` for every t (x 0 after each row's end): the
+    backward recursion G_t = x_t + λ·G_{t+1} as one [T, T] product, no loop."""
+    steps = torch.arange(x.size(1), device=x.device)
+    gap = steps.unsqueeze(0) - steps.unsqueeze(1)  # [t, k] = k − t
+    weights = torch.full((), float(lam), device=x.device).pow(gap.clamp(min=0)).masked_fill(gap < 0, 0.0)
+    return x.float() @ weights.t()
+
+
 def erac_td_targets(q_target: Tensor, policy_lprobs: Tensor, rewards: Tensor, mask: Tensor, tau: float,
-                    stats=None) -> Tensor:
+                    stats=None, lam: float = 0.0) -> Tensor:
     """ERAC's TD target ``[N, T]`` (eq. 19):
     Q̂ = r_t + τ·H(π(·|ŷ_≤t)) + Σ_w π(w|ŷ_≤t)·Q_φ̄(ŷ_≤t, w),
     the future terms 0 at the terminal step; ``q_target`` from the target
     network, ``policy_lprobs [N, T, V]`` the actor's log-probs at every state
     (same layout as q), ``stats`` their :func:`policy_stats` if already
-    computed.  τ = 0 is the actor-critic target of Bahdanau et al."""
+    computed.  τ = 0 is the actor-critic target of Bahdanau et al.
+
+    ``lam`` > 0 (not in dai2018): the λ-return of the same soft value along the
+    sampled trajectory (the actor's own samples, so on-policy),
+    Q̂_t = r_t + τ·H_{t+1} + (1−λ)·Σ_w π·Q_φ̄(ŷ_≤t, w) + λ·Q̂_{t+1};
+    λ = 0 is eq. 19, λ = 1 the sampled return-to-go plus the later states'
+    entropy bonus, with no bootstrap from φ̄."""
     probs, entropy = stats if stats is not None else policy_stats(policy_lprobs)
     expected = _zero_nan(probs * q_target.float()).sum(dim=-1)
-    if tau:
-        expected = expected + tau * entropy
-    return rewards + _next(expected, mask)
+    bonus = tau * entropy if tau else torch.zeros_like(expected)
+    if not lam:
+        return rewards + _next(expected + bonus, mask)
+    return lambda_sums(rewards + _next(bonus + (1.0 - lam) * expected, mask), lam)
 
 
 class _CriticLoss(torch.autograd.Function):
