@@ -13,6 +13,8 @@ trajectory per source of the speed setting ``bible``'s batches, the criterion's 
 * mean Q of the taken tokens vs mean step reward r_t and mean return G_t = Σ_k≥t r_k, and the
   correlation of Q with each (a critic that bootstraps from a target network that has barely
   moved regresses r_t);
+* the critic's advantage of the taken token, Q(ŷ_<t, ŷ_t) − E_π Q, against what the return
+  says of it, G_t − E_π Q (eq. 20 follows Q's differences between tokens, not its level);
 * per state, the std of Q under π (what Σ_w π(w)·Q(w) can push the actor by) against
   τ · the std of log π under π (what the entropy term pushes by), and the std of Q over the
   vocabulary (what the variance smoothing penalizes);
@@ -60,6 +62,7 @@ def main(argv=None):
     crit.eval()
     torch.manual_seed(args.seed)
     q_taken, rewards, returns, spread_pi, spread_vocab, entropy_push = [], [], [], [], [], []
+    advantages, residuals = [], []
     eos_advantage, eos_prob, lengths = [], [], []
     with torch.no_grad():
         for batch in setting.batches[: args.batches]:
@@ -75,6 +78,9 @@ def main(argv=None):
             q_taken.append(taken(q, tokens)[mask])
             rewards.append(r[mask])
             returns.append(r.flip(1).cumsum(1).flip(1)[mask])
+            # what eq. 20 uses is Q's differences between tokens at a state, not its level
+            advantages.append((taken(q, tokens) - expected_q.squeeze(-1))[mask])
+            residuals.append(returns[-1] - expected_q.squeeze(-1)[mask])
             spread_pi.append((probs * (q - expected_q) ** 2).sum(-1).sqrt()[mask])
             spread_vocab.append(q.std(-1)[mask])
             entropy_push.append(args.tau * (probs * (lprobs + entropy) ** 2).sum(-1).sqrt()[mask])
@@ -93,6 +99,9 @@ def main(argv=None):
     print(f"{q.numel()} tokens of {sum(b['nsentences'] for b in setting.batches[: args.batches])} trajectories")
     print(f"  mean Q(taken) {q.mean():.3f}   mean r_t {r.mean():.3f}   mean return G_t {g.mean():.3f}")
     print(f"  corr(Q, r_t) {corr(q, r):.3f}   corr(Q, G_t) {corr(q, g):.3f}")
+    a, e = torch.cat(advantages), torch.cat(residuals)
+    print(f"  Q(taken) - E_pi Q: std {a.std():.3f}, corr with G_t - E_pi Q {corr(a, e):.3f} "
+          f"(do Q's differences between tokens follow the return?)")
     print(f"  per state: std of Q under pi {torch.cat(spread_pi).mean():.4f}   "
           f"tau * std of log pi under pi {torch.cat(entropy_push).mean():.4f} (tau {args.tau})   "
           f"std of Q over the vocabulary {torch.cat(spread_vocab).mean():.4f}")
