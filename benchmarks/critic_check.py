@@ -4,11 +4,12 @@ step's own reward, and how much does Q vary over the tokens the actor would emit
 compared with the entropy term of the actor's gradient (no training).
 
     python benchmarks/critic_check.py CHECKPOINT [--actor ACTOR_CHECKPOINT] [--criterion erac]
-        [--batches 4] [--tau 0.045]
+        [--batches 4] [--tau 0.045] [--setting bible]
 
 CHECKPOINT holds the critic (its ``criterion`` state, e.g. RUN/critic/checkpoint_last.pt of
-``quality.py``); the actor is the pre-trained Bible model (or ``--actor``).  One multinomial
-trajectory per source of the speed setting ``bible``'s batches, the criterion's own rewards:
+``quality.py``); the actor is the speed setting's pre-trained model (or ``--actor``; the
+``spelling`` setting has none, pass one).  One multinomial trajectory per source of the
+setting's batches, the criterion's own rewards:
 
 * mean Q of the taken tokens vs mean step reward r_t and mean return G_t = Σ_k≥t r_k, and the
   correlation of Q with each (a critic that bootstraps from a target network that has barely
@@ -42,6 +43,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--tau", type=float, default=0.045)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--setting", default="bible", help="speed setting of config.toml: its task and batches")
     args = p.parse_args(argv)
     S.quiet()
     from fairseq_seqlevel.criterions.base import references_of
@@ -50,7 +52,7 @@ def main(argv=None):
     from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs
 
     cfg = H.load_config(str(H.DEFAULT_CONFIG))
-    setting = S.Setting(cfg, "bible", H.DEFAULT_WORKDIR)
+    setting = S.Setting(cfg, args.setting, H.DEFAULT_WORKDIR)
     setting.prepare_files([])
     setting.build()
     model = setting.model
