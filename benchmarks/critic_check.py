@@ -48,6 +48,7 @@ def main(argv=None):
     S.quiet()
     from fairseq_seqlevel.criterions.base import references_of
     from fairseq_seqlevel.critics import length_scaled_rewards, policy_stats, taken
+    from fairseq_seqlevel.critics.targets import lambda_sums
     from fairseq_seqlevel.decoding.sampler import sample
     from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs
 
@@ -79,7 +80,7 @@ def main(argv=None):
             expected_q = (probs * q).sum(-1, keepdim=True)
             q_taken.append(taken(q, tokens)[mask])
             rewards.append(r[mask])
-            returns.append(r.flip(1).cumsum(1).flip(1)[mask])
+            returns.append(lambda_sums(r, 1.0)[mask])  # G_t, as --erac-td-lambda 1 regresses it
             # what eq. 20 uses is Q's differences between tokens at a state, not its level
             advantages.append((taken(q, tokens) - expected_q.squeeze(-1))[mask])
             residuals.append(returns[-1] - expected_q.squeeze(-1)[mask])

@@ -191,8 +191,10 @@ class EracCriterion(SeqlevelCriterion):
                                                    references_of(sample).repeat_interleave(s, dim=0), critic_ref, pad)
         prev = prev_output_tokens_from_target(tokens, pad, self.eos)
         q = self.critic(critic_ref, prev)
-        with torch.no_grad():
-            q_target = functional_call(self.critic, shadow(self, self.target_names), (critic_ref, prev))
+        q_target = None  # λ = 1: the target is the sampled return, the target network is not read
+        if cfg.erac_td_lambda < 1:
+            with torch.no_grad():
+                q_target = functional_call(self.critic, shadow(self, self.target_names), (critic_ref, prev))
 
         rows = torch.cat([ref.unsqueeze(1), tokens.view(batch_size, s, width)], dim=1).view(-1, width)
         lprobs_all = rows_lprobs(model, sample["net_input"], rows, s + 1, pad, self.eos, grad=joint)

@@ -98,8 +98,10 @@ def erac_td_targets(q_target: Tensor, policy_lprobs: Tensor, rewards: Tensor, ma
     λ = 0 is eq. 19, λ = 1 the sampled return-to-go plus the later states'
     entropy bonus, with no bootstrap from φ̄."""
     probs, entropy = stats if stats is not None else policy_stats(policy_lprobs)
+    bonus = tau * entropy if tau else torch.zeros_like(entropy)
+    if lam == 1:  # no bootstrap: ``q_target`` may be None (the caller skips its forward)
+        return lambda_sums(rewards + _next(bonus, mask), 1.0)
     expected = _zero_nan(probs * q_target.float()).sum(dim=-1)
-    bonus = tau * entropy if tau else torch.zeros_like(expected)
     if not lam:
         return rewards + _next(expected + bonus, mask)
     return lambda_sums(rewards + _next(bonus + (1.0 - lam) * expected, mask), lam)
