@@ -1,17 +1,18 @@
-"""seq_exploration: α = 1 is SCST (against an independent computation), the
-diversity term pushes towards the sample farthest from the others, pairwise
-distances equal sacrebleu."""
+"""seq_exploration: α = 1 is SCST (against an independent computation, with
+the greedy or the leave-one-out baseline), the diversity term pushes towards
+the sample farthest from the others, pairwise distances equal sacrebleu, the
+MLE weight mixes in fairseq's cross-entropy."""
 
 import pytest
 import torch
 from sacrebleu.metrics import BLEU
 
 from conftest import build_toy, first_batch, levenshtein
-from fairseq_seqlevel.criterions.seq_exploration import exploration_advantages
+from fairseq_seqlevel.criterions.seq_exploration import exploration_advantages, leave_one_out_baseline
 from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
 from fairseq_seqlevel.errors import ConfigError
 from fairseq_seqlevel.rewards import pairwise_distances
-from test_raml import _loss_and_grads
+from test_raml import _assert_same, _loss_and_grads
 
 def _build(toy_data, *args, arch="lstm"):
     return build_toy(toy_data, "--criterion", "seq_exploration", *args, arch=arch)
@@ -34,14 +35,15 @@ def _fixed_outputs(batch, dictionary, s, seed=0):
     return rows(B * s), rows(B)
 
 
-@pytest.mark.parametrize("arch", ["lstm", "transformer"])
-def test_alpha_one_is_scst(toy_data, arch):
+@pytest.mark.parametrize("arch,baseline", [("lstm", "greedy"), ("transformer", "greedy"), ("lstm", "mean")])
+def test_alpha_one_is_scst(toy_data, arch, baseline):
     s = 3
-    _, task, model, crit = _build(toy_data, "--sle-alpha", "1", "--sle-samples", str(s), arch=arch)
+    _, task, model, crit = _build(toy_data, "--sle-alpha", "1", "--sle-samples", str(s), "--sle-baseline", baseline,
+                                  arch=arch)
     batch = first_batch(task, n=6)
     d = task.target_dictionary
     samples, greedy = _fixed_outputs(batch, d, s)
-    crit.draw = lambda model, sample: (samples, greedy)
+    crit.draw = lambda model, sample: (samples, greedy if baseline == "greedy" else None)
     got = _loss_and_grads(model, crit, batch)
 
     # independent SCST: one forward per (source, sample), rewards one row at a time
@@ -50,22 +52,64 @@ def test_alpha_one_is_scst(toy_data, arch):
     pad, eos, total = d.pad(), d.eos(), 0.0
     for b in range(batch["target"].size(0)):
         x = src[b][src[b].ne(pad)].unsqueeze(0)
-        baseline = float(task.reward(greedy[b:b + 1], refs[b:b + 1])[0])
+        ys = [samples[b * s + j][samples[b * s + j].ne(pad)].unsqueeze(0) for j in range(s)]
+        rewards = [float(task.reward(y, refs[b:b + 1])[0]) for y in ys]
         per_source = 0.0
-        for j in range(s):
-            y = samples[b * s + j]
-            y = y[y.ne(pad)].unsqueeze(0)
+        for j, y in enumerate(ys):
+            if baseline == "greedy":
+                b_j = float(task.reward(greedy[b:b + 1], refs[b:b + 1])[0])
+            else:  # the other samples' mean reward
+                b_j = sum(r for k, r in enumerate(rewards) if k != j) / (s - 1)
             lp = model.get_normalized_probs(model(x, src_len[b:b + 1], prev_output_tokens_from_target(y, pad, eos)),
                                             log_probs=True)
             log_p = lp.gather(-1, y.unsqueeze(-1)).sum()
-            reward = float(task.reward(y, refs[b:b + 1])[0])
-            per_source = per_source - (reward - baseline) * log_p / s
+            per_source = per_source - (rewards[j] - b_j) * log_p / s
         total = total + int(batch["target"][b].ne(pad).sum()) * per_source
     total.backward()
     torch.testing.assert_close(got[0], total.detach(), rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[3][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert got[2]["sle_npairs"] == batch["target"].size(0) * s * (s - 1)
+    assert ("sle_greedy_reward_sum" in got[2]) == (baseline == "greedy")
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+def test_mle_weight_one_is_cross_entropy(toy_data, arch):
+    _, task, model, stock = _build(toy_data, "--criterion", "label_smoothed_cross_entropy",
+                                   "--label-smoothing", "0", arch=arch)
+    _, _, _, crit = _build(toy_data, "--sle-samples", "3", "--sle-mle-weight", "1", arch=arch)
+    batch = first_batch(task)
+    _assert_same(_loss_and_grads(model, crit, batch), _loss_and_grads(model, stock, batch))
+
+
+@pytest.mark.parametrize("sentence_avg", [False, True])
+def test_mle_weight_mixes_linearly(toy_data, sentence_avg):
+    """(1 − w)·eq. 16 + w·cross-entropy, loss and gradients, on the same fixed samples."""
+    w, extra = 0.3, ["--sentence-avg"] if sentence_avg else []
+    _, task, model, stock = _build(toy_data, "--criterion", "label_smoothed_cross_entropy",
+                                   "--label-smoothing", "0", *extra)
+    crits = {v: _build(toy_data, "--sle-samples", "3", "--sle-entropy-weight", "0.02", "--sle-mle-weight", str(v),
+                       *extra)[3] for v in (0.0, w)}
+    batch = first_batch(task)
+    fixed = _fixed_outputs(batch, task.target_dictionary, 3)
+    for crit in crits.values():
+        crit.draw = lambda model, sample: fixed
+    mixed, pure, ce = (_loss_and_grads(model, c, batch) for c in (crits[w], crits[0.0], stock))
+    assert mixed[1] == ce[1]
+    torch.testing.assert_close(mixed[0], (1 - w) * pure[0] + w * ce[0], rtol=1e-5, atol=1e-5)
+    for name in ce[3]:
+        torch.testing.assert_close(mixed[3][name], (1 - w) * pure[3][name] + w * ce[3][name],
+                                   rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_leave_one_out_advantages_sum_to_zero():
+    """The mean baseline: every source's advantages sum to 0 whatever the greedy
+    output scores; equal rewards give no gradient at all."""
+    rewards = torch.tensor([[0.1, 0.4, 0.4, 0.9], [0.3, 0.3, 0.3, 0.3]])
+    adv = exploration_advantages(rewards, leave_one_out_baseline(rewards), torch.zeros(2, 4, 4), alpha=1.0)
+    torch.testing.assert_close(adv[0], (rewards[0] - (rewards[0].sum() - rewards[0]) / 3))
+    torch.testing.assert_close(adv.sum(dim=1), torch.zeros(2))
+    assert adv[1].eq(0).all()
 
 
 def test_diversity_gradient_raises_the_farthest_sample(toy_data):
@@ -145,8 +189,22 @@ def test_sampled_outputs_train(toy_data):
     assert log["sle_nsamples"] == 3 * log["nsentences"] and log["sle_ntokens"] > 0
 
 
+def test_mean_baseline_draws_samples_only(toy_data):
+    _, task, model, crit = _build(toy_data, "--sle-samples", "3", "--sle-alpha", "1", "--sle-baseline", "mean",
+                                  "--sle-mle-weight", "0.3")
+    batch = first_batch(task)
+    samples, greedy = crit.draw(model, batch)
+    assert greedy is None and samples.size(0) == 3 * batch["target"].size(0)
+    loss, _, log, grads = _loss_and_grads(model, crit, batch)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+    assert "sle_greedy_reward_sum" not in log and log["sle_nsamples"] == 3 * log["nsentences"]
+
+
 @pytest.mark.parametrize("args,flag", [(["--sle-samples", "1"], "--sle-alpha"), (["--sle-alpha", "2"], "--sle-alpha"),
-                                       (["--sle-entropy-weight", "-1"], "--sle-entropy-weight")])
+                                       (["--sle-entropy-weight", "-1"], "--sle-entropy-weight"),
+                                       (["--sle-samples", "1", "--sle-alpha", "1", "--sle-baseline", "mean"],
+                                        "--sle-baseline"),
+                                       (["--sle-mle-weight", "1.5"], "--sle-mle-weight")])
 def test_bad_flags(toy_data, args, flag):
     with pytest.raises(ConfigError, match=flag):
         _build(toy_data, *args)

@@ -15,6 +15,13 @@ edit distance), b_d = (1/s²) Σ_j Σ_k d(ỹ_j, ỹ_k) (§4.3).  α = 1 is SCST
 (the paper's SLL); ``--sle-entropy-weight β`` subtracts β × the summed
 per-token entropy of the model along the samples (SLL-ME).
 
+Off by default, not in chen2019: ``--sle-baseline mean`` replaces b by the
+mean reward of the other s − 1 samples of the source (Kool et al. 2019; Luo
+2020's "new self-critical"), so the advantages of a source sum to zero even
+where the greedy output beats nearly every sample; ``--sle-mle-weight w``
+trains (1 − w)·L + w·NLL(y*) (the mixed objective of Wu et al. 2016, as
+``--risk-mle-weight``).
+
 Normalization as ``risk``: each source's loss is weighted by its reference
 length, so fairseq's division by the batch's target tokens gives a
 length-weighted mean (per sentence with ``--sentence-avg``).  The reference
@@ -47,6 +54,11 @@ class SeqExplorationConfig(FairseqDataclass):
                                     "edit = normalized edit distance"})
     sle_entropy_weight: float = field(
         default=0.0, metadata={"help": "β: minus β x per-token entropy along the samples (SLL-ME)"})
+    sle_baseline: ChoiceEnum(["greedy", "mean"]) = field(
+        default="greedy", metadata={"help": "b: reward of the greedy output (chen2019, SCST) or mean reward "
+                                    "of the source's other samples (needs --sle-samples >= 2)"})
+    sle_mle_weight: float = field(
+        default=0.0, metadata={"help": "w: train (1 - w) x the eq. 16 loss + w x NLL of the reference"})
     sle_reward: Optional[str] = field(
         default=None, metadata={"help": "Δ: default the task's --reward (bleu in a stock task)"})
     sle_max_len_a: float = field(default=1.2, metadata={"help": "samples: at most a·|x| + b tokens"})
@@ -61,6 +73,11 @@ def check_sle_config(cfg):
           f"--sle-alpha < 1 needs --sle-samples >= 2 (distances between samples), got {cfg.sle_samples}")
     check(str(cfg.sle_distance) in PAIRWISE_DISTANCES,
           f"--sle-distance must be one of {', '.join(PAIRWISE_DISTANCES)}, got {cfg.sle_distance}")
+    check(str(cfg.sle_baseline) in ("greedy", "mean"),
+          f"--sle-baseline must be greedy or mean, got {cfg.sle_baseline}")
+    check(str(cfg.sle_baseline) == "greedy" or cfg.sle_samples >= 2,
+          f"--sle-baseline mean needs --sle-samples >= 2, got {cfg.sle_samples}")
+    check(0.0 <= cfg.sle_mle_weight <= 1.0, f"--sle-mle-weight must be in [0, 1], got {cfg.sle_mle_weight}")
     check(cfg.sle_entropy_weight >= 0, f"--sle-entropy-weight must be >= 0, got {cfg.sle_entropy_weight}")
     check(cfg.sle_max_len_a >= 0 and cfg.sle_max_len_b >= 1,
           f"--sle-max-len-a must be >= 0 and --sle-max-len-b >= 1, got {cfg.sle_max_len_a}, {cfg.sle_max_len_b}")
@@ -74,11 +91,18 @@ def nll_and_entropy(lprobs, target, pad):
     return torch.stack([nll, entropy], dim=-1), nll
 
 
+def leave_one_out_baseline(rewards):
+    """Per sample [B, s]: the mean reward of the source's other s − 1 samples."""
+    s = rewards.size(1)
+    return (rewards.sum(dim=1, keepdim=True) - rewards) / (s - 1)
+
+
 def exploration_advantages(rewards, baseline, distances, alpha):
     """Multiplier of −log p(ỹ_j|x) in eq. 16, per sample [B, s]:
-    α·(Δ_j − b) + (1−α)·(2/s)·Σ_k (d_jk − b_d), b_d the mean of all s² distances."""
+    α·(Δ_j − b) + (1−α)·(2/s)·Σ_k (d_jk − b_d), b_d the mean of all s² distances;
+    ``baseline`` [B] (one per source) or [B, s] (one per sample)."""
     s = rewards.size(1)
-    advantage = alpha * (rewards - baseline.unsqueeze(1))
+    advantage = alpha * (rewards - (baseline.unsqueeze(1) if baseline.dim() == 1 else baseline))
     if alpha < 1.0:
         mean_distance = distances.mean(dim=(1, 2), keepdim=True)
         advantage = advantage + (1.0 - alpha) * (2.0 / s) * (distances - mean_distance).sum(dim=2)
@@ -95,15 +119,21 @@ class SeqExplorationCriterion(SeqlevelCriterion):
 
     def draw(self, model, sample):
         """(samples [B·s, T], greedy [B, T]) in one decoding loop: row 0 of each
-        source's s + 1 rows is greedy, the others multinomial (no grad)."""
-        per_source = self.cfg.sle_samples + 1
+        source's s + 1 rows is greedy, the others multinomial (no grad);
+        greedy is None with ``--sle-baseline mean`` (s rows per source)."""
+        cfg = self.cfg
+        if cfg.sle_baseline == "mean":
+            out = sample_outputs(model, sample["net_input"], n=cfg.sle_samples, strategy="multinomial",
+                                 max_len_a=cfg.sle_max_len_a, max_len_b=cfg.sle_max_len_b)
+            return out.tokens, None
+        per_source = cfg.sle_samples + 1
 
         def greedy_first(step, lprobs, prefix, rows):
             drawn = draw(lprobs.softmax(dim=-1))
             return torch.where(rows % per_source == 0, lprobs.argmax(dim=-1), drawn)
 
         out = sample_outputs(model, sample["net_input"], n=per_source, choose=greedy_first,
-                             max_len_a=self.cfg.sle_max_len_a, max_len_b=self.cfg.sle_max_len_b)
+                             max_len_a=cfg.sle_max_len_a, max_len_b=cfg.sle_max_len_b)
         grouped = out.tokens.view(-1, per_source, out.tokens.size(1))
         return grouped[:, 1:].reshape(-1, grouped.size(2)), grouped[:, 0]
 
@@ -116,7 +146,8 @@ class SeqExplorationCriterion(SeqlevelCriterion):
         width = samples.size(1)
         with torch.no_grad():
             rewards = self.reward(samples, refs.repeat_interleave(s, dim=0)).float().view(batch_size, s)
-            baseline = self.reward(greedy, refs).float()
+            baseline = (self.reward(greedy, refs).float() if greedy is not None
+                        else leave_one_out_baseline(rewards))
             distances = (pairwise_distances(samples.view(batch_size, s, width), pad, self.eos, cfg.sle_distance)
                          if cfg.sle_alpha < 1.0 else rewards.new_zeros(batch_size, s, s))
             advantage = exploration_advantages(rewards, baseline, distances, cfg.sle_alpha)
@@ -126,15 +157,16 @@ class SeqExplorationCriterion(SeqlevelCriterion):
                           pad_right(samples, width, pad).view(batch_size, s, width)], dim=1).view(-1, width)
         ref_len = target.ne(pad).sum(dim=1)
         weight = torch.ones(batch_size, device=target.device) if self.sentence_avg else ref_len.float()
-        beta = cfg.sle_entropy_weight
+        beta, w = cfg.sle_entropy_weight, cfg.sle_mle_weight
         loss_fn = partial(nll_and_entropy, pad=pad) if beta > 0 else partial(sequence_nll, pad=pad)
 
         def surrogate(row_loss):  # eq. 15-16, minus β·entropy; row_loss [B·(s+1)] or [B·(s+1), 2]
-            per_row = row_loss.view(batch_size, s + 1, -1)[:, 1:]
-            per_source = (advantage * per_row[..., 0]).mean(dim=1)
+            per_row = row_loss.view(batch_size, s + 1, -1)
+            per_source = (advantage * per_row[:, 1:, 0]).mean(dim=1)
             if beta > 0:
-                per_source = per_source - beta * per_row[..., 1].mean(dim=1)
-            return (weight * per_source).sum()
+                per_source = per_source - beta * per_row[:, 1:, 1].mean(dim=1)
+            # the reference's summed token NLL: / sample_size it is fairseq's cross-entropy
+            return (1.0 - w) * (weight * per_source).sum() + w * per_row[:, 0, 0].sum()
 
         loss, row_loss, row_nll, _ = forward_through(model, rows_objective, sample["net_input"], rows, s + 1, pad,
                                                      self.eos, loss_fn, surrogate, fused=self.fused)
@@ -142,9 +174,10 @@ class SeqExplorationCriterion(SeqlevelCriterion):
         sample_size = self.sample_size_of(sample)
         extra = {
             "sle_reward_sum": rewards.sum(), "sle_nsamples": rewards.numel(),
-            "sle_greedy_reward_sum": baseline.sum(),
             "sle_distance_sum": distances.sum(), "sle_npairs": batch_size * s * (s - 1),
         }
+        if greedy is not None:
+            extra["sle_greedy_reward_sum"] = baseline.sum()
         if beta > 0:
             extra["sle_entropy_sum"] = row_loss.view(batch_size, s + 1, 2)[:, 1:, 1].sum()
             extra["sle_ntokens"] = int(samples.ne(pad).sum())
