@@ -367,6 +367,8 @@ def token_embeddings_path(cfg, task_name, workdir):
 
 def ensure_data(cfg, task_name, logdir):
     """The task's data directory, prepared with its ``prepare`` command if ``check_file`` is missing."""
+    import fcntl
+
     task = cfg["tasks"][task_name]
     data = resolve_path(task["data"])
     check = data / task.get("check_file", "")
@@ -374,9 +376,16 @@ def ensure_data(cfg, task_name, logdir):
         return data
     if not task.get("prepare"):
         raise RuntimeError(f"{task_name}: data {data} missing and no 'prepare' command in the config")
-    cmd = expand(task["prepare"], task_mapping(cfg, task_name, logdir))
-    print(f"[{task_name}] preparing data: {command_text(cmd)}", flush=True)
-    code, _ = run_logged(cmd, Path(logdir) / task_name / "prepare.log")
+    # two lanes started together on a task whose data is missing: the second waits for the first's
+    # preparation instead of failing on its half-built directory
+    data.parent.mkdir(parents=True, exist_ok=True)
+    with open(data.parent / f".{data.name}.prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if data.is_dir() and check.exists():
+            return data
+        cmd = expand(task["prepare"], task_mapping(cfg, task_name, logdir))
+        print(f"[{task_name}] preparing data: {command_text(cmd)}", flush=True)
+        code, _ = run_logged(cmd, Path(logdir) / task_name / "prepare.log")
     if code != 0 or not check.exists():
         raise RuntimeError(f"{task_name}: data preparation failed:\n"
                            + log_tail(Path(logdir) / task_name / "prepare.log"))

@@ -644,3 +644,21 @@ def test_quality_piece_under_another_id_then_merged(toy_run, toy_bench, tmp_path
     assert (main / "quality.json").read_text() == snapshot
     assert quality.main(merge[:-1] + [str(tmp_path / "nowhere")]) == 2
     assert "nowhere/quality.json is missing" in capsys.readouterr().err
+
+
+def test_two_lanes_on_missing_data_prepare_it_once(tmp_path):
+    """Two quality.py processes started together on a task whose data is missing:
+    the second waits for the first's preparation (a prepare command that fails when
+    its destination exists, as examples/prepare_text.py does) and both get the data."""
+    import concurrent.futures
+    import multiprocessing
+
+    data, count = tmp_path / "data", tmp_path / "runs.txt"
+    script = ("import os, sys, time; d = sys.argv[1]; os.mkdir(d); time.sleep(1.0); "
+              "open(os.path.join(d, 'dict.txt'), 'w').close(); open(sys.argv[2], 'a').write('x')")
+    cfg = {"tasks": {"t": {"data": str(data), "check_file": "dict.txt",
+                           "prepare": ["{python}", "-c", script, "{data}", str(count)]}}}
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        got = list(pool.map(H.ensure_data, [cfg, cfg], ["t", "t"], [str(tmp_path / "a"), str(tmp_path / "b")]))
+    assert got == [data, data] and count.read_text() == "x"
