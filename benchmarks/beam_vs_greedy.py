@@ -1,0 +1,49 @@
+"""Test BLEU of checkpoints at beam 1 and beam 5, with sacrebleu's brevity ratio and
+n-gram precisions: does a criterion's change show in the greedy decode (what the
+sequence-level criterions sample and score) and survive the beam?
+
+    python benchmarks/beam_vs_greedy.py mle=work/x/checkpoint_last.pt scst=... [--out F.json]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))
+
+from evaluate import generate, read_refs  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="NAME=CHECKPOINT")
+    parser.add_argument("--data", default=str(REPO / "data-bin/bible_es_en"))
+    parser.add_argument("--refs", default="en,kjv")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--beams", default="1,5")
+    parser.add_argument("--out", help="write the scores as JSON")
+    args = parser.parse_args(argv)
+    import sacrebleu
+
+    refs = list(read_refs(Path(args.data), args.split, tuple(args.refs.split(","))).values())
+    out = {}
+    for run in args.runs:
+        name, _, checkpoint = run.partition("=")
+        if not checkpoint or not Path(checkpoint).exists():
+            sys.exit(f"error: {run}: expected NAME=CHECKPOINT of an existing file")
+        for beam in map(int, args.beams.split(",")):
+            score = sacrebleu.corpus_bleu(generate(Path(args.data), checkpoint, args.split, beam), refs)
+            out[f"{name} beam{beam}"] = {"bleu": score.score, "len_ratio": score.sys_len / score.ref_len,
+                                         "precisions": score.precisions}
+            print(f"{name:30s} beam {beam}: BLEU {score.score:6.2f}  len ratio {score.sys_len / score.ref_len:.3f}  "
+                  f"precisions {' / '.join(f'{p:.1f}' for p in score.precisions)}", flush=True)
+    if args.out:
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()
