@@ -6,13 +6,13 @@ sequence-level criterions sample and score) and survive the beam?
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples"))
+sys.path[:0] = [str(REPO / "examples"), str(REPO)]
 
+from benchmarks.harness import write_json  # noqa: E402
 from evaluate import generate, read_refs  # noqa: E402
 
 
@@ -40,9 +40,7 @@ def main(argv=None):
             print(f"{name:30s} beam {beam}: BLEU {score.score:6.2f}  len ratio {score.sys_len / score.ref_len:.3f}  "
                   f"precisions {' / '.join(f'{p:.1f}' for p in score.precisions)}", flush=True)
     if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        tmp.replace(args.out)
+        write_json(args.out, out)
 
 
 if __name__ == "__main__":

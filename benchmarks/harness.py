@@ -19,6 +19,7 @@ Nothing here starts a training run; ``quality.py`` and ``speed.py`` do.
 import contextlib
 import copy
 import difflib
+import fcntl
 import io
 import json
 import math
@@ -367,8 +368,6 @@ def token_embeddings_path(cfg, task_name, workdir):
 
 def ensure_data(cfg, task_name, logdir):
     """The task's data directory, prepared with its ``prepare`` command if ``check_file`` is missing."""
-    import fcntl
-
     task = cfg["tasks"][task_name]
     data = resolve_path(task["data"])
     check = data / task.get("check_file", "")

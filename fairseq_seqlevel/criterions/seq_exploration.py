@@ -100,9 +100,9 @@ def leave_one_out_baseline(rewards):
 def exploration_advantages(rewards, baseline, distances, alpha):
     """Multiplier of −log p(ỹ_j|x) in eq. 16, per sample [B, s]:
     α·(Δ_j − b) + (1−α)·(2/s)·Σ_k (d_jk − b_d), b_d the mean of all s² distances;
-    ``baseline`` [B] (one per source) or [B, s] (one per sample)."""
+    ``baseline`` broadcasts to [B, s] (greedy: [B, 1]; leave-one-out: [B, s])."""
     s = rewards.size(1)
-    advantage = alpha * (rewards - (baseline.unsqueeze(1) if baseline.dim() == 1 else baseline))
+    advantage = alpha * (rewards - baseline)
     if alpha < 1.0:
         mean_distance = distances.mean(dim=(1, 2), keepdim=True)
         advantage = advantage + (1.0 - alpha) * (2.0 / s) * (distances - mean_distance).sum(dim=2)
@@ -146,7 +146,7 @@ class SeqExplorationCriterion(SeqlevelCriterion):
         width = samples.size(1)
         with torch.no_grad():
             rewards = self.reward(samples, refs.repeat_interleave(s, dim=0)).float().view(batch_size, s)
-            baseline = (self.reward(greedy, refs).float() if greedy is not None
+            baseline = (self.reward(greedy, refs).float().unsqueeze(1) if greedy is not None
                         else leave_one_out_baseline(rewards))
             distances = (pairwise_distances(samples.view(batch_size, s, width), pad, self.eos, cfg.sle_distance)
                          if cfg.sle_alpha < 1.0 else rewards.new_zeros(batch_size, s, s))
