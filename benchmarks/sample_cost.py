@@ -21,7 +21,8 @@ if str(REPO) not in sys.path:
 from benchmarks import harness as H  # noqa: E402
 from benchmarks import speed as S  # noqa: E402
 
-DRAWS = {"risk": lambda c: c.candidates, "seq_exploration": lambda c: (lambda m, b: c.draw(m, b)[0]),
+DRAWS = {"risk": lambda c: c.candidates, "risk_beam": lambda c: c.candidates,
+         "seq_exploration": lambda c: (lambda m, b: c.draw(m, b)[0]),
          "scst": lambda c: (lambda m, b: c.draw(m, b)[0])}
 
 
