@@ -21,9 +21,18 @@ if str(REPO) not in sys.path:
 from benchmarks import harness as H  # noqa: E402
 from benchmarks import speed as S  # noqa: E402
 
-DRAWS = {"risk": lambda c: c.candidates, "risk_beam": lambda c: c.candidates,
-         "seq_exploration": lambda c: (lambda m, b: c.draw(m, b)[0]),
-         "scst": lambda c: (lambda m, b: c.draw(m, b)[0])}
+
+def draw_of(name, criterion):
+    """The no-grad drawing part of a criterion's step, by its class (so every config row of
+    risk or seq_exploration works, whatever its name)."""
+    from fairseq_seqlevel.criterions.risk import RiskCriterion
+    from fairseq_seqlevel.criterions.seq_exploration import SeqExplorationCriterion
+
+    if isinstance(criterion, RiskCriterion):
+        return criterion.candidates
+    if isinstance(criterion, SeqExplorationCriterion):
+        return lambda model, batch: criterion.draw(model, batch)[0]
+    sys.exit(f"error: --criterions: {name} is neither a risk nor a seq_exploration row")
 
 
 def main(argv=None):
@@ -59,7 +68,8 @@ def main(argv=None):
           f"MLE step {mle_s:.3f} s")
     for name in args.criterions.split(","):
         criterion = setting.build_criterion(name)
-        draw_s, tokens = timed(lambda: DRAWS[name](criterion)(model, batch))
+        draw = draw_of(name, criterion)
+        draw_s, tokens = timed(lambda: draw(model, batch))
         step_s, _ = timed(lambda: step(criterion))
         out_len = float(tokens.ne(pad).sum(dim=1).float().mean())
         print(f"  {name:<16} draw {draw_s:.3f} s ({draw_s / mle_s:.1f}x MLE), whole step {step_s:.3f} s "
