@@ -189,7 +189,7 @@ def fixed_sle_outputs(criterion):
 CASES = [
     "mle", "mle_transformer", "raml", "raml_sampled", "raml_lazy", "raml_transformer", "token_smooth",
     "searnn", "searnn_reference", "searnn_learned", "searnn_mle", "critic",
-    "risk", "risk_sampled", "risk_transformer", "seq_exploration", "seq_exploration_sampled", "scst",
+    "risk", "risk_sampled", "risk_beam", "risk_transformer", "seq_exploration", "seq_exploration_sampled", "scst",
     "scst_mean_mle_sampled",
     "interpolation", "interpolation_sampled", "interpolation_transformer",
     "erac_critic", "erac_joint", "erac_joint_sampled", "erac_joint_transformer", "vaml_q", "vaml_actor",
@@ -240,6 +240,8 @@ def make_cases(toy_data, embeddings):
         Case("risk", base(*risk, "--risk-include-reference"), deterministic_check=True,
              patch=fixed_risk_candidates),
         Case("risk_sampled", base(*risk)),
+        # candidates from fairseq's SequenceGenerator on the unwrapped model (beam search is deterministic)
+        Case("risk_beam", base(*risk, "--risk-search", "beam"), **det),
         Case("risk_transformer", base(*risk, arch=TINY_TRANSFORMER), deterministic_check=True,
              patch=fixed_risk_candidates),
         Case("seq_exploration", base(*sle, "--sle-entropy-weight", "0.01"), deterministic_check=True,

@@ -159,3 +159,6 @@ def test_beam_candidates_are_the_generator_nbest(toy_data):
     assert got.size(0) == len(expected)
     for row, tokens in zip(got, expected):
         assert torch.equal(row[row.ne(pad)], tokens)
+    # the generator holds the model: kept on the criterion, it would make the model's weights
+    # parameters (and checkpoint state) of the criterion
+    assert not list(risk.parameters()) and not risk.state_dict()

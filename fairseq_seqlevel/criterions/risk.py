@@ -110,7 +110,6 @@ class RiskCriterion(SeqlevelCriterion):
         check_risk_config(cfg)
         super().__init__(task, cfg)
         self.reward = self.resolve_reward(cfg.risk_reward, "--risk-reward", default="bleu")
-        self._beam_search = None
         self.fused = None  # rows_objective: chunked output layer when the model allows it
 
     def candidates(self, model, sample):
@@ -122,13 +121,13 @@ class RiskCriterion(SeqlevelCriterion):
         from fairseq.sequence_generator import SequenceGenerator
 
         inner = unwrap(model)
-        # inside eval_mode: SequenceGenerator's constructor puts the model in eval mode
+        # built per call, not kept: a SequenceGenerator is a module holding the model, and as an
+        # attribute of the criterion it would add the model's weights to the criterion's parameters
+        # (and checkpoints). Inside eval_mode: its constructor puts the model in eval mode.
         with eval_mode(inner):
-            if self._beam_search is None or self._beam_search.model.single_model is not inner:
-                self._beam_search = SequenceGenerator(
-                    [inner], self.task.target_dictionary, beam_size=cfg.risk_candidates,
-                    max_len_a=cfg.risk_max_len_a, max_len_b=cfg.risk_max_len_b)
-            hypos = self._beam_search.generate([inner], {"net_input": net_input})
+            beam_search = SequenceGenerator([inner], self.task.target_dictionary, beam_size=cfg.risk_candidates,
+                                            max_len_a=cfg.risk_max_len_a, max_len_b=cfg.risk_max_len_b)
+            hypos = beam_search.generate([inner], {"net_input": net_input})
         n = cfg.risk_candidates
         # beam search may return fewer than n hypotheses; repeat the last (deduplicated later)
         rows = [h[min(k, len(h) - 1)]["tokens"] for h in hypos for k in range(n)]
