@@ -58,6 +58,21 @@ and ``Trainer.load_checkpoint`` never restores ``task_state`` (only
 the former in the checkpoint's ``extra_state`` (broadcast to every rank on
 load) and gives it back on resume, unless meters are reset
 (``--reset-meters``, ``--finetune-from-model``: a fresh start).
+
+mBART fine-tuning (``translation_from_pretrained_bart``)
+--------------------------------------------------------
+fairseq's ``TranslationFromPretrainedBARTTask`` is still written for the
+pre-dataclass task API: ``load_dataset``, ``build_generator`` and
+``build_dataset_for_inference`` read ``self.args``, but its base class
+``TranslationTask`` now only stores ``self.cfg``, so the README's mBART
+fine-tuning recipe dies at the first ``load_dataset`` with ``AttributeError:
+'TranslationFromPretrainedBARTTask' object has no attribute 'args'``.  The
+task registers argparse arguments only (no dataclass), so its ``cfg`` *is* the
+full argparse ``Namespace`` (``--langs``, ``--prepend-bos``, the translation
+and dataset options all on it, also in a checkpoint's ``cfg.task``).
+:func:`fix_translation_from_pretrained_bart` gives the class a read-only
+``args`` property returning ``self.cfg`` -- nothing else changes, and a fairseq
+whose task already has ``args`` is left alone.
 """
 
 import argparse
@@ -240,7 +255,22 @@ def data_parallel_rank_and_size():
     return distributed_utils.get_data_parallel_rank(), distributed_utils.get_data_parallel_world_size()
 
 
+def fix_translation_from_pretrained_bart():
+    """Give ``TranslationFromPretrainedBARTTask`` the ``self.args`` it reads
+    (``= self.cfg``, the argparse namespace; module docstring).  Idempotent;
+    returns True if the installed fairseq needed it."""
+    try:
+        from fairseq.tasks.translation_from_pretrained_bart import TranslationFromPretrainedBARTTask as task_cls
+    except ImportError:  # pragma: no cover - fairseq without the task
+        return False
+    if hasattr(task_cls, "args"):  # already patched, or a fairseq that defines it
+        return False
+    task_cls.args = property(lambda self: self.cfg, doc="the task's cfg (fairseq_seqlevel compat shim)")
+    return True
+
+
 allow_fairseq_checkpoints()
 keep_last_batch()
 allow_cpu_pytorch_ddp()
 keep_criterion_training_state()
+fix_translation_from_pretrained_bart()

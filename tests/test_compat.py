@@ -68,3 +68,51 @@ def test_last_batch_is_kept():
                                            required_batch_size_multiple=8)
         assert sorted(np.concatenate(batches).tolist()) == idx.tolist()
         assert [len(b) for b in batches] == [8, 4]
+
+
+def _mbart_task(data):
+    """fairseq-train's task for the mBART README fine-tuning recipe on the toy data."""
+    from conftest import USER_DIR, build_training
+
+    return build_training([
+        data, "--user-dir", USER_DIR, "--task", "translation_from_pretrained_bart", "--arch", "mbart_base",
+        "--langs", "src,tgt", "--source-lang", "src", "--target-lang", "tgt",
+        "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "16",
+        "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "16", "--decoder-ffn-embed-dim", "16",
+        "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--dropout", "0",
+        "--criterion", "label_smoothed_cross_entropy",
+    ])[1:3]
+
+
+def test_translation_from_pretrained_bart_loads_and_decodes(toy_data):
+    """fairseq-fixed's mBART task reads self.args, which dataclass-era tasks no
+    longer have: without compat.fix_translation_from_pretrained_bart its
+    load_dataset raises AttributeError."""
+    task, model = _mbart_task(toy_data)
+    d = task.target_dictionary
+    task.load_dataset("train")
+    ds = task.dataset("train")
+    batch = ds.collater([ds[i] for i in range(8)])
+    for row in range(8):  # target: words </s> [tgt]; prev_output_tokens starts with [tgt]; source ends </s> [src]
+        tgt = batch["target"][row][batch["target"][row].ne(d.pad())]
+        assert [d[t] for t in tgt[-2:]] == ["</s>", "[tgt]"]
+        assert d[batch["net_input"]["prev_output_tokens"][row, 0]] == "[tgt]"
+        assert [d[t] for t in batch["net_input"]["src_tokens"][row][-2:]] == ["</s>", "[src]"]
+    generator = task.build_generator([model], argparse.Namespace(beam=1, max_len_b=3))
+    assert generator.eos == d.index("[tgt]")
+    hyps = task.inference_step(generator, [model], batch)
+    assert len(hyps) == 8 and all(h[0]["tokens"][-1] == generator.eos for h in hyps)
+    inference = task.build_dataset_for_inference([torch.tensor([d.index("w1"), d.eos()])], [2])
+    assert [d[t] for t in inference[0]["source"]] == ["w1", "</s>", "[src]"]
+    assert not compat.fix_translation_from_pretrained_bart()  # idempotent: already applied at import
+
+
+def test_translation_from_pretrained_bart_fails_without_the_shim(toy_data, monkeypatch):
+    from fairseq.tasks.translation_from_pretrained_bart import TranslationFromPretrainedBARTTask
+
+    task, _ = _mbart_task(toy_data)
+    monkeypatch.delattr(TranslationFromPretrainedBARTTask, "args")
+    with pytest.raises(AttributeError, match="'args'"):
+        task.load_dataset("valid")
+    assert compat.fix_translation_from_pretrained_bart()  # re-applied (monkeypatch then restores its own)
+    task.load_dataset("valid")
