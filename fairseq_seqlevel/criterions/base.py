@@ -10,8 +10,11 @@ from fairseq.criterions import FairseqCriterion
 from fairseq.logging import metrics
 
 from fairseq_seqlevel.compat import data_parallel_rank_and_size
+from fairseq_seqlevel.decoding.layout import batch_layout, task_output
+from fairseq_seqlevel.decoding.model import check_autoregressive
 from fairseq_seqlevel.decoding.teacher_forcing import token_nll
 from fairseq_seqlevel.rewards.binding import bind_reward
+from fairseq_seqlevel.rewards.output_view import ViewedReward
 from fairseq_seqlevel.sampling.vocab import never_sampled_ids
 
 
@@ -26,6 +29,16 @@ def pad_right(tokens, width, pad):
     if tokens.size(1) >= width:
         return tokens
     return torch.cat([tokens, tokens.new_full((tokens.size(0), width - tokens.size(1)), pad)], dim=1)
+
+
+def unforced(rows, prefix_len, pad):
+    """``rows`` with their first ``prefix_len`` tokens (the task's forced prefix) as pad:
+    what a sequence-level term scores of a sample (the model did not choose those)."""
+    if prefix_len == 0:
+        return rows
+    rows = rows.clone()
+    rows[..., :prefix_len] = pad
+    return rows
 
 
 #: rank stride of the per-worker sampling seed (a prime: seeds of ranks never coincide)
@@ -96,6 +109,22 @@ class SeqlevelCriterion(FairseqCriterion):
         self.num_tokens = len(dictionary)
         self.register_buffer("special_ids", torch.tensor(never_sampled_ids(dictionary), dtype=torch.long),
                              persistent=False)
+        self._task_output = None  # decoding.layout.TaskOutput, probed on the first batch
+
+    def output_layout(self, model, sample):
+        """The task's layout of this batch's output rows (start symbol, forced
+        prefix, end symbol: :mod:`fairseq_seqlevel.decoding.layout`).  The first
+        call probes the task and makes ``self.reward`` score what the task
+        outputs (:class:`~fairseq_seqlevel.rewards.output_view.ViewedReward`)."""
+        if self._task_output is None:
+            check_autoregressive(model)
+            self._task_output = task_output(self.task, model, sample)
+            layout = batch_layout(self._task_output, sample, self.task.target_dictionary)
+            reward = getattr(self, "reward", None)
+            if reward is not None and not layout.view.identity and not isinstance(reward, ViewedReward):
+                self.reward = ViewedReward(reward, layout.view)
+            return layout
+        return batch_layout(self._task_output, sample, self.task.target_dictionary)
 
     def _apply(self, fn, *args, **kwargs):
         # buffers named in ``fp32_buffers`` (a critic's shadow copies, see

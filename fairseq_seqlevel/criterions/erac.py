@@ -20,6 +20,15 @@ the criterion, saved in the checkpoint's ``criterion`` state.  The target
 network moves (φ̄ ← β·φ + (1−β)·φ̄) once per optimizer update, at the first
 forward after it (the criterion is not told of updates; it reads the
 trainer's count, ``compat.trainer_num_updates``).
+
+Trajectories follow the task's layout (``SeqlevelCriterion.output_layout``):
+its start symbol, its forced prefix (a multilingual task's language token)
+and its end symbol (mBART's ``[lang]``) as its ``inference_step`` decodes;
+rewards score what the task shows of them.  The forced positions are not the
+actor's choices: no critic, actor or entropy term there, not counted in
+``erac_ntokens``; their reward is credited to the first chosen step.  The
+reference NLL (``--erac-mle-weight``, the logged ``nll_loss``) is fairseq's
+cross-entropy of the whole target, as MLE trains it.
 """
 
 from dataclasses import dataclass, field
@@ -32,7 +41,8 @@ from omegaconf import II
 from torch.func import functional_call
 
 from fairseq_seqlevel.compat import trainer_num_updates
-from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of, worker_rng
+from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, pad_right, references_of, unforced,
+                                              worker_rng)
 from fairseq_seqlevel.critics import (actor_objective, blend_shadow, continuation_returns, continuation_rows,
                                       critic_loss, erac_td_targets, length_scaled_rewards, policy_stats,
                                       register_shadow, shadow, taken)
@@ -137,34 +147,40 @@ class EracCriterion(SeqlevelCriterion):
         self.last_update.fill_(num_updates)
 
     # ---- the step ----------------------------------------------------------
-    def trajectories(self, model, sample):
+    def trajectories(self, model, sample, layout=None):
+        """[B·s, T] multinomial trajectories in the task's layout (start symbol,
+        forced prefix, end symbol: ``layout``, default the batch's), right-padded
+        (no grad); at most a·|y*| + b positions, the forced prefix included."""
+        layout = layout if layout is not None else self.output_layout(model, sample)
         target = sample["target"]
         ref_len = target.ne(self.padding_idx).sum(dim=1)
         last = torch.maximum((ref_len.double() * self.cfg.erac_max_len_a + self.cfg.erac_max_len_b).long(),
                              ref_len - 1)
         return sample_outputs(model, sample["net_input"], n=self.cfg.erac_samples, strategy="multinomial",
-                              last_step=last).tokens
+                              last_step=last, layout=layout).tokens
 
-    def continuations(self, end_lprobs, tokens, ends, sample, critic_ref):
+    def continuations(self, end_lprobs, tokens, ends, sample, critic_ref, layout=None):
         """``critic_loss``'s ``extra`` for ``--erac-continuations`` k (None when 0): at
         each trajectory's last step ``ends``, the actor's k likeliest tokens other
         than eos and pad (``end_lprobs [N, V]``, π there), each with the exact return
         of taking it and then eos.  The one-epoch Bible critic rated continuing above
         stopping at 99 % of the actor's stops, with no trajectory ever going on past
         its end: eq. 20 then teaches the actor not to stop (README); these are the
-        values it lacked.  Trajectories are the sampler's eos-terminated rows."""
+        values it lacked.  Trajectories are the sampler's rows, ended by the
+        task's end symbol (``layout.eos``; default the dictionary's eos)."""
         k = self.cfg.erac_continuations
         if not k:
             return None
+        end, view = (self.eos, None) if layout is None else (layout.eos, layout.view)
         with torch.no_grad():
-            banned = torch.tensor([self.eos, self.padding_idx], device=end_lprobs.device)
+            banned = torch.tensor([end, self.padding_idx], device=end_lprobs.device)
             scores = end_lprobs.float().index_fill(1, banned, float("-inf"))
             candidates = scores.topk(min(k, scores.size(1) - 2), dim=-1).indices  # [N, k]
             k = candidates.size(1)
-            rows = continuation_rows(tokens, ends, candidates, self.padding_idx, self.eos)
+            rows = continuation_rows(tokens, ends, candidates, self.padding_idx, end)
             refs = references_of(sample).repeat_interleave(self.cfg.erac_samples * k, dim=0)
             rewards, _ = length_scaled_rewards(self.reward.prefix, rows, refs, critic_ref.repeat_interleave(k, dim=0),
-                                               self.padding_idx)
+                                               self.padding_idx, view=view)
             index = (torch.arange(tokens.size(0), device=tokens.device).repeat_interleave(k),
                      ends.repeat_interleave(k), candidates.reshape(-1))
             return index, continuation_returns(rewards, ends, k).reshape(-1)
@@ -179,17 +195,22 @@ class EracCriterion(SeqlevelCriterion):
         self._track_updates()
         joint = self.phase_code.item() == PHASE_CODE["joint"]
         cfg, s = self.cfg, self.cfg.erac_samples
+        # the task's layout (start symbol, forced prefix, end symbol); its first
+        # call also makes self.reward score what the task outputs
+        layout = self.output_layout(model, sample)
 
         with worker_rng():
             tokens = self.trajectories(model, sample)  # [B·s, T]
         width = max(tokens.size(1), target.size(1))
         tokens, ref = pad_right(tokens, width, pad), pad_right(target, width, pad)
-        mask = tokens.ne(pad)
+        # the steps the actor chose: not the forced prefix (language tokens)
+        mask = unforced(tokens, layout.prefix_len, pad).ne(pad)
         critic_ref = target.repeat_interleave(s, dim=0)
         with torch.no_grad():
             rewards, scale = length_scaled_rewards(self.reward.prefix, tokens,
-                                                   references_of(sample).repeat_interleave(s, dim=0), critic_ref, pad)
-        prev = prev_output_tokens_from_target(tokens, pad, self.eos)
+                                                   references_of(sample).repeat_interleave(s, dim=0), critic_ref, pad,
+                                                   view=layout.view)
+        prev = prev_output_tokens_from_target(tokens, pad, layout.bos.repeat_interleave(s))
         q = self.critic(critic_ref, prev)
         q_target = None  # λ = 1: the target is the sampled return, the target network is not read
         if cfg.erac_td_lambda < 1:
@@ -197,7 +218,7 @@ class EracCriterion(SeqlevelCriterion):
                 q_target = functional_call(self.critic, shadow(self, self.target_names), (critic_ref, prev))
 
         rows = torch.cat([ref.unsqueeze(1), tokens.view(batch_size, s, width)], dim=1).view(-1, width)
-        lprobs_all = rows_lprobs(model, sample["net_input"], rows, s + 1, pad, self.eos, grad=joint)
+        lprobs_all = rows_lprobs(model, sample["net_input"], rows, s + 1, pad, layout.bos, grad=joint)
         # split, not indexing: the backward of [:, 0] and [:, 1:] zero-fills a
         # [B, s+1, T, V] gradient for each piece and adds them; split's backward
         # writes one concatenation (erac 4.18x -> 4.09x MLE with the shared π below)
@@ -205,11 +226,11 @@ class EracCriterion(SeqlevelCriterion):
         ref_lprobs, lprobs = ref_lprobs.squeeze(1), lprobs.reshape(batch_size * s, width, -1)
         ref_nll = token_nll(ref_lprobs, ref, pad).sum()
 
-        # each trajectory's last step (its eos) and π there: continuations and the eos log
-        ends = mask.sum(dim=1) - 1
+        # each trajectory's last step (its end symbol) and π there: continuations and the eos log
+        ends = tokens.ne(pad).sum(dim=1) - 1
         at = torch.arange(tokens.size(0), device=tokens.device)
         end_lprobs = lprobs.detach()[at, ends]
-        continuations = self.continuations(end_lprobs, tokens, ends, sample, critic_ref)
+        continuations = self.continuations(end_lprobs, tokens, ends, sample, critic_ref, layout)
         critic_loss, actor_loss, td, entropy = erac_losses(q, q_target, lprobs, tokens, rewards, mask,
                                                            cfg.erac_tau, cfg.erac_var_weight, continuations,
                                                            lam=cfg.erac_td_lambda)
@@ -222,9 +243,9 @@ class EracCriterion(SeqlevelCriterion):
             loss = loss + actor_loss + cfg.erac_mle_weight * ref_nll
         else:
             self.critic_batches.add_(1)
-        with torch.no_grad():  # where the actor stops: does the critic rate eos at least E_π Q?
+        with torch.no_grad():  # where the actor stops: does the critic rate its end at least E_π Q?
             q_end = q.detach()[at, ends].float()
-            eos_preferred = q_end[:, self.eos] >= (end_lprobs.float().exp() * q_end).sum(dim=-1)
+            eos_preferred = q_end[:, layout.eos] >= (end_lprobs.float().exp() * q_end).sum(dim=-1)
         extra = {
             "erac_eos_preferred_sum": eos_preferred.sum(), "erac_td_sum": td.detach(),
             "erac_q_sum": taken(q.detach().float(), tokens).masked_fill(~mask, 0.0).sum(),

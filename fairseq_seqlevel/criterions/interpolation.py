@@ -12,6 +12,14 @@ from λ3: the first to λ1, the next four to λ2, and so on (Appendix C.2),
 either when the validation reward stops improving or every N updates;
 ``inverse_sigmoid`` is scheduled sampling's decay (Bengio et al. 2015).
 Special cases and where the schedule's state lives: README, "interpolation".
+
+Task layout (:mod:`fairseq_seqlevel.decoding.layout`): sequences are built
+and teacher-forced from the task's decoder start symbol and end with its end
+symbol (mBART's ``[lang]``); the task's forced prefix (the target-language
+token of multilingual tasks) is forced by the sampler, as the task's
+``inference_step`` forces it: those positions are the target's tokens (MLE
+positions, z = 3), never a branch's choice.  ΔR and the validation reward
+score what the task outputs (prefix dropped, end symbol as eos).
 """
 
 import math
@@ -26,12 +34,14 @@ from omegaconf import II
 
 from fairseq_seqlevel.compat import trainer_num_updates
 from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, references_of, worker_rng
+from fairseq_seqlevel.decoding.layout import OutputLayout
 from fairseq_seqlevel.decoding.model import unwrap
 from fairseq_seqlevel.decoding.sampler import draw, sample as sample_outputs
 from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, token_nll
 from fairseq_seqlevel.errors import ConfigError, check
 from fairseq_seqlevel.rewards.binding import bind_reward
 from fairseq_seqlevel.rewards.increments import next_token_gains
+from fairseq_seqlevel.rewards.output_view import OutputView, ViewedReward
 
 ANNEALS = ("none", "validation", "updates", "inverse_sigmoid")
 MODEL, REWARD, REFERENCE = 1, 2, 3  # the values of z
@@ -138,7 +148,11 @@ def draw_branches(lambdas: Sequence[float], shape, device) -> torch.Tensor:
 def interpolation_choose(z, target, refs, gain_reward, temperature, banned, pad, eos, num_tokens):
     """The sampler's ``choose`` rule of Algorithm 1 (lines 5-12) for rows whose
     branches are ``z [B, T]``, reference ``target [B, T*]`` and all references
-    ``refs [B, R, T']``; ``banned``: ids the reward branch never picks."""
+    ``refs [B, R, T']``; ``banned``: ids the reward branch never picks; ``eos``:
+    the task's end symbol.  ``step`` is the output position (the sampler does
+    not ask at the task's forced positions); ``gain_reward`` gets the tokens so
+    far as the sampler has them, forced prefix included (a
+    :class:`~fairseq_seqlevel.rewards.output_view.ViewedReward` drops it)."""
     model_possible, reward_possible = (bool(z.eq(branch).any()) for branch in (MODEL, REWARD))
 
     def choose(step, lprobs, prefix, rows):
@@ -163,24 +177,56 @@ def interpolation_choose(z, target, refs, gain_reward, temperature, banned, pad,
     return choose
 
 
-def construct_sequences(model, sample, lambdas, gain_reward, temperature, banned, max_len_a, max_len_b):
-    """(tokens [B, T] eos-terminated right-padded, z [B, T] of each token) built
-    by Algorithm 1 with the shared sampler (no gradients)."""
+def viewed(reward, view: OutputView):
+    """``reward`` scoring what the task outputs (``view``); itself where there is nothing to drop."""
+    if view.identity or isinstance(reward, ViewedReward):
+        return reward
+    return ViewedReward(reward, view)
+
+
+def reward_branch_banned(banned, layout: Optional[OutputLayout], eos: int):
+    """The ids the reward branch never picks in ``layout``: ``banned`` (specials
+    but the dictionary's ``eos``) less the task's end symbol, plus the symbols
+    the task strips from its output (ΔR cannot see them)."""
+    if layout is None or (layout.eos == eos and not layout.view.strip):
+        return banned
+    banned = torch.as_tensor(banned, dtype=torch.long)
+    strip = torch.tensor(layout.view.strip, dtype=torch.long, device=banned.device)
+    return torch.cat([banned[banned.ne(layout.eos)], strip]).unique()
+
+
+def construct_sequences(model, sample, lambdas, gain_reward, temperature, banned, max_len_a, max_len_b,
+                        layout: Optional[OutputLayout] = None):
+    """(tokens [B, T] right-padded, ending with the end symbol, z [B, T] of each
+    token) built by Algorithm 1 with the shared sampler (no gradients), in the
+    task's ``layout`` (None: eos starts and ends a row): its forced prefix
+    positions hold the target's tokens, z = 3 (REFERENCE)."""
     target, refs = sample["target"], references_of(sample)
     dictionary = unwrap(model).decoder.dictionary
     pad, eos = dictionary.pad(), dictionary.eos()
+    if layout is not None:
+        gain_reward = viewed(gain_reward, layout.view)
+        banned = reward_branch_banned(banned, layout, eos)
+        eos = layout.eos
     ref_len = target.ne(pad).sum(dim=1)  # with eos
     last = torch.maximum((ref_len.double() * max_len_a + max_len_b).long(), ref_len - 1)
     z = draw_branches(lambdas, (target.size(0), int(last.max()) + 1 if target.numel() else 1), target.device)
     choose = interpolation_choose(z, target, refs, gain_reward, temperature, banned, pad, eos, len(dictionary))
-    out = sample_outputs(model, sample["net_input"], n=1, choose=choose, last_step=last, min_len=1)
+    out = sample_outputs(model, sample["net_input"], n=1, choose=choose, last_step=last, min_len=1, layout=layout)
     tokens = out.tokens
-    return tokens, z[:, :tokens.size(1)].masked_fill(tokens.eq(pad), 0)
+    z = z[:, :tokens.size(1)]
+    forced = 0 if layout is None else layout.prefix_len
+    if forced:  # the sampler forced the task's prefix there: the target's tokens, no branch chose them
+        z = z.clone()
+        z[:, :forced] = REFERENCE
+    return tokens, z.masked_fill(tokens.eq(pad), 0)
 
 
 def teacher_forced_nll(model, net_input, tokens, pad, eos):
     """(Σ token NLL, [B, T] NLL) of ``tokens`` in one ``model(...)`` pass, as
-    fairseq's ``label_smoothed_cross_entropy`` computes it with ε = 0."""
+    fairseq's ``label_smoothed_cross_entropy`` computes it with ε = 0;
+    ``eos``: the decoder's start symbol, an int or a LongTensor ``[B]`` (the
+    layout's ``bos``)."""
     prev = prev_output_tokens_from_target(tokens, pad, eos)
     net_output = model(**{**net_input, "prev_output_tokens": prev})
     lprobs = model.get_normalized_probs(net_output, log_probs=True)
@@ -230,12 +276,13 @@ class InterpolationCriterion(SeqlevelCriterion):
         return annealed_lambdas(self.initial_lambdas, moves, cfg.interp_anneal_step, cfg.interp_reward_moves)
 
     def construct(self, model, sample, lambdas):
-        """(tokens, z) of Algorithm 1 for the batch (no gradients)."""
+        """(tokens, z) of Algorithm 1 for the batch (no gradients), in the task's layout."""
         target = sample["target"]
         if lambdas[2] >= 1.0:  # only reference tokens: the sequence is y*
             return target, target.ne(self.padding_idx).long() * REFERENCE
         return construct_sequences(model, sample, lambdas, self.gain_reward, self.cfg.interp_temperature,
-                                   self.banned_ids, self.cfg.interp_max_len_a, self.cfg.interp_max_len_b)
+                                   self.banned_ids, self.cfg.interp_max_len_a, self.cfg.interp_max_len_b,
+                                   layout=self.output_layout(model, sample))
 
     def _consume_validation(self):
         tally = type(self)._validation_tally
@@ -247,6 +294,7 @@ class InterpolationCriterion(SeqlevelCriterion):
 
     def forward(self, model, sample, reduce=True):
         pad, target = self.padding_idx, sample["target"]
+        layout = self.output_layout(model, sample)
         extra = {}
         if self.training:
             self._consume_validation()
@@ -263,10 +311,11 @@ class InterpolationCriterion(SeqlevelCriterion):
             tokens = target  # validation: the reference's NLL, comparable to MLE's
             if self.cfg.interp_anneal == "validation":
                 greedy = sample_outputs(model, sample["net_input"], n=1, strategy="greedy",
-                                        max_len_a=1.2, max_len_b=10).tokens
-                extra["interp_valid_reward_sum"] = float(self.valid_reward(greedy, references_of(sample)).sum())
+                                        max_len_a=1.2, max_len_b=10, layout=layout).tokens
+                valid_reward = viewed(self.valid_reward, layout.view)
+                extra["interp_valid_reward_sum"] = float(valid_reward(greedy, references_of(sample)).sum())
                 extra["interp_valid_count"] = target.size(0)
-        loss, _ = teacher_forced_nll(model, sample["net_input"], tokens, pad, self.eos)
+        loss, _ = teacher_forced_nll(model, sample["net_input"], tokens, pad, layout.bos)
         ntokens = int(tokens.ne(pad).sum()) if tokens is not target else sample["ntokens"]
         sample_size = target.size(0) if self.sentence_avg else ntokens
         logging_output = {

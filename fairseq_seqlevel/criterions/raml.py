@@ -31,6 +31,7 @@ from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 
 from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of, worker_rng
+from fairseq_seqlevel.decoding.layout import batch_layout, plain_layout
 from fairseq_seqlevel.decoding.model import forward_through
 from fairseq_seqlevel.decoding.teacher_forcing import (
     encode,
@@ -157,13 +158,22 @@ class RamlCriterion(SeqlevelCriterion):
             return raml_vocab.refs_vocab(refs, self.special_ids)
         return raml_vocab.full_vocab(self.num_tokens, self.special_ids, target.size(0), target.device)
 
-    def draw_samples(self, sample):
-        """RAML samples of the batch and their weights [B·L]."""
+    def draw_samples(self, sample, layout=None):
+        """RAML samples of the batch and their weights [B·L].  The task's forced
+        prefix (language tokens) is kept as it is; the rest of the reference, up
+        to the task's end symbol, is perturbed."""
         target, refs = sample["target"], references_of(sample)
-        num_samples = self.cfg.raml_samples
+        if layout is None:  # the task's, once forward has probed it
+            dictionary = self.task.target_dictionary
+            layout = (plain_layout(target.size(0), dictionary, target.device) if self._task_output is None
+                      else batch_layout(self._task_output, sample, dictionary))
+        num_samples, prefix_len = self.cfg.raml_samples, layout.prefix_len
         vocab = self.substitution_vocab(target, refs)
-        drawn = self.sampler(target, self.padding_idx, self.eos, num_samples,
+        drawn = self.sampler(target[:, prefix_len:], self.padding_idx, layout.eos, num_samples,
                              self.cfg.raml_temperature, vocab)
+        if prefix_len:
+            drawn = drawn._replace(tokens=torch.cat([layout.prefix.repeat_interleave(num_samples, dim=0),
+                                                     drawn.tokens], dim=1))
         if self.reward is None:
             weights = torch.full_like(drawn.log_q, 1.0 / num_samples)
             ess = None
@@ -180,11 +190,12 @@ class RamlCriterion(SeqlevelCriterion):
                                            self.cfg.token_smooth_alpha, self.cfg.token_smooth_temperature)
         return loss.sum(dim=-1), nll.sum(dim=-1)
 
-    def _score_rows(self, model, net_input, rows, coef):
+    def _score_rows(self, model, net_input, rows, coef, bos):
         """Σ coef·loss of the rows, each source's encoder output shared by its
         L+1 rows; run as the model's forward (:func:`forward_through`)."""
-        encoder_out = expand_encoder_out(model, encode(model, net_input), self.cfg.raml_samples + 1)
-        prev = prev_output_tokens_from_target(rows, self.padding_idx, self.eos)
+        per_source = self.cfg.raml_samples + 1
+        encoder_out = expand_encoder_out(model, encode(model, net_input), per_source, net_input["src_tokens"].size(0))
+        prev = prev_output_tokens_from_target(rows, self.padding_idx, bos.repeat_interleave(per_source))
         return weighted_row_losses(model, encoder_out, prev, rows, coef, self.sequence_losses, fused=self.fused)
 
     def forward(self, model, sample, reduce=True):
@@ -197,6 +208,7 @@ class RamlCriterion(SeqlevelCriterion):
             per_example, ref_nll = self.sequence_losses(lprobs, target)
             loss = per_example.sum()
         else:
+            layout = self.output_layout(model, sample)
             with worker_rng():
                 drawn, weights, ess = self.draw_samples(sample)
             if self.cfg.raml_lazy:
@@ -215,7 +227,8 @@ class RamlCriterion(SeqlevelCriterion):
                 # layer run chunked (weighted_row_losses) at large vocabularies
                 rows = interleave_reference_and_samples(target, drawn.tokens, num_samples, self.padding_idx)
                 coef = raml_row_coefficients(weights, alpha, num_samples)
-                total, _, nll_rows = forward_through(model, self._score_rows, sample["net_input"], rows, coef)
+                total, _, nll_rows = forward_through(model, self._score_rows, sample["net_input"], rows, coef,
+                                                     layout.bos)
                 loss, ref_nll = total, nll_rows.view(batch_size, -1)[:, 0]
             extra["raml_dist_sum"] = drawn.distance.sum().float().data
             extra["raml_nsamples"] = drawn.distance.numel()

@@ -30,10 +30,12 @@ from fairseq.data import data_utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of, worker_rng
-from fairseq_seqlevel.decoding.model import eval_mode, forward_through, unwrap
+from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, pad_right, references_of, unforced,
+                                              worker_rng)
+from fairseq_seqlevel.decoding.layout import generate as generate_like_task
+from fairseq_seqlevel.decoding.model import forward_through
 from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
-from fairseq_seqlevel.decoding.teacher_forcing import rows_objective, sequence_nll
+from fairseq_seqlevel.decoding.teacher_forcing import project_features, rows_objective, sequence_nll
 from fairseq_seqlevel.errors import check
 
 SEARCHES = ["sample", "beam"]
@@ -112,22 +114,16 @@ class RiskCriterion(SeqlevelCriterion):
         self.reward = self.resolve_reward(cfg.risk_reward, "--risk-reward", default="bleu")
         self.fused = None  # rows_objective: chunked output layer when the model allows it
 
-    def candidates(self, model, sample):
-        """U(x) before deduplication: [B·n, T] right-padded, eos-terminated (no grad)."""
+    def candidates(self, model, sample, layout=None):
+        """U(x) before deduplication: [B·n, T] right-padded, in the task's layout (no grad)."""
         cfg, net_input = self.cfg, sample["net_input"]
+        layout = layout if layout is not None else self.output_layout(model, sample)
         if cfg.risk_search == "sample":
             return sample_outputs(model, net_input, n=cfg.risk_candidates, strategy="multinomial",
-                                  max_len_a=cfg.risk_max_len_a, max_len_b=cfg.risk_max_len_b).tokens
-        from fairseq.sequence_generator import SequenceGenerator
-
-        inner = unwrap(model)
-        # built per call, not kept: a SequenceGenerator is a module holding the model, and as an
-        # attribute of the criterion it would add the model's weights to the criterion's parameters
-        # (and checkpoints). Inside eval_mode: its constructor puts the model in eval mode.
-        with eval_mode(inner):
-            beam_search = SequenceGenerator([inner], self.task.target_dictionary, beam_size=cfg.risk_candidates,
-                                            max_len_a=cfg.risk_max_len_a, max_len_b=cfg.risk_max_len_b)
-            hypos = beam_search.generate([inner], {"net_input": net_input})
+                                  max_len_a=cfg.risk_max_len_a, max_len_b=cfg.risk_max_len_b, layout=layout).tokens
+        # the task's own generator, as its inference_step runs it (prefix, start and end symbols)
+        hypos = generate_like_task(self.task, model, {"net_input": net_input}, layout, beam=cfg.risk_candidates,
+                                   max_len_a=cfg.risk_max_len_a, max_len_b=cfg.risk_max_len_b)
         n = cfg.risk_candidates
         # beam search may return fewer than n hypotheses; repeat the last (deduplicated later)
         rows = [h[min(k, len(h) - 1)]["tokens"] for h in hypos for k in range(n)]
@@ -145,6 +141,7 @@ class RiskCriterion(SeqlevelCriterion):
             return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size)
 
         n = cfg.risk_candidates
+        layout = self.output_layout(model, sample)
         with worker_rng():
             found = self.candidates(model, sample)
         width = max(found.size(1), target.size(1))
@@ -159,7 +156,10 @@ class RiskCriterion(SeqlevelCriterion):
             costs = self.reward.cost(rows.view(-1, width), refs.repeat_interleave(n + 1, dim=0))
             costs = costs.float().view(batch_size, n + 1)
         flat = rows.view(-1, width)
-        lengths = flat.ne(pad).sum(dim=1).clamp(min=1).view(batch_size, n + 1)
+        # the forced prefix of a candidate (language tokens) is not the model's choice: not scored
+        scored = rows.clone()
+        scored[:, 1:] = unforced(scored[:, 1:], layout.prefix_len, pad)
+        lengths = scored.view(-1, width).ne(pad).sum(dim=1).clamp(min=1).view(batch_size, n + 1)
         ref_len = target.ne(pad).sum(dim=1)
         weight = torch.ones(batch_size, device=target.device) if self.sentence_avg else ref_len.float()
 
@@ -169,7 +169,8 @@ class RiskCriterion(SeqlevelCriterion):
                 scores = scores / lengths
             return (1.0 - w) * (weight * expected_risk(scores, costs, valid, cfg.risk_sharpness)[0]).sum()
 
-        loss, row_nll = forward_through(model, self._score, sample["net_input"], flat, n + 1, risk_of, target)
+        loss, row_nll = forward_through(model, self._score, sample["net_input"], flat, n + 1, risk_of, target,
+                                        layout.bos, scored.view(-1, width))
         scores = -row_nll.view(batch_size, n + 1)
         if cfg.risk_length_normalize:
             scores = scores / lengths
@@ -181,17 +182,17 @@ class RiskCriterion(SeqlevelCriterion):
         }
         return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size, **extra)
 
-    def _score(self, model, net_input, rows, per_source, objective, target):
+    def _score(self, model, net_input, rows, per_source, objective, target, bos, scored):
         """The risk (chunked output layer) plus, for w > 0, the reference's
         label-smoothed NLL; run as the model's forward (forward_through)."""
         pad = self.padding_idx
         loss, _, row_nll, features = rows_objective(
-            model, net_input, rows, per_source, pad, self.eos, partial(sequence_nll, pad=pad), objective,
-            fused=self.fused)
+            model, net_input, rows, per_source, pad, bos, partial(sequence_nll, pad=pad), objective,
+            fused=self.fused, loss_target=scored)
         w = self.cfg.risk_mle_weight
         if w > 0:
             ref_features = features.view(-1, per_source, *features.shape[1:])[:, 0, :target.size(1)]
-            lprobs = model.get_normalized_probs((model.decoder.output_layer(ref_features), None), log_probs=True)
+            lprobs = model.get_normalized_probs((project_features(model, ref_features), None), log_probs=True)
             ls_loss, _ = label_smoothed_nll_loss(lprobs, target, self.cfg.label_smoothing, ignore_index=pad)
             loss = loss + w * ls_loss
         return loss, row_nll

@@ -75,6 +75,16 @@ over time steps, none over cells × tokens or sentences.  Cost: at most
 the roll-ins.  The loss pass re-encodes and teacher-forces the roll-ins in the
 model's own (train) mode.
 
+Task layout (:mod:`fairseq_seqlevel.decoding.layout`, ``output_layout``): "eos"
+above is the task's end symbol (mBART's ``[lang]``); roll-ins, roll-outs and
+the loss pass start from the task's decoder start symbol; a learned roll-in
+forces the task's prefix (the target-language token of multilingual tasks) as
+its ``inference_step`` does, and the reference roll-in has it (the target).
+Forced positions are no cells (no cost, no loss: the model does not choose
+them), reference roll-outs never repeat them, and costs score what the task
+outputs (prefix dropped, end symbol as eos).  ``nll_loss`` and the
+``--searnn-mle-weight`` term count them, as MLE does.
+
 Logging: ``loss`` in base 2 per sample_size = number of scored cells (the
 number of sentences with ``--sentence-avg``); with all cells and reference
 roll-in that is ntokens, so LL + Hamming logs exactly what MLE logs.
@@ -99,9 +109,13 @@ from fairseq_seqlevel import rewards
 from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, log_stock_metrics, pad_right, references_of,
                                               worker_rng)
 from fairseq_seqlevel.decoding import rollouts
+from fairseq_seqlevel.decoding.layout import OutputLayout
 from fairseq_seqlevel.decoding.model import eval_mode
-from fairseq_seqlevel.decoding.teacher_forcing import encode, prev_output_tokens_from_target, rows_lprobs, token_nll
+from fairseq_seqlevel.decoding.teacher_forcing import (encode, prev_output_tokens_from_target, reorder_encoder_out,
+                                                       rows_lprobs, token_nll)
 from fairseq_seqlevel.errors import check
+from fairseq_seqlevel.rewards._common import valid_token_mask
+from fairseq_seqlevel.rewards.output_view import OutputView, ViewedReward
 from fairseq_seqlevel.sampling.gumbel import gumbel_topk
 from fairseq_seqlevel.sampling.vocab import never_sampled_ids
 
@@ -212,11 +226,14 @@ def choose_reference(policy, batch_size, mix_prob, device):
     return torch.rand(batch_size, device=device) < mix_prob
 
 
-def select_cells(lengths: Tensor, num_cells: int, width: int) -> Tensor:
-    """BoolTensor ``[B, width]``: ``num_cells`` positions below ``lengths[b]``
-    drawn uniformly without replacement (all of them if 0 or too few)."""
+def select_cells(lengths: Tensor, num_cells: int, width: int, first: int = 0) -> Tensor:
+    """BoolTensor ``[B, width]``: ``num_cells`` positions in ``first ..
+    lengths[b] - 1`` drawn uniformly without replacement (all of them if 0 or
+    too few); ``first``: the task's forced prefix length (no cell there)."""
     positions = torch.arange(width, device=lengths.device).unsqueeze(0)
     inside = positions < lengths.unsqueeze(1)
+    if first > 0:
+        inside &= positions >= first
     if num_cells == 0:
         return inside
     keys = torch.rand(inside.shape, device=lengths.device).masked_fill(~inside, 2.0)
@@ -384,35 +401,73 @@ class SearnnCriterion(SeqlevelCriterion):
 
     # -------------------------------------------------------------- search
 
-    def _bleu1(self, hyp, refs):
+    def _bleu1(self, hyp, refs, words: Optional[OutputView] = None):
+        if words is not None:  # the task's end symbol as eos, stripped symbols out
+            hyp, refs = words(hyp), words(refs)
         return rewards.sentence_bleu(hyp, refs, self.padding_idx, self.eos, max_order=1)
 
-    def _reference_suffix(self, prefix, target, position):
-        start = torch.full((prefix.size(0),), position + 1, dtype=torch.long, device=prefix.device)
+    def _reference_suffix(self, prefix, target, position, layout: OutputLayout):
+        """The reference roll-out after ``prefix`` ``[m, position + 1]`` (the roll-in
+        up to the cell and the cell's token): a suffix of the target's free part
+        (after the task's forced prefix, which a suffix never repeats), ending
+        with the task's end symbol."""
+        forced, eos, pad = layout.prefix_len, layout.eos, self.padding_idx
+        free = target[:, forced:]
+        start = torch.full((prefix.size(0),), position + 1 - forced, dtype=torch.long, device=prefix.device)
         if self.best_suffix:
-            start = rollouts.best_suffix_starts(prefix, target, self.padding_idx, self.eos, self._bleu1, start)
-        return rollouts.gather_suffix(target, start, self.padding_idx, self.eos)
+            view = layout.view
+            score = self._bleu1
+            if not view.identity:  # BLEU-1 of the words the task outputs (the prefix is left out)
+                words = OutputView(0, view.end, view.strip, view.eos, view.pad)
+                score = lambda hyp, refs: self._bleu1(hyp, refs, words)  # noqa: E731
+            start = rollouts.best_suffix_starts(prefix[:, forced:], free, pad, eos, score, start)
+        return rollouts.gather_suffix(free, start, pad, eos)
 
-    def _rollin(self, model, encoder_out, target, caps, reference_in):
-        """Roll-in tokens ``[B, L]``: the target or the model's greedy output."""
-        pad, eos = self.padding_idx, self.eos
+    def _viewed_reward(self, layout: OutputLayout):
+        """The reward of what the task outputs (``output_layout`` wraps
+        ``self.reward`` on its first call; this also covers a layout given
+        some other way)."""
+        if layout.view.identity or isinstance(self.reward, ViewedReward):
+            return self.reward
+        return ViewedReward(self.reward, layout.view)
+
+    def _allowed(self, layout: OutputLayout, device):
+        """``[V]`` tokens that may be scored at a cell: the task's end symbol is a
+        candidate as eos is (``--searnn-eos-candidate``)."""
+        allowed = self.allowed.to(device)
+        if layout.eos != self.eos:
+            allowed = allowed.clone()
+            allowed[layout.eos] = self.cfg.searnn_eos_candidate == "always"
+        return allowed
+
+    def _rollin(self, model, encoder_out, target, caps, reference_in, layout: OutputLayout):
+        """Roll-in tokens ``[B, L]``: the target or the model's greedy output
+        (from the task's start symbol, its forced prefix first)."""
+        pad, eos = self.padding_idx, layout.eos
         learned = (~reference_in).nonzero(as_tuple=False).squeeze(1)
         rollin = target
         if learned.numel() > 0:
-            enc = model.encoder.reorder_encoder_out(encoder_out, learned)
-            greedy = rollouts.greedy_rollin(model, enc, caps.index_select(0, learned), pad, eos)
+            enc = reorder_encoder_out(model, encoder_out, learned)
+            greedy = rollouts.greedy_rollin(model, enc, caps.index_select(0, learned), pad, eos,
+                                            bos=layout.bos.to(learned.device).index_select(0, learned),
+                                            prefix=layout.prefix.to(learned.device).index_select(0, learned))
             width = max(target.size(1), greedy.size(1))
             rollin = pad_right(target, width, pad).index_copy(0, learned, pad_right(greedy, width, pad))
         used = int(rollin.ne(pad).sum(dim=1).max())
         return rollin[:, :used]
 
-    def search(self, model, sample) -> SearchResult:
-        """Roll-ins, cells, tokens, roll-outs and costs (eval mode, no grad)."""
+    def search(self, model, sample, layout: Optional[OutputLayout] = None) -> SearchResult:
+        """Roll-ins, cells, tokens, roll-outs and costs (eval mode, no grad), in
+        the task's output layout (default: ``self.output_layout``)."""
+        if layout is None:
+            layout = self.output_layout(model, sample)
         with eval_mode(model):
-            return self._search(model, sample)
+            return self._search(model, sample, layout)
 
-    def _search(self, model, sample) -> SearchResult:
-        cfg, pad, eos = self.cfg, self.padding_idx, self.eos
+    def _search(self, model, sample, layout: OutputLayout) -> SearchResult:
+        cfg, pad, eos = self.cfg, self.padding_idx, layout.eos
+        forced, bos = layout.prefix_len, layout.bos.to(sample["target"].device)
+        reward = self._viewed_reward(layout)
         target, refs = sample["target"], references_of(sample)
         batch_size, device = target.size(0), target.device
         target_len = target.ne(pad).sum(dim=1)  # eos included
@@ -422,15 +477,16 @@ class SearnnCriterion(SeqlevelCriterion):
         reference_out = choose_reference(cfg.searnn_roll_out, batch_size, cfg.searnn_mix_prob, device)
         encoder_out = encode(model, sample["net_input"])
 
-        rollin = self._rollin(model, encoder_out, target, caps, reference_in)
+        rollin = self._rollin(model, encoder_out, target, caps, reference_in, layout)
         lengths = rollin.ne(pad).sum(dim=1)
         gt = aligned_ground_truth(target, rollin, pad, eos)
-        cells = select_cells(lengths, cfg.searnn_cells, rollin.size(1))
+        # the forced prefix is the task's, not the model's choice: no cell there
+        cells = select_cells(lengths, cfg.searnn_cells, rollin.size(1), forced)
         cell_rows, cell_pos = cells.nonzero(as_tuple=True)
         num_cells = cell_rows.numel()
         cell_id = torch.full(cells.shape, -1, dtype=torch.long, device=device)
         cell_id[cell_rows, cell_pos] = torch.arange(num_cells, device=device)
-        allowed = self.allowed.to(device)
+        allowed = self._allowed(layout, device)
 
         k, w = cfg.searnn_tokens, cfg.searnn_neighbours if cfg.searnn_tokens > 0 else 0
         width = 1 + (int(allowed.sum()) if k == 0 else min(k, allowed.numel()) + 2 * w)
@@ -438,7 +494,7 @@ class SearnnCriterion(SeqlevelCriterion):
         valid = torch.zeros((num_cells, width), dtype=torch.bool, device=device)
         blocks, num_decoded = [], 0
         last = int(cell_pos.max()) if num_cells else -1
-        for t, lprobs, state in rollouts.replay(model, encoder_out, rollin, pad, eos):
+        for t, lprobs, state in rollouts.replay(model, encoder_out, rollin, pad, eos, bos):
             if t > last:
                 break
             rows = cells[:, t].nonzero(as_tuple=False).squeeze(1)
@@ -459,7 +515,7 @@ class SearnnCriterion(SeqlevelCriterion):
             by_reference = (go_on & reference_out[pair_rows]).nonzero(as_tuple=False).squeeze(1)
             if by_reference.numel() > 0:
                 suffixes.append((by_reference, self._reference_suffix(
-                    prefix[by_reference], target[pair_rows[by_reference]], t)))
+                    prefix[by_reference], target[pair_rows[by_reference]], t, layout)))
             learned_out = go_on & ~reference_out[pair_rows]
             # The greedy token of a learned roll-in continues as the roll-in did.
             own = learned_out & ~reference_in[pair_rows] & tokens.eq(rollin[pair_rows, t])
@@ -471,8 +527,8 @@ class SearnnCriterion(SeqlevelCriterion):
                 model_rows = pair_rows[by_model]
                 num_decoded += model_rows.numel()
                 expanded = rollouts.expand_incremental_state(model, state, model_rows)
-                enc = model.encoder.reorder_encoder_out(encoder_out, model_rows)
-                start = torch.cat([prefix.new_full((model_rows.numel(), 1), eos), prefix[by_model]], dim=1)
+                enc = reorder_encoder_out(model, encoder_out, model_rows)
+                start = torch.cat([bos.index_select(0, model_rows).unsqueeze(1), prefix[by_model]], dim=1)
                 suffixes.append((by_model, rollouts.greedy_continue(
                     model, enc, start, expanded, caps[model_rows], pad, eos)))
             cont_width = max([s.size(1) for _, s in suffixes], default=0)
@@ -481,36 +537,47 @@ class SearnnCriterion(SeqlevelCriterion):
                 cont[where, :suffix.size(1)] = suffix
             blocks.append((ids[pair], column, pair_rows, torch.cat([prefix, cont], dim=1)))
 
-        # Every sentence has a cell (its roll-in has at least eos): blocks is not empty.
+        # Every sentence has a cell (its roll-in has at least the end symbol after the
+        # forced prefix): blocks is not empty.
         hyp_width = max(b[3].size(1) for b in blocks)
         hyp_cells, hyp_columns, hyp_rows, hyps = (torch.cat(x) for x in zip(
             *[(i, c, r, pad_right(h, hyp_width, pad)) for i, c, r, h in blocks]))
         costs = torch.full((num_cells, width), math.inf, device=device)
-        costs[hyp_cells, hyp_columns] = self.reward.cost(hyps, refs.index_select(0, hyp_rows)).float()
-        costs = scale_costs(costs, (target_len - 1).index_select(0, cell_rows), cfg.searnn_cost_unit)
-        rollin_cost = self.reward.cost(rollin, refs).float()
+        costs[hyp_cells, hyp_columns] = reward.cost(hyps, refs.index_select(0, hyp_rows)).float()
+        costs = scale_costs(costs, self._reference_length(target, layout).index_select(0, cell_rows),
+                            cfg.searnn_cost_unit)
+        rollin_cost = reward.cost(rollin, refs).float()
         return SearchResult(rollin, gt, cell_rows, cell_pos, candidates, valid, costs, rollin_cost,
                             reference_in, reference_out, hyps, hyp_cells, hyp_columns, num_decoded)
+
+    def _reference_length(self, target, layout: OutputLayout):
+        """``[B]`` |y*|: the words of the target the task outputs (no forced
+        prefix, no end symbol), as the reward library counts them."""
+        pad = self.padding_idx
+        if layout.view.identity:
+            return target.ne(pad).sum(dim=1) - 1
+        return valid_token_mask(layout.view(target), pad, layout.view.eos).sum(dim=1)
 
     # ---------------------------------------------------------------- loss
 
     def forward(self, model, sample, reduce=True):
+        layout = self.output_layout(model, sample)  # also makes self.reward score what the task outputs
         with worker_rng():  # roll-ins, cells, roll-out tokens: this worker's own draws
-            found = self.search(model, sample)
+            found = self.search(model, sample, layout)
         # the loss pass is a stock forward of the wrapped model (data parallelism sees it)
         pad, w = self.padding_idx, self.cfg.searnn_mle_weight
         if w > 0:  # the reference beside each roll-in, in the same forward
             target = sample["target"]
             width = max(found.rollin.size(1), target.size(1))
             rows = torch.stack([pad_right(target, width, pad), pad_right(found.rollin, width, pad)], dim=1)
-            both = rows_lprobs(model, sample["net_input"], rows.view(-1, width), 2, pad, self.eos)
+            both = rows_lprobs(model, sample["net_input"], rows.view(-1, width), 2, pad, layout.bos)
             ref_lprobs, lprobs = both.view(target.size(0), 2, width, -1).split([1, 1], dim=1)
             # per sentence: its mean token NLL, weighted below by its scored cells
             ref_nll = token_nll(ref_lprobs.squeeze(1), pad_right(target, width, pad), pad).sum(dim=1)
             ref_nll = ref_nll / target.ne(pad).sum(dim=1).clamp(min=1)
             lprobs = lprobs.squeeze(1)[:, :found.rollin.size(1)]
         else:
-            prev = prev_output_tokens_from_target(found.rollin, pad, self.eos)
+            prev = prev_output_tokens_from_target(found.rollin, pad, layout.bos)
             net_output = model(**{**sample["net_input"], "prev_output_tokens": prev})
             lprobs = model.get_normalized_probs(net_output, log_probs=True)
         cell_lprobs = lprobs[found.cell_rows, found.cell_pos]

@@ -37,7 +37,8 @@ from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of, worker_rng
+from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, pad_right, references_of, unforced,
+                                              worker_rng)
 from fairseq_seqlevel.decoding.model import forward_through
 from fairseq_seqlevel.decoding.sampler import draw, sample as sample_outputs
 from fairseq_seqlevel.decoding.teacher_forcing import rows_objective, sequence_nll, token_nll
@@ -117,14 +118,15 @@ class SeqExplorationCriterion(SeqlevelCriterion):
         self.reward = self.resolve_reward(cfg.sle_reward, "--sle-reward", default="bleu")
         self.fused = None  # rows_objective: chunked output layer when the model allows it
 
-    def draw(self, model, sample):
+    def draw(self, model, sample, layout=None):
         """(samples [B·s, T], greedy [B, T]) in one decoding loop: row 0 of each
         source's s + 1 rows is greedy, the others multinomial (no grad);
         greedy is None with ``--sle-baseline mean`` (s rows per source)."""
         cfg = self.cfg
+        layout = layout if layout is not None else self.output_layout(model, sample)
         if cfg.sle_baseline == "mean":
             out = sample_outputs(model, sample["net_input"], n=cfg.sle_samples, strategy="multinomial",
-                                 max_len_a=cfg.sle_max_len_a, max_len_b=cfg.sle_max_len_b)
+                                 max_len_a=cfg.sle_max_len_a, max_len_b=cfg.sle_max_len_b, layout=layout)
             return out.tokens, None
         per_source = cfg.sle_samples + 1
 
@@ -133,7 +135,7 @@ class SeqExplorationCriterion(SeqlevelCriterion):
             return torch.where(rows % per_source == 0, lprobs.argmax(dim=-1), drawn)
 
         out = sample_outputs(model, sample["net_input"], n=per_source, choose=greedy_first,
-                             max_len_a=cfg.sle_max_len_a, max_len_b=cfg.sle_max_len_b)
+                             max_len_a=cfg.sle_max_len_a, max_len_b=cfg.sle_max_len_b, layout=layout)
         grouped = out.tokens.view(-1, per_source, out.tokens.size(1))
         return grouped[:, 1:].reshape(-1, grouped.size(2)), grouped[:, 0]
 
@@ -141,6 +143,7 @@ class SeqExplorationCriterion(SeqlevelCriterion):
         cfg, pad = self.cfg, self.padding_idx
         target, refs = sample["target"], references_of(sample)
         batch_size, s = target.size(0), cfg.sle_samples
+        layout = self.output_layout(model, sample)
         with worker_rng():
             samples, greedy = self.draw(model, sample)
         width = samples.size(1)
@@ -148,7 +151,8 @@ class SeqExplorationCriterion(SeqlevelCriterion):
             rewards = self.reward(samples, refs.repeat_interleave(s, dim=0)).float().view(batch_size, s)
             baseline = (self.reward(greedy, refs).float().unsqueeze(1) if greedy is not None
                         else leave_one_out_baseline(rewards))
-            distances = (pairwise_distances(samples.view(batch_size, s, width), pad, self.eos, cfg.sle_distance)
+            distances = (pairwise_distances(layout.view(samples).view(batch_size, s, width), pad, self.eos,
+                                            cfg.sle_distance)
                          if cfg.sle_alpha < 1.0 else rewards.new_zeros(batch_size, s, s))
             advantage = exploration_advantages(rewards, baseline, distances, cfg.sle_alpha)
         # one teacher-forced pass over [y*, ỹ_1..ỹ_s] per source: y* only for the logged nll_loss
@@ -168,8 +172,13 @@ class SeqExplorationCriterion(SeqlevelCriterion):
             # the reference's summed token NLL: / sample_size it is fairseq's cross-entropy
             return (1.0 - w) * (weight * per_source).sum() + w * per_row[:, 0, 0].sum()
 
+        # the forced prefix of a sample (language tokens) is not the model's choice: not scored
+        scored = rows.view(batch_size, s + 1, width).clone()
+        scored[:, 1:] = unforced(scored[:, 1:], layout.prefix_len, pad)
+        scored = scored.view(-1, width)
         loss, row_loss, row_nll, _ = forward_through(model, rows_objective, sample["net_input"], rows, s + 1, pad,
-                                                     self.eos, loss_fn, surrogate, fused=self.fused)
+                                                     layout.bos, loss_fn, surrogate, fused=self.fused,
+                                                     loss_target=scored)
         nll = row_nll.view(batch_size, s + 1)[:, 0].sum()
         sample_size = self.sample_size_of(sample)
         extra = {
@@ -180,7 +189,7 @@ class SeqExplorationCriterion(SeqlevelCriterion):
             extra["sle_greedy_reward_sum"] = baseline.sum()
         if beta > 0:
             extra["sle_entropy_sum"] = row_loss.view(batch_size, s + 1, 2)[:, 1:, 1].sum()
-            extra["sle_ntokens"] = int(samples.ne(pad).sum())
+            extra["sle_ntokens"] = int(unforced(samples, layout.prefix_len, pad).ne(pad).sum())
         return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size, **extra)
 
     @classmethod

@@ -14,6 +14,13 @@ row per source, as the authors' code does.  The fixed Q comes from a snapshot
 of the critic taken when the phase starts (a buffer, checkpointed); the live critic parameters
 enter the loss with weight 0 so that a data-parallel wrapper sees every
 parameter (one without a gradient stalls DDP).
+
+Rows follow the task's layout (``SeqlevelCriterion.output_layout``): a
+sample keeps the reference's forced prefix (a multilingual task's language
+token) and perturbs the rest up to the task's end symbol (mBART's ``[lang]``);
+decoder inputs start with the task's start symbol; rewards score what the task
+shows.  The forced positions are not the model's choices: no soft-Q residual
+and no actor target there, not counted in the token counts.
 """
 
 from dataclasses import dataclass, field
@@ -25,7 +32,8 @@ from fairseq.dataclass import ChoiceEnum
 from omegaconf import II
 from torch.func import functional_call
 
-from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of, worker_rng
+from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, pad_right, references_of, unforced,
+                                              worker_rng)
 from fairseq_seqlevel.critics import (blend_shadow, length_scaled_rewards, register_shadow, shadow, soft_q_targets,
                                       taken)
 from fairseq_seqlevel.critics.config import CriticConfig, build_critic
@@ -117,13 +125,35 @@ class VamlCriterion(SeqlevelCriterion):
             blend_shadow(self, self.critic, self.snapshot_names, 1.0)  # the critic the actor phase learns from
         self.phase_code.fill_(want)
 
-    def q_values(self, refs, prev, fixed):
+    def q_values(self, refs, prev, fixed, end=None):
+        """Q ``[N, T, V]`` (fp32), -inf for the never-actions; ``end``: the task's
+        end symbol, an action whatever its id (default the dictionary's eos)."""
+        non_actions = self.non_actions
+        if end is not None and end != self.eos:
+            non_actions = non_actions[non_actions.ne(end)]
         if fixed:
             with torch.no_grad():
                 q = functional_call(self.critic, shadow(self, self.snapshot_names), (refs, prev))
         else:
             q = self.critic(refs, prev)
-        return q.float().index_fill(-1, self.non_actions, float("-inf"))
+        return q.float().index_fill(-1, non_actions, float("-inf"))
+
+    def draw_samples(self, sample, layout):
+        """``--vaml-samples`` Hamming samples of each reference ``[B·L, T]`` (no grad):
+        the task's forced prefix (``layout``: language tokens) kept as it is, the
+        rest up to the task's end symbol perturbed, with substitutes from the
+        batch's references (their forced prefixes and the end symbol excluded)."""
+        target, prefix_len = sample["target"], layout.prefix_len
+        body = target[:, prefix_len:]
+        never = self.special_ids
+        if layout.eos != self.eos:  # mBART's [lang]: it ends a row, it is not a word
+            never = torch.cat([never, never.new_tensor([layout.eos])])
+        with torch.no_grad(), worker_rng():
+            drawn = hamming_sampler(body, self.padding_idx, layout.eos, self.cfg.vaml_samples,
+                                    self.cfg.vaml_sample_temperature, raml_vocab.batch_vocab(body, never))
+        if not prefix_len:
+            return drawn.tokens
+        return torch.cat([layout.prefix.repeat_interleave(self.cfg.vaml_samples, dim=0), drawn.tokens], dim=1)
 
     def forward(self, model, sample, reduce=True):
         if not self.training:  # validation: the reference's NLL, comparable to MLE's
@@ -134,10 +164,11 @@ class VamlCriterion(SeqlevelCriterion):
             self._start()
         actor = self.phase_code.item() == PHASE_CODE["actor"]
         L = cfg.vaml_samples
-        with torch.no_grad(), worker_rng():
-            drawn = hamming_sampler(target, pad, self.eos, L, cfg.vaml_sample_temperature,
-                                    raml_vocab.batch_vocab(target, self.special_ids))
-        samples = drawn.tokens
+        # the task's layout (start symbol, forced prefix, end symbol); its first
+        # call also makes self.reward score what the task outputs
+        layout = self.output_layout(model, sample)
+        prefix_len = layout.prefix_len
+        samples = self.draw_samples(sample, layout)
         if actor and not cfg.vaml_actor_reference:
             rows, per_source = samples, L
         else:  # the reference and its corruptions
@@ -145,24 +176,29 @@ class VamlCriterion(SeqlevelCriterion):
             rows = torch.cat([pad_right(target, width, pad).unsqueeze(1),
                               pad_right(samples, width, pad).view(batch_size, L, -1)], dim=1)
             rows, per_source = rows.view(batch_size * (L + 1), width), L + 1
-        mask = rows.ne(pad)
+        # the steps the model chooses: not the forced prefix (language tokens)
+        mask = unforced(rows, prefix_len, pad).ne(pad)
         refs_for_critic = target.repeat_interleave(per_source, dim=0)
-        prev = prev_output_tokens_from_target(rows, pad, self.eos)
-        q = self.q_values(refs_for_critic, prev, fixed=actor)
+        prev = prev_output_tokens_from_target(rows, pad, layout.bos.repeat_interleave(per_source))
+        q = self.q_values(refs_for_critic, prev, fixed=actor, end=layout.eos)
         extra = {"vaml_ntokens": int(mask.sum()), "vaml_q_sum": taken(q.detach(), rows).masked_fill(~mask, 0.0).sum()}
         if actor:
-            lprobs = rows_lprobs(model, sample["net_input"], rows, per_source, pad, self.eos)
+            lprobs = rows_lprobs(model, sample["net_input"], rows, per_source, pad, layout.bos)
             loss, nll = value_targets_loss(lprobs, q, rows, mask, cfg.vaml_alpha, cfg.vaml_tau, pad)
+            if prefix_len:  # the logged nll_loss: of whole rows, per target token as fairseq's
+                with torch.no_grad():
+                    nll = nll + token_nll(lprobs.detach()[:, :prefix_len].float(), rows[:, :prefix_len], pad).sum()
             loss, nll = loss / per_source, nll / per_source  # the mean over a reference's rows
             # weight 0: every critic parameter in the graph for a data-parallel wrapper
             loss = loss + 0.0 * sum(p.sum() for p in self.critic.parameters())
             extra["vaml_actor_sum"] = loss.detach()
-            sample_size = batch_size if self.sentence_avg else sample["ntokens"]
+            sample_size = (batch_size if self.sentence_avg else sample["ntokens"] if not prefix_len
+                           else int(unforced(target, prefix_len, pad).ne(pad).sum()))
         else:
             with torch.no_grad():
                 rewards, scale = length_scaled_rewards(
                     self.reward.prefix, rows, references_of(sample).repeat_interleave(per_source, dim=0),
-                    refs_for_critic, pad)
+                    refs_for_critic, pad, view=layout.view)
             loss = soft_q_loss(q, rows, rewards, mask, cfg.vaml_tau)
             extra["vaml_td_sum"] = loss.detach()
             extra["vaml_reward_sum"] = (rewards.sum(dim=1) / scale).sum()

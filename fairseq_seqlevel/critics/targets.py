@@ -32,12 +32,44 @@ def step_rewards(prefix_rewards: Tensor, mask: Tensor, scale: Tensor = None) -> 
     return r.masked_fill(~mask, 0.0)
 
 
-def length_scaled_rewards(prefix_reward, rows: Tensor, refs: Tensor, reference: Tensor, pad: int):
+def reference_lengths(reference: Tensor, pad: int, view=None) -> Tensor:
+    """|y*| ``[N]`` (at least 1): the tokens of each ``reference`` row before its
+    eos; with the task's ``view`` (an :class:`~fairseq_seqlevel.rewards.output_view.OutputView`),
+    the tokens that the task shows before its end symbol (no forced prefix, no
+    ``[lang]`` end symbol of mBART's ``</s> [lang]``)."""
+    if view is None or view.identity:
+        return (reference.ne(pad).sum(dim=1) - 1).clamp(min=1)
+    shown = view(reference)
+    before_end = shown.ne(pad) & shown.eq(view.eos).long().cumsum(dim=1).eq(0)
+    return before_end.sum(dim=1).clamp(min=1)
+
+
+def credit_forced(rewards: Tensor, rows: Tensor, prefix_len: int, pad: int) -> Tensor:
+    """``rewards [N, T]`` with the rewards of the first ``prefix_len`` positions (a
+    forced prefix, which the model does not choose) added to the first chosen
+    step and 0 there: the return from the first choice is R(ŷ), as without a
+    prefix (:func:`step_rewards` takes R of the empty output as 0, while a
+    viewed reward gives the forced positions R of the empty output)."""
+    if prefix_len == 0:
+        return rewards
+    rewards = rewards.clone()
+    if rewards.size(1) > prefix_len:
+        rewards[:, prefix_len] += rewards[:, :prefix_len].sum(dim=1)
+    rewards[:, :prefix_len] = 0.0
+    return rewards.masked_fill(rows.eq(pad), 0.0)
+
+
+def length_scaled_rewards(prefix_reward, rows: Tensor, refs: Tensor, reference: Tensor, pad: int, view=None):
     """(r_t ``[N, T]``, scale ``[N]``): per-step rewards of ``rows`` against all
     ``refs`` from ``prefix_reward(rows, refs) -> [N, T]``, times the length of
-    ``reference`` in tokens before eos (dai2018 §6.1)."""
-    scale = (reference.ne(pad).sum(dim=1) - 1).clamp(min=1)
-    return step_rewards(prefix_reward(rows, refs), rows.ne(pad), scale), scale
+    ``reference`` in tokens before eos (dai2018 §6.1).  ``view``: the task's
+    :class:`~fairseq_seqlevel.rewards.output_view.OutputView` of the rows (None:
+    fairseq's plain layout): the length is that of the shown reference
+    (:func:`reference_lengths`) and the forced prefix positions carry no reward
+    (:func:`credit_forced`)."""
+    scale = reference_lengths(reference, pad, view)
+    rewards = step_rewards(prefix_reward(rows, refs), rows.ne(pad), scale)
+    return credit_forced(rewards, rows, 0 if view is None else view.prefix_len, pad), scale
 
 
 def _next(values: Tensor, mask: Tensor) -> Tensor:

@@ -62,3 +62,53 @@ def eval_mode(model):
         model.train(was_training)
         if beam_size is not None and beam_size != 1:
             decoder.set_beam_size(beam_size)
+
+
+def _architecture(model):
+    """The ``--arch`` of ``model`` where it kept it (``args.arch``), else its
+    registered model name, else its class name."""
+    for holder in (getattr(model, "args", None), getattr(model, "cfg", None)):
+        arch = getattr(holder, "arch", None) if holder is not None else None
+        if isinstance(arch, str) and arch:
+            return arch
+    from fairseq.models import MODEL_REGISTRY
+
+    names = [name for name, cls in MODEL_REGISTRY.items() if cls is type(model)]
+    return names[0] if names else type(model).__name__
+
+
+def check_autoregressive(model, arch=None):
+    """Raise :class:`~fairseq_seqlevel.errors.ConfigError` (one line naming the
+    architecture and the reason) unless ``model`` (possibly wrapped) is an
+    autoregressive encoder-decoder that sampling, roll-outs and batched
+    teacher forcing can drive: a ``FairseqEncoderDecoderModel`` whose encoder
+    implements ``reorder_encoder_out`` and whose decoder is a
+    ``FairseqIncrementalDecoder`` (lstm, transformer, fconv, bart/mbart), and
+    not one of fairseq's non-autoregressive models (``FairseqNATModel``:
+    nonautoregressive_transformer, cmlm_transformer, levenshtein_transformer,
+    ..., which subclass the transformer but decode all positions at once).
+    ``arch``: the name to print (default: the model's own ``--arch``)."""
+    from fairseq.models import FairseqEncoder, FairseqEncoderDecoderModel, FairseqIncrementalDecoder
+
+    from fairseq_seqlevel.errors import ConfigError
+
+    model = unwrap(model)
+    name = f"--arch {arch or _architecture(model)} ({type(model).__name__})"
+    try:
+        from fairseq.models.nat import FairseqNATModel
+    except ImportError:  # pragma: no cover - a fairseq without the NAT models
+        FairseqNATModel = ()
+    if isinstance(model, FairseqNATModel):
+        raise ConfigError(f"{name} is non-autoregressive (FairseqNATModel: it predicts all target tokens in parallel); "
+                          "sequence-level criterions need a left-to-right decoder to sample and score outputs "
+                          "(lstm, transformer, fconv, bart)")
+    if not isinstance(model, FairseqEncoderDecoderModel):
+        raise ConfigError(f"{name} is not an encoder-decoder model (FairseqEncoderDecoderModel); sequence-level "
+                          "criterions need a source encoder and a left-to-right decoder (lstm, transformer, fconv, bart)")
+    decoder, encoder = model.decoder, model.encoder
+    if not isinstance(decoder, FairseqIncrementalDecoder):
+        raise ConfigError(f"{name}: its decoder {type(decoder).__name__} has no incremental decoding (not a "
+                          "FairseqIncrementalDecoder), which sequence-level criterions need to sample and roll out")
+    if type(encoder).reorder_encoder_out is FairseqEncoder.reorder_encoder_out:
+        raise ConfigError(f"{name}: its encoder {type(encoder).__name__} does not implement reorder_encoder_out, "
+                          "which sequence-level criterions need to decode several outputs per source")

@@ -11,9 +11,10 @@ eval mode under ``torch.no_grad()``.
 
 Conventions:
 
-* ``tokens`` given to the decoder always start with eos (fairseq's decoder
-  start symbol) followed by the output tokens so far; output position ``p`` is
-  predicted from ``tokens[:, :p + 1]``.
+* ``tokens`` given to the decoder start with the task's start symbol (eos in
+  fairseq's translation layout, see :mod:`fairseq_seqlevel.decoding.layout`)
+  followed by the output tokens so far; output position ``p`` is predicted
+  from ``tokens[:, :p + 1]``.
 * Outputs are right-padded with pad and end with eos: a row reaching its
   length cap ``max_len`` (output tokens, eos included) gets eos forced at
   position ``max_len - 1`` (``SequenceGenerator`` does the same at its max
@@ -34,6 +35,8 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from fairseq_seqlevel.decoding.teacher_forcing import reorder_encoder_out
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
 
@@ -60,9 +63,29 @@ def greedy_choice(lprobs: Tensor, pad: int) -> Tensor:
     return lprobs.argmax(dim=-1)
 
 
-def copy_incremental_state(incremental_state: IncrementalState) -> IncrementalState:
-    """A copy of the two dict levels (tensors are shared, never modified in place)."""
+def copy_incremental_state(incremental_state: IncrementalState, clone: bool = False) -> IncrementalState:
+    """A copy of the two dict levels; the tensors are shared unless ``clone``
+    (fairseq modules keep a dict of tensors, or a tensor or tuple, per key).
+
+    Sharing is enough before a reorder (every fairseq module replaces its
+    cached tensors with ``index_select`` copies there).  Decoding on from a
+    copy needs ``clone``: fconv's ``LinearizedConvolution`` shifts its input
+    buffer in place at every step, which would change the original state too.
+    """
+    if clone:
+        return {k: _clone(v) for k, v in incremental_state.items()}
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in incremental_state.items()}
+
+
+def _clone(value):
+    # a module's cache: a dict of tensors (transformer, lstm), a tensor or a tuple of them (fconv)
+    if torch.is_tensor(value):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone(v) for v in value)
+    return value
 
 
 def _static_attention_modules(decoder):
@@ -89,19 +112,22 @@ def expand_incremental_state(model, incremental_state: IncrementalState, new_ord
 
 def _shrink(model, state: IncrementalState, encoder_out, keep: Tensor):
     """Keep rows ``keep`` (strictly fewer rows than before, so fairseq's
-    same-size shortcut for static caches cannot apply)."""
+    same-size shortcut for static caches cannot apply).  ``state`` and
+    ``encoder_out`` are left as they are (fconv's encoder reorders in place)."""
     state = copy_incremental_state(state)
     model.decoder.reorder_incremental_state_scripting(state, keep)
-    return state, model.encoder.reorder_encoder_out(encoder_out, keep)
+    return state, reorder_encoder_out(model, encoder_out, keep)
 
 
 def greedy_continue(model, encoder_out, tokens: Tensor, incremental_state: IncrementalState,
                     max_len: Tensor, pad: int, eos: int) -> Tensor:
-    """Greedy continuation of every row of ``tokens`` ``[N, t+1]`` (eos, then t
-    output tokens) until eos, eos forced at output position ``max_len - 1``.
+    """Greedy continuation of every row of ``tokens`` ``[N, t+1]`` (the decoder's
+    start symbol, then t output tokens) until ``eos`` (the task's end symbol),
+    eos forced at output position ``max_len - 1``.
 
     ``incremental_state`` and ``encoder_out`` have N rows and hold everything
-    before the last column of ``tokens`` (empty state: nothing decoded yet).
+    before the last column of ``tokens`` (an empty state with t = 0: nothing
+    decoded yet; :func:`greedy_rollin` fills it for a forced prefix).
     Rows whose output already contains eos get nothing.  Finished rows leave
     the batch.  Returns the new tokens ``[N, S]``, pad after each row's eos.
 
@@ -121,10 +147,10 @@ def greedy_continue(model, encoder_out, tokens: Tensor, incremental_state: Incre
         if len(state) > 0:
             state, encoder_out = _shrink(model, state, encoder_out, active)
         else:
-            encoder_out = model.encoder.reorder_encoder_out(encoder_out, active)
+            encoder_out = reorder_encoder_out(model, encoder_out, active)
         cur = tokens.index_select(0, active)
     elif len(state) > 0:
-        state = copy_incremental_state(state)
+        state = copy_incremental_state(state, clone=True)
     caps = max_len.index_select(0, active)
     for step in range(steps):
         lprobs = decoder_step(model, cur, encoder_out, state)
@@ -142,28 +168,54 @@ def greedy_continue(model, encoder_out, tokens: Tensor, incremental_state: Incre
     return out
 
 
-def greedy_rollin(model, encoder_out, max_len: Tensor, pad: int, eos: int) -> Tensor:
-    """Greedy decoding ``[N, max(max_len)]`` of every encoded row from scratch."""
+def greedy_rollin(model, encoder_out, max_len: Tensor, pad: int, eos: int, bos=None,
+                  prefix: Optional[Tensor] = None) -> Tensor:
+    """Greedy decoding ``[N, max(max_len)]`` of every encoded row from scratch.
+
+    ``bos``: the decoder's start symbol, an int or a LongTensor ``[N]``
+    (default ``eos``); ``prefix``: ``[N, P]`` tokens forced at output
+    positions ``0 .. P-1`` (the task's forced prefix, e.g. a target-language
+    token), as ``SequenceGenerator`` forces ``prefix_tokens``; greedy choices
+    start at position P.  The output starts with the prefix."""
     num_rows = max_len.size(0)
-    start = torch.full((num_rows, 1), eos, dtype=torch.long, device=max_len.device)
-    out = greedy_continue(model, encoder_out, start, {}, max_len, pad, eos)
-    width = int(max_len.max()) if num_rows else 0
+    device = max_len.device
+    start = _start_column(bos if bos is not None else eos, num_rows, device)
+    forced = 0 if prefix is None else prefix.size(1)
+    state: IncrementalState = {}
+    if forced:
+        start = torch.cat([start, prefix.to(device)], dim=1)
+        # the decoder consumes the start symbol and all but the last forced token
+        for p in range(forced):
+            decoder_step(model, start[:, :p + 1], encoder_out, state)
+    out = greedy_continue(model, encoder_out, start, state, max_len, pad, eos)
+    if forced:
+        out = torch.cat([start[:, 1:], out], dim=1)
+    width = max(int(max_len.max()) if num_rows else 0, out.size(1))
     if out.size(1) < width:
         out = torch.cat([out, out.new_full((num_rows, width - out.size(1)), pad)], dim=1)
     return out
 
 
-def replay(model, encoder_out, rollin: Tensor, pad: int, eos: int
+def _start_column(bos, num_rows: int, device) -> Tensor:
+    """``[N, 1]`` start symbols from an int or a LongTensor ``[N]``."""
+    if torch.is_tensor(bos):
+        return bos.to(device=device, dtype=torch.long).view(-1, 1).expand(num_rows, 1).contiguous()
+    return torch.full((num_rows, 1), int(bos), dtype=torch.long, device=device)
+
+
+def replay(model, encoder_out, rollin: Tensor, pad: int, eos: int, bos=None
            ) -> Iterator[Tuple[int, Tensor, IncrementalState]]:
     """Teacher-force ``rollin`` ``[B, L]`` through the decoder one step at a time.
 
     Yields ``(t, lprobs_t [B, V], state)`` for t = 0..L-1, where ``state`` has
-    consumed the decoder inputs ``eos, rollin[:, :t]``: a roll-out from cell t
-    expands it (:func:`expand_incremental_state`) and feeds its own token at
-    position t.  The caller must not modify ``state`` and must be done with it
-    before asking for the next step.  Rows past their end are fed eos.
+    consumed the decoder inputs ``bos, rollin[:, :t]`` (``bos``: the start
+    symbol, an int or a LongTensor ``[B]``, default ``eos``): a roll-out from
+    cell t expands it (:func:`expand_incremental_state`) and feeds its own
+    token at position t.  The caller must not modify ``state`` and must be done
+    with it before asking for the next step.  Rows past their end are fed eos.
     """
-    inputs = torch.cat([rollin.new_full((rollin.size(0), 1), eos), rollin.masked_fill(rollin.eq(pad), eos)], dim=1)
+    start = _start_column(bos if bos is not None else eos, rollin.size(0), rollin.device)
+    inputs = torch.cat([start, rollin.masked_fill(rollin.eq(pad), eos)], dim=1)
     state: IncrementalState = {}
     for t in range(rollin.size(1)):
         lprobs = decoder_step(model, inputs[:, :t + 1], encoder_out, state)

@@ -116,7 +116,7 @@ def _check(n, strategy, temperature, topk, topp, min_len, choose):
 
 def sample(model, net_input, n: int = 1, strategy: str = "greedy", temperature: float = 1.0, topk: int = 0,
            topp: float = 1.0, max_len_a: float = 0, max_len_b: float = 200, min_len: int = 1,
-           choose: Optional[Choose] = None, last_step: Optional[Tensor] = None) -> Samples:
+           choose: Optional[Choose] = None, last_step: Optional[Tensor] = None, layout=None) -> Samples:
     """``n`` outputs per source of ``net_input`` (``src_tokens``, ``src_lengths``).
 
     Args:
@@ -140,6 +140,11 @@ def sample(model, net_input, n: int = 1, strategy: str = "greedy", temperature: 
         last_step: ``[B]`` per source, the step at which eos is forced,
             instead of the limit from ``max_len_a``/``max_len_b`` (still capped
             by the model's ``max_decoder_positions``).
+        layout: the task's :class:`~fairseq_seqlevel.decoding.layout.OutputLayout`
+            of the batch (start symbol, forced prefix, end symbol), as its
+            ``inference_step`` decodes; None: eos starts and ends a row.  The
+            prefix is forced at steps ``0 .. P-1`` (``choose`` is not asked
+            there) unless a row is at its limit, as ``SequenceGenerator`` does.
 
     Returns :class:`Samples`; ``lprobs`` holds the unmasked temperature-1
     model log-prob of each emitted token, whatever chose it.
@@ -150,13 +155,14 @@ def sample(model, net_input, n: int = 1, strategy: str = "greedy", temperature: 
     # (plain DDP) would hide the decoder whose beam size eval_mode resets to 1
     with eval_mode(inner):
         return _decode(inner, net_input, n, strategy, temperature, topk, topp, max_len_a, max_len_b, min_len,
-                       choose, last_step)
+                       choose, last_step, layout)
 
 
 def _decode(model, net_input, n, strategy, temperature, topk, topp, max_len_a, max_len_b, min_len, choose,
-            last_step=None):
+            last_step=None, layout=None):
     dictionary = model.decoder.dictionary
-    pad, eos = dictionary.pad(), dictionary.eos()
+    pad = dictionary.pad()
+    eos = dictionary.eos() if layout is None else layout.eos
     src_lengths = net_input["src_lengths"]
     device = net_input["src_tokens"].device
     num_rows = src_lengths.numel() * n
@@ -175,19 +181,27 @@ def _decode(model, net_input, n, strategy, temperature, topk, topp, max_len_a, m
 
     encoder_out = encode(model, net_input)
     if n > 1:
-        encoder_out = expand_encoder_out(model, encoder_out, n)
+        encoder_out = expand_encoder_out(model, encoder_out, n, src_lengths.numel())
     state: IncrementalState = {}
     rows = torch.arange(num_rows, device=device)  # original ids of the unfinished rows
-    inputs = torch.full((num_rows, 1), eos, dtype=torch.long, device=device)  # eos, then their tokens so far
+    if layout is None:  # the start symbol, then their tokens so far
+        inputs = torch.full((num_rows, 1), eos, dtype=torch.long, device=device)
+        prefix = inputs[:, :0]
+    else:
+        inputs = layout.bos.to(device).repeat_interleave(n).unsqueeze(1)
+        prefix = layout.prefix.to(device).repeat_interleave(n, dim=0)
     step = 0
     for step in range(final_step + 1):
         lprobs = decoder_step(model, inputs, encoder_out, state).float()
         # rows at their limit: none before the smallest limit, which spares the V-wide masking
         at_limit = last.le(step) if step >= first_limit else None
-        masked = constrain(lprobs, step, min_len, at_limit, pad, eos)
-        if choose is None:
+        if step < prefix.size(1):  # the task's forced tokens (SequenceGenerator._prefix_tokens)
+            chosen = prefix[:, step]
+        elif choose is None:
+            masked = constrain(lprobs, step, min_len, at_limit, pad, eos)
             chosen = pick(masked, strategy, temperature, topk, topp)
         else:
+            masked = constrain(lprobs, step, min_len, at_limit, pad, eos)
             chosen = choose(step, masked, inputs[:, 1:], rows)
             if chosen.shape != rows.shape:
                 raise ValueError(f"choose returned shape {tuple(chosen.shape)}, expected {tuple(rows.shape)}")
@@ -197,7 +211,7 @@ def _decode(model, net_input, n, strategy, temperature, topk, topp, max_len_a, m
         scores[rows, step] = lprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
         finished = chosen.eq(eos)
         # the step's one host sync (with choose, it also counts pads)
-        if choose is None:
+        if choose is None or step < prefix.size(1):
             num_finished, num_pad = int(finished.sum()), 0
         else:
             num_finished, num_pad = torch.stack([finished.sum(), chosen.eq(pad).sum()]).tolist()
@@ -212,5 +226,6 @@ def _decode(model, net_input, n, strategy, temperature, topk, topp, max_len_a, m
             keep = finished.to(torch.uint8).argsort(stable=True)[:rows.numel() - num_finished]
             state, encoder_out = _shrink(model, state, encoder_out, keep)
             inputs, rows, last = inputs.index_select(0, keep), rows.index_select(0, keep), last.index_select(0, keep)
+            prefix = prefix.index_select(0, keep)
     tokens, scores = tokens[:, :step + 1], scores[:, :step + 1]
     return Samples(tokens, scores, tokens.ne(pad).sum(dim=1))

@@ -11,26 +11,39 @@ import torch
 from fairseq_seqlevel.decoding.model import unwrap
 
 
-def prev_output_tokens_from_target(target, pad, eos):
-    """fairseq's decoder input for right-padded targets ending in eos.
+def prev_output_tokens_from_target(target, pad, bos):
+    """fairseq's decoder input for right-padded targets.
 
-    ``[eos, y_1, ..., y_{T-1}]`` per row, pad where the target is pad: exactly
+    ``[bos, y_1, ..., y_{T-1}]`` per row, pad where the target is pad: exactly
     what ``LanguagePairDataset`` builds with ``move_eos_to_beginning``.
+    ``bos``: the start symbol, an int (eos in fairseq's translation layout)
+    or a LongTensor ``[N]`` per row (the batch's ``prev_output_tokens[:, 0]``,
+    see :mod:`fairseq_seqlevel.decoding.layout`).
     """
-    prev = torch.cat([target.new_full((target.size(0), 1), eos), target[:, :-1]], dim=1)
+    if torch.is_tensor(bos):
+        first = bos.to(target.device).view(-1, 1).expand(target.size(0), 1)
+    else:
+        first = target.new_full((target.size(0), 1), bos)
+    prev = torch.cat([first, target[:, :-1]], dim=1)
     return prev.masked_fill(target.eq(pad), pad)
+
+
+def _per_row(bos, per_source):
+    """A per-source start symbol ``[B]`` repeated for ``per_source`` rows each (ints pass)."""
+    return bos.repeat_interleave(per_source) if torch.is_tensor(bos) else bos
 
 
 def rows_lprobs(model, net_input, rows, per_source, pad, eos, grad=True):
     """Log-probs ``[B·per_source, T, V]`` of ``rows`` (source b's rows at
-    b·per_source ..) in one teacher-forced pass, each source repeated: through
+    b·per_source ..; ``eos`` the start symbol, an int or per source ``[B]``)
+    in one teacher-forced pass, each source repeated: through
     ``model(...)`` (what data parallelism sees) when they carry gradients, the
     inner model under ``no_grad`` otherwise."""
     batch_size = net_input["src_tokens"].size(0)
     index = torch.arange(batch_size, device=rows.device).repeat_interleave(per_source)
     inputs = {k: v.index_select(0, index) for k, v in net_input.items()
               if torch.is_tensor(v) and k != "prev_output_tokens"}
-    inputs["prev_output_tokens"] = prev_output_tokens_from_target(rows, pad, eos)
+    inputs["prev_output_tokens"] = prev_output_tokens_from_target(rows, pad, _per_row(eos, per_source))
     if grad:
         return model.get_normalized_probs(model(**inputs), log_probs=True)
     with torch.no_grad():
@@ -43,12 +56,33 @@ def encode(model, net_input):
     return model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
 
 
-def expand_encoder_out(model, encoder_out, repeats):
-    """Repeat each example's encoder output ``repeats`` times (row b*repeats+k)."""
-    batch_size = _encoder_batch_size(encoder_out)
+def expand_encoder_out(model, encoder_out, repeats, batch_size):
+    """Repeat each example's encoder output ``repeats`` times (row b*repeats+k).
+
+    ``batch_size``: the number of sources encoded (``src_tokens.size(0)``),
+    given by the caller because encoder outputs have no common layout
+    (transformer: ``encoder_out`` T x B x C in a list; lstm: a tuple of
+    T x B x C; fconv: a tuple of B x T x C).  ``encoder_out`` is left as it is.
+    """
     device = _first_tensor(encoder_out).device
-    new_order = torch.arange(batch_size, device=device).repeat_interleave(repeats)
-    return model.encoder.reorder_encoder_out(encoder_out, new_order)
+    new_order = torch.arange(int(batch_size), device=device).repeat_interleave(repeats)
+    return reorder_encoder_out(model, encoder_out, new_order)
+
+
+def reorder_encoder_out(model, encoder_out, new_order):
+    """``model.encoder.reorder_encoder_out(encoder_out, new_order)`` that leaves
+    ``encoder_out`` intact: fconv's reorders the dict it is given in place
+    (a caller that reorders the same encoder output twice would lose rows), so
+    it gets a copy of the containers (the tensors are shared, never written)."""
+    return model.encoder.reorder_encoder_out(_copy_containers(encoder_out), new_order)
+
+
+def _copy_containers(encoder_out):
+    if isinstance(encoder_out, dict):
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in encoder_out.items()}
+    if isinstance(encoder_out, list):
+        return list(encoder_out)
+    return encoder_out  # a tuple or a tensor: nothing to write into
 
 
 def decoder_lprobs(model, encoder_out, prev_output_tokens):
@@ -75,13 +109,6 @@ def _first_tensor(obj):
     return None
 
 
-def _encoder_batch_size(encoder_out):
-    # transformer: dict with "encoder_out": [T x B x C]; lstm: tuple (out T x B x C, h, c, mask)
-    if isinstance(encoder_out, dict):
-        return encoder_out["encoder_out"][0].size(1)
-    return encoder_out[0].size(1)
-
-
 # ---------------------------------------------------------------------------
 # Weighted row losses without materializing N x T x V log-probabilities
 # ---------------------------------------------------------------------------
@@ -97,15 +124,42 @@ def _encoder_batch_size(encoder_out):
 CHUNK_LOGITS = 1 << 22  # logits per chunk (16 MB in float32)
 
 
+def splits_output_layer(decoder):
+    """True if the decoder implements ``extract_features`` and ``output_layer``
+    (transformer, lstm), False if only its ``forward`` runs (fconv: fairseq's
+    base ``extract_features`` / ``output_layer`` raise NotImplementedError)."""
+    from fairseq.models import FairseqDecoder, FairseqIncrementalDecoder
+
+    cls = type(decoder)
+    return (cls.extract_features not in (FairseqDecoder.extract_features, FairseqIncrementalDecoder.extract_features)
+            and cls.output_layer is not FairseqDecoder.output_layer)
+
+
+def decoder_features(model, prev_output_tokens, encoder_out):
+    """The decoder's last hidden states ``[N, T, C]`` (``extract_features``); for
+    a decoder that does not split its forward (fconv), its output ``[N, T, V]``,
+    which :func:`project_features` then passes through."""
+    if splits_output_layer(model.decoder):
+        return model.decoder.extract_features(prev_output_tokens, encoder_out=encoder_out)[0]
+    return model.decoder(prev_output_tokens, encoder_out=encoder_out)[0]
+
+
+def project_features(model, features):
+    """The decoder's output layer on :func:`decoder_features` (the identity where
+    those already are the decoder's output)."""
+    return model.decoder.output_layer(features) if splits_output_layer(model.decoder) else features
+
+
 def output_projection(decoder):
     """(weight, bias) of the decoder's final vocabulary projection, or None.
 
     Known layouts: fairseq's transformer (``output_projection``) and lstm
     (``fc_out``, or the tied ``embed_tokens`` with ``share_input_output_embed``).
-    Adaptive softmax and unknown decoders give None (callers fall back to the
-    decoder's own ``output_layer``).
+    Adaptive softmax, decoders without a separate ``output_layer`` (fconv:
+    its ``fc3`` follows ``fc2`` and dropout inside ``forward``) and unknown
+    decoders give None (callers fall back to the decoder's own output).
     """
-    if getattr(decoder, "adaptive_softmax", None) is not None:
+    if getattr(decoder, "adaptive_softmax", None) is not None or not splits_output_layer(decoder):
         return None
     layer = getattr(decoder, "output_projection", None)
     if isinstance(layer, torch.nn.Linear):
@@ -216,11 +270,11 @@ def weighted_row_losses(model, encoder_out, prev_output_tokens, target, coef, lo
     """
     coef = coef.detach()
     if fused is not False:
-        features, _ = model.decoder.extract_features(prev_output_tokens, encoder_out=encoder_out)
+        features = decoder_features(model, prev_output_tokens, encoder_out)
         chunked = _chunked_projection(model, features, fused)
         if chunked is not None:
             return _FusedRowLoss.apply(features, *chunked[:2], coef, target, loss_fn, chunked[2])
-        net_output = (model.decoder.output_layer(features), None)
+        net_output = (project_features(model, features), None)
         lprobs = model.get_normalized_probs(net_output, log_probs=True)
     else:
         lprobs, _ = decoder_lprobs(model, encoder_out, prev_output_tokens)
@@ -255,14 +309,15 @@ def row_objective(model, encoder_out, prev_output_tokens, target, loss_fn, objec
     log-probabilities never exist at once (one extra chunked projection computes
     the losses first).  Returns ``(loss, row_loss, row_nll, features)``:
     ``loss`` has the value of the objective and its exact gradient; ``features``
-    (the decoder's last hidden states) let a caller add terms on some rows.
+    (:func:`decoder_features`, through :func:`project_features` to the
+    decoder's output) let a caller add terms on some rows.
     """
-    features, _ = model.decoder.extract_features(prev_output_tokens, encoder_out=encoder_out)
+    features = decoder_features(model, prev_output_tokens, encoder_out)
     chunked = _chunked_projection(model, features, fused)
     if chunked is not None:
         row_loss, row_nll = _chunked_row_losses(features, *chunked[:2], target, loss_fn, chunked[2])
     else:
-        lprobs = model.get_normalized_probs((model.decoder.output_layer(features), None), log_probs=True)
+        lprobs = model.get_normalized_probs((project_features(model, features), None), log_probs=True)
         graph_loss, row_nll = loss_fn(lprobs, target)
         row_loss, row_nll = graph_loss.detach(), row_nll.detach()
     with torch.enable_grad():
@@ -276,13 +331,17 @@ def row_objective(model, encoder_out, prev_output_tokens, target, loss_fn, objec
     return total - total.detach() + value.detach(), row_loss, row_nll, features
 
 
-def rows_objective(model, net_input, rows, per_source, pad, eos, loss_fn, objective, fused=None):
+def rows_objective(model, net_input, rows, per_source, pad, eos, loss_fn, objective, fused=None, loss_target=None):
     """:func:`row_objective` of ``rows`` ``[B·m, T]`` (``m = per_source`` rows per
     source, source-major), the encoder run once per source.  Gradient-carrying:
-    run it as the model's forward (``forward_through(model, rows_objective, ...)``)."""
-    encoder_out = expand_encoder_out(model, encode(model, net_input), per_source)
-    prev = prev_output_tokens_from_target(rows, pad, eos)
-    return row_objective(model, encoder_out, prev, rows, loss_fn, objective, fused=fused)
+    run it as the model's forward (``forward_through(model, rows_objective, ...)``).
+    ``eos``: the start symbol, an int or per source ``[B]``; ``loss_target``:
+    the rows as ``loss_fn`` sees them (pad where a token is not scored, e.g. a
+    forced prefix), default ``rows``."""
+    encoder_out = expand_encoder_out(model, encode(model, net_input), per_source, net_input["src_tokens"].size(0))
+    prev = prev_output_tokens_from_target(rows, pad, _per_row(eos, per_source))
+    return row_objective(model, encoder_out, prev, rows if loss_target is None else loss_target, loss_fn, objective,
+                         fused=fused)
 
 
 def sequence_nll(lprobs, target, pad):
