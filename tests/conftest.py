@@ -148,3 +148,7 @@ def levenshtein(a, b):
             cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
         prev = cur
     return prev[-1]
+
+
+# the pipeline matrix's session fixtures (tests/pipelines.py imports this module, so at the end)
+from pipelines import pipeline_data_dirs, pipeline_mle_checkpoints  # noqa: E402,F401

@@ -29,6 +29,7 @@ from omegaconf import II
 
 from conftest import TINY_LSTM, TINY_TRANSFORMER, USER_DIR
 from ddp_harness import Case, check_report, examples, run_matrix, summary
+from pipelines import PIPELINES
 
 BACKENDS = ["pytorch_ddp", "legacy_ddp"]
 THIS_MODULE = __name__  # the child imports it to register the test criterions
@@ -193,15 +194,19 @@ CASES = [
     "scst_mean_mle_sampled",
     "interpolation", "interpolation_sampled", "interpolation_transformer",
     "erac_critic", "erac_joint", "erac_joint_sampled", "erac_joint_transformer", "vaml_q", "vaml_actor",
-    "vaml_actor_transformer",
+    "vaml_actor_transformer", "multilingual_risk_beam", "multilingual_seq_exploration_sampled",
+    "multilingual_raml_sampled",
 ]
 SELF_TESTS = ["bypass", "unused_parameter"]
 
 
-def make_cases(toy_data, embeddings):
+def make_cases(toy_data, embeddings, multilingual_data=None):
     def base(*args, arch=TINY_LSTM):
         return [toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation", *arch,
                 "--dropout", "0", "--seed", "3", *args]
+
+    def multilingual(*args):  # translation_multi_simple_epoch, two target languages in each batch
+        return [multilingual_data, "--user-dir", USER_DIR, *PIPELINES["multilingual-transformer"].argv, *args]
 
     mle = ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
     raml = ["--criterion", "raml", "--raml-alpha", "0.5", "--raml-samples", "3"]
@@ -266,6 +271,13 @@ def make_cases(toy_data, embeddings):
         Case("vaml_q", base(*vaml)),
         Case("vaml_actor", base(*vaml, "--vaml-phase", "actor"), patch=vaml_actor),
         Case("vaml_actor_transformer", base(*vaml, "--vaml-phase", "actor", arch=TINY_TRANSFORMER), patch=vaml_actor),
+        # each row's own language token forced in every decode (beam search: deterministic; a fixed
+        # length limit, as SequenceGenerator's a·|x| reads the batch's padded source width, which
+        # differs between a rank's batch and the combined one)
+        Case("multilingual_risk_beam", multilingual(*risk, "--risk-search", "beam", "--risk-max-len-a", "0",
+                                                    "--risk-max-len-b", "8"), **det),
+        Case("multilingual_seq_exploration_sampled", multilingual(*sle)),
+        Case("multilingual_raml_sampled", multilingual(*raml)),
         Case("bypass", base("--criterion", "ddp_test_bypass"), **det, **ours),
         Case("unused_parameter", base("--criterion", "ddp_test_unused"), **det, **ours),
     ]
@@ -284,12 +296,13 @@ def embeddings(toy_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reports(request, toy_data, embeddings):
+def reports(request, toy_data, embeddings, pipeline_data_dirs):
     """``{(backend, case): report}`` of the selected tests, all from one spawned pair."""
     selected = [(item.callspec.params["backend"], item.callspec.params["case"])
                 for item in request.session.items
                 if item.module is request.module and hasattr(item, "callspec")]
-    cases = make_cases(toy_data, embeddings)
+    multilingual = any(name.startswith("multilingual") for _, name in selected)
+    cases = make_cases(toy_data, embeddings, pipeline_data_dirs["multilingual"] if multilingual else None)
     wanted = [cases[name] for name in cases if any(name == n for _, n in selected)]
     backends = [b for b in BACKENDS if any(b == s for s, _ in selected)]
     try:
