@@ -202,7 +202,7 @@ def test_every_criterion_fine_tunes_3_updates(name, criterion_name, pipeline_dat
 # the CLI path users take: fine-tune the stock checkpoint with --finetune-from-model,
 # one criterion per pipeline (each criterion at least once across the rows)
 CLI_ROWS = [(name, list(CRITERIONS)[i % len(CRITERIONS)]) for i, name in enumerate(PIPELINES)]
-CLI_ROWS += [(MULTI, "seq_exploration"), ("mbart", "risk_beam")]
+CLI_ROWS += [(MULTI, "seq_exploration"), (MULTI, "vaml"), ("mbart", "risk_beam")]
 
 
 @pytest.mark.parametrize("name,criterion_name", CLI_ROWS)
