@@ -64,7 +64,8 @@ def read_refs(data, split, langs):
 
 
 def bleu_scores(hyps, refs):
-    """Corpus BLEU against each reference set and against all of them."""
+    """Corpus BLEU and chrF (sacrebleu's defaults) against each reference set and
+    against all of them: chrF beside BLEU, whichever reward trained the model."""
     import sacrebleu
 
     scores = {}
@@ -72,8 +73,10 @@ def bleu_scores(hyps, refs):
         if len(ref) != len(hyps):
             sys.exit(f"error: {len(hyps)} hypotheses but {len(ref)} references ({lang})")
         scores[f"bleu_{lang}"] = sacrebleu.corpus_bleu(hyps, [ref]).score
+        scores[f"chrf_{lang}"] = sacrebleu.corpus_chrf(hyps, [ref]).score
     if len(refs) > 1:
         scores["bleu_" + "+".join(refs)] = sacrebleu.corpus_bleu(hyps, list(refs.values())).score
+        scores["chrf_" + "+".join(refs)] = sacrebleu.corpus_chrf(hyps, list(refs.values())).score
     return scores
 
 
