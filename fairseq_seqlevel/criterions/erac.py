@@ -116,7 +116,7 @@ class EracCriterion(SeqlevelCriterion):
         super().__init__(task, cfg)
         dictionary = task.target_dictionary
         name = cfg.erac_reward or getattr(getattr(task, "cfg", None), "reward", None) or "bleu"
-        self.reward = bind_reward(name, dictionary, "token", flag="--erac-reward")
+        self.reward = bind_reward(name, dictionary, "token", flag="--erac-reward", needs_prefix=True)
         self.critic = build_critic(cfg, dictionary)
         self.target_names = register_shadow(self, self.critic, "target")
         self.register_buffer("phase_code", torch.tensor(0))

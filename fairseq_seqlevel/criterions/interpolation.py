@@ -250,7 +250,7 @@ class InterpolationCriterion(SeqlevelCriterion):
         name = cfg.interp_reward or getattr(getattr(task, "cfg", None), "reward", None) or "bleu"
         # ΔR compares token ids (next_token_gains needs a token-level reward); the
         # validation signal is the task's reward as the task scores it
-        self.gain_reward = bind_reward(name, task.target_dictionary, "token", flag="--interp-reward")
+        self.gain_reward = bind_reward(name, task.target_dictionary, "token", flag="--interp-reward", needs_prefix=True)
         self.valid_reward = self.resolve_reward(cfg.interp_reward, "--interp-reward", default="bleu")
         self.register_buffer("banned_ids", torch.tensor(
             [i for i in self.special_ids.tolist() if i != self.eos], dtype=torch.long), persistent=False)

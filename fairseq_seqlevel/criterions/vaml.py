@@ -102,7 +102,7 @@ class VamlCriterion(SeqlevelCriterion):
         super().__init__(task, cfg)
         dictionary = task.target_dictionary
         name = cfg.vaml_reward or getattr(getattr(task, "cfg", None), "reward", None) or "bleu"
-        self.reward = bind_reward(name, dictionary, "token", flag="--vaml-reward")
+        self.reward = bind_reward(name, dictionary, "token", flag="--vaml-reward", needs_prefix=True)
         self.critic = build_critic(cfg, dictionary)
         self.snapshot_names = register_shadow(self, self.critic, "fixed")
         self.register_buffer("phase_code", torch.tensor(0))

@@ -39,8 +39,10 @@ SUBWORD_STYLES = ChoiceEnum(["auto", "sentencepiece", "subword_nmt", "none"])
 class SeqlevelTranslationConfig(TranslationConfig):
     reward: str = field(
         default="bleu",
-        metadata={"help": "sequence reward used by criterions and --eval-reward "
-                  "(see fairseq_seqlevel.rewards.available_rewards())"},
+        metadata={"help": "sequence reward used by criterions and --eval-reward: a name "
+                  "(see fairseq_seqlevel.rewards.available_rewards()), python:MODULE:FUNCTION "
+                  "(fairseq_seqlevel.rewards.user; imported only when named on this command line), "
+                  "or a mix NAME:WEIGHT,NAME:WEIGHT (fairseq_seqlevel.rewards.mixed)"},
     )
     reward_level: REWARD_LEVELS = field(
         default="token",
