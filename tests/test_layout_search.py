@@ -27,6 +27,7 @@ from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
 from fairseq_seqlevel.rewards.output_view import OutputView
 from test_interpolation import _single_reference
 from test_raml import _assert_same, _loss_and_grads
+from test_searnn import _full_greedy, _strip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,25 +118,6 @@ def _record_decoder(monkeypatch, model):
     return calls
 
 
-def _full_greedy(model, src, src_len, bos, out, cap, pad, end):
-    """One row, one full (non-incremental) forward per token from ``[bos] + out``
-    until ``end`` (forced at output position cap - 1): the reference decoder."""
-    out = list(out)
-    while not out or out[-1] != end:
-        if len(out) >= cap - 1:
-            out.append(end)
-            break
-        prev = torch.tensor([[bos] + out])
-        lp = model.get_normalized_probs(model(src.unsqueeze(0), src_len.view(1), prev), log_probs=True)[0, -1]
-        lp[pad] = -math.inf
-        out.append(int(lp.argmax()))
-    return out
-
-
-def _strip(tokens, pad):
-    return [int(x) for x in tokens if int(x) != pad]
-
-
 def _hand_nll(model, sample, tokens, bos, free_from=0):
     """Σ token NLL of ``tokens`` teacher-forced from ``[bos, tokens[:-1]]`` at
     positions >= free_from, with its gradients (computed here, not by the library)."""
@@ -186,14 +168,15 @@ def test_searnn_learned_rollins_and_rollouts_follow_the_layout(toy_data, pretrai
         srcs = [net["src_tokens"][b][net["src_tokens"][b].ne(pad)] for b in range(target.size(0))]
         for b in range(target.size(0)):
             bos, prefix = int(layout.bos[b]), layout.prefix[b].tolist()
-            expected = _full_greedy(model, srcs[b], net["src_lengths"][b], bos, prefix, int(caps[b]), pad, end)
+            expected = _full_greedy(model, srcs[b], net["src_lengths"][b], prefix, int(caps[b]), pad, end,
+                                    bos=bos)
             rollin = _strip(found.rollin[b], pad)
             assert rollin == expected and rollin[:forced] == prefix and rollin[-1] == end
         for hyp, m, j in zip(found.hyps, found.hyp_cells.tolist(), found.hyp_columns.tolist()):
             b, t = int(found.cell_rows[m]), int(found.cell_pos[m])
             prefix = _strip(found.rollin[b], pad)[:t] + [int(found.candidates[m, j])]
-            expected = _full_greedy(model, srcs[b], net["src_lengths"][b], int(layout.bos[b]), prefix,
-                                    int(caps[b]), pad, end)
+            expected = _full_greedy(model, srcs[b], net["src_lengths"][b], prefix, int(caps[b]), pad, end,
+                                    bos=int(layout.bos[b]))
             assert _strip(hyp, pad) == expected, (b, t, prefix)
             # the cost scores what the task outputs: no prefix, up to the end symbol
             refs = [_words(r, forced, pad, (d.eos(), end)) for r in batch["references"][b] if int(r.ne(pad).sum())]

@@ -59,14 +59,16 @@ def _allowed_ids(dictionary, with_eos=True):
     return [i for i, s in enumerate(dictionary.symbols) if i not in special and not s.startswith("madeupword")]
 
 
-def _full_greedy(model, src, src_len, prefix, cap, pad, eos):
-    """One row, one full (non-incremental) forward per token: the reference decoder."""
+def _full_greedy(model, src, src_len, prefix, cap, pad, eos, bos=None):
+    """One row, one full (non-incremental) forward per token from ``[bos] + prefix``
+    (bos: eos by default) until ``eos`` (forced at output position cap - 1): the
+    reference decoder."""
     out = list(prefix)
     while not out or out[-1] != eos:
         if len(out) >= cap - 1:
             out.append(eos)
             break
-        prev = torch.tensor([[eos] + out])
+        prev = torch.tensor([[eos if bos is None else bos] + out])
         lp = model.get_normalized_probs(model(src.unsqueeze(0), src_len.view(1), prev), log_probs=True)[0, -1]
         lp[pad] = -math.inf
         out.append(int(lp.argmax()))
