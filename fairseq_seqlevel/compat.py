@@ -59,6 +59,16 @@ the former in the checkpoint's ``extra_state`` (broadcast to every rank on
 load) and gives it back on resume, unless meters are reset
 (``--reset-meters``, ``--finetune-from-model``: a fresh start).
 
+``--bf16`` without a TPU
+------------------------
+fairseq's argument parser sets ``--tpu`` whenever ``--bf16`` is given (an old
+TPU-only default; fairseq issue #4696), so ``fairseq-train --bf16`` on a GPU or
+a CPU dies importing ``torch_xla``.  :func:`bf16_without_tpu` wraps
+``distributed_utils.call_main`` (looked up when the CLIs call it, after the
+plugin is imported): with ``bf16`` and ``tpu`` set and no ``torch_xla``
+installed, ``tpu`` is switched off -- what ``fairseq-hydra-train
+common.bf16=true`` runs.  With ``torch_xla`` present nothing changes.
+
 mBART fine-tuning (``translation_from_pretrained_bart``)
 --------------------------------------------------------
 fairseq's ``TranslationFromPretrainedBARTTask`` is still written for the
@@ -269,8 +279,33 @@ def fix_translation_from_pretrained_bart():
     return True
 
 
+def bf16_without_tpu():
+    """Undo ``--bf16``'s implied ``--tpu`` where no TPU stack is installed
+    (module docstring).  Idempotent; returns True if it wrapped ``call_main``."""
+    import importlib.util
+
+    from fairseq.distributed import utils as distributed_utils
+
+    call_main = distributed_utils.call_main
+    if getattr(call_main, "_fairseq_seqlevel", False):
+        return False
+
+    def call_main_without_implied_tpu(cfg, main, **kwargs):
+        common = cfg.common
+        if getattr(common, "bf16", False) and getattr(common, "tpu", False) \
+                and importlib.util.find_spec("torch_xla") is None:
+            logger.info("fairseq_seqlevel: --bf16 without torch_xla: not on a TPU (fairseq sets --tpu with --bf16)")
+            common.tpu = False
+        return call_main(cfg, main, **kwargs)
+
+    call_main_without_implied_tpu._fairseq_seqlevel = True
+    distributed_utils.call_main = call_main_without_implied_tpu
+    return True
+
+
 allow_fairseq_checkpoints()
 keep_last_batch()
 allow_cpu_pytorch_ddp()
 keep_criterion_training_state()
 fix_translation_from_pretrained_bart()
+bf16_without_tpu()

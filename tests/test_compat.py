@@ -4,6 +4,7 @@ import argparse
 import io
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -116,3 +117,16 @@ def test_translation_from_pretrained_bart_fails_without_the_shim(toy_data, monke
         task.load_dataset("valid")
     assert compat.fix_translation_from_pretrained_bart()  # re-applied (monkeypatch then restores its own)
     task.load_dataset("valid")
+
+
+def test_fairseq_train_bf16_runs_without_a_tpu(toy_data, tmp_path):
+    """fairseq sets --tpu with --bf16; without the shim the run dies on torch_xla
+    ('NoneType' object has no attribute 'xla_device')."""
+    from conftest import TINY_LSTM, USER_DIR, run_cli
+
+    out = run_cli("train", toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation", *TINY_LSTM,
+                  "--criterion", "risk", "--risk-candidates", "3", "--optimizer", "adam", "--lr", "1e-3",
+                  "--max-tokens", "400", "--max-update", "2", "--save-dir", tmp_path, "--no-save",
+                  "--num-workers", "0", "--cpu", "--bf16", "--log-format", "simple", "--log-interval", "1")
+    log = out.stdout + out.stderr
+    assert "--bf16 without torch_xla" in log and re.search(r"num_updates 2\b", log), log[-3000:]
