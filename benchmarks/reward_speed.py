@@ -1,6 +1,7 @@
 """Speed of the batched torch rewards vs per-sentence sacrebleu / rapidfuzz loops.
 
 Usage: python benchmarks/reward_speed.py [--pairs 5000] [--repeats 5] [--json PATH] [--no-single-thread]
+           [--metrics bleu,chrf] [--chrf-pairs 1000,4000] [--chrf-prefix-subset 100]
 
 Data: synthetic but realistic pairs -- references of 10..40 tokens drawn from
 a Zipf distribution over a 4k vocabulary, hypotheses = references with ~10%
@@ -14,9 +15,21 @@ timed); the sacrebleu loop over all prefixes is timed on a subset of the
 sentences and extrapolated per sentence (stated in the output).  The 1-minute
 load average is printed: on a shared 2-core machine other processes make the
 multi-threaded torch numbers much worse (threads wait for a free core).
+
+chrF / chrF++ (``--metrics chrf``): real Bible pairs (``examples/bible_es_en``, all verses but
+the 3 damaged rows, in a seeded random order), token ids of a sentencepiece unigram model
+(4k pieces, trained here on WEB + KJV verses; not timed) in a fairseq-style dictionary,
+targets ending with eos.  Hypothesis = the WEB verse with ~10% of its words deleted, ~10%
+replaced by words of other verses, ~5% inserted; references WEB (R1) and WEB + KJV (R2).
+sacrebleu's ``CHRF()`` / ``CHRF(word_order=2)`` sentence loops run on the decoded strings
+(built beforehand, not timed); the prefix loop (every token prefix, decoded) is timed on the
+first ``--chrf-prefix-subset`` sentences and extrapolated.  Torch runs single-threaded
+(``torch.set_num_threads(1)``), so the two compete for a core the same way.
 """
 
 import argparse
+import gzip
+import io
 import json
 import os
 import random
@@ -29,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fairseq_seqlevel.rewards import edit_distance, prefix_bleu, sentence_bleu  # noqa: E402
+from fairseq_seqlevel.rewards.chrf import ChrF  # noqa: E402
 
 PAD = 0
 
@@ -280,6 +294,128 @@ def report_spelling(res):
               f"/ {b['speedup_vs_from_tensors']:4.2f}x")
 
 
+# ------------------------------------------------------------------ chrF on Bible pairs
+
+BIBLE = Path(__file__).resolve().parents[1] / "examples" / "bible_es_en" / "verses.tsv.gz"
+FAIRSEQ_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # fairseq Dictionary ids 0..3
+BOS, FPAD, EOS, UNK = 0, 1, 2, 3
+
+
+def bible_chrf_data(num_pairs, seed=0):
+    """(symbols, hyp ids, [ref ids WEB, ref ids KJV], hyp strings, [ref strings WEB, KJV]):
+    ids are sentencepiece pieces of a fairseq-style dictionary, strings what fairseq decodes."""
+    import sentencepiece as spm
+
+    with gzip.open(BIBLE, "rt", encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f]
+    rows = [r for r in rows if len(r) == 4 and all(x.strip() for x in r)
+            and not any("<div" in x or "sID=" in x or "World English Bible Glossary" in x for x in r)]
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([r[2] for r in rows[:8000]] + [r[3] for r in rows[:8000]]), model_writer=model,
+        vocab_size=4000, character_coverage=1.0, model_type="unigram", num_threads=1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    symbols = FAIRSEQ_SPECIALS + [sp.id_to_piece(i) for i in range(sp.get_piece_size())
+                                  if not (sp.is_control(i) or sp.is_unknown(i))]
+    index = {s: i for i, s in enumerate(symbols)}
+    rows = rows[:num_pairs]
+    pool = [w for r in rows for w in r[2].split()]
+
+    def noisy(words):
+        out = []
+        for w in words:
+            u = rng.random()
+            if u >= 0.1:
+                out.append(rng.choice(pool) if u < 0.2 else w)
+            if rng.random() < 0.05:
+                out.append(rng.choice(pool))
+        return " ".join(out)
+
+    def encode(text):
+        return [index.get(p, UNK) for p in sp.encode(text, out_type=str)]
+
+    def decode(ids):  # fairseq: Dictionary.string + sentencepiece post-processing
+        return "".join(symbols[i] for i in ids).replace("\u2581", " ").strip()
+
+    hyps = [encode(noisy(r[2].split())) for r in rows]
+    refs = [[encode(r[2]) for r in rows], [encode(r[3]) for r in rows]]
+    return symbols, hyps, refs, [decode(h) for h in hyps], [[decode(r) for r in side] for side in refs]
+
+
+def pack_eos(seqs, width):
+    """fairseq-style targets: ids, eos, then pad."""
+    out = torch.full((len(seqs), width), FPAD, dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        out[i, : len(seq) + 1] = torch.tensor(seq + [EOS])
+    return out
+
+
+def run_chrf(sizes, repeats, prefix_subset):
+    from sacrebleu.metrics import CHRF
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    symbols, hyps, refs, hyp_s, ref_s = bible_chrf_data(max(sizes))
+    width = max(len(s) for side in [hyps] + refs for s in side) + 1
+    results = {"vocab": len(symbols), "mean_hyp_chars": sum(map(len, hyp_s)) / len(hyp_s),
+               "mean_hyp_tokens": sum(map(len, hyps)) / len(hyps), "loadavg_1min_before": os.getloadavg()[0]}
+    for name, word_order in [("chrf", 0), ("chrf_pp", 2)]:
+        metric, ours = CHRF(word_order=word_order), ChrF(symbols, "sentencepiece", word_order)
+        for num_refs in (1, 2):
+            ref_tensor = torch.stack([pack_eos(side, width) for side in refs[:num_refs]], dim=1)
+            if num_refs == 1:
+                ref_tensor = ref_tensor[:, 0]
+            for n in sizes:
+                hyp, ref = pack_eos(hyps[:n], width), ref_tensor[:n]
+                strings = [[side[i] for side in ref_s[:num_refs]] for i in range(n)]
+                sacre = median_time(lambda: [metric.sentence_score(h, rs) for h, rs in zip(hyp_s[:n], strings)],
+                                    max(1, repeats // 2), warmup=0)
+                torch_full = median_time(lambda: ours(hyp, ref, FPAD, EOS), repeats)
+                torch_prefix = median_time(lambda: ours.prefix(hyp, ref, FPAD, EOS), repeats)
+                want = torch.tensor([metric.sentence_score(h, rs).score / 100 for h, rs in zip(hyp_s[:n], strings)],
+                                    dtype=torch.float64)
+                subset = range(min(prefix_subset, n))
+
+                def sacre_prefix_loop():  # every token prefix, decoded as fairseq would
+                    for i in subset:
+                        for t in range(1, len(hyps[i]) + 1):
+                            text = "".join(symbols[k] for k in hyps[i][:t]).replace("\u2581", " ").strip()
+                            metric.sentence_score(text, strings[i])
+
+                sacre_prefix = median_time(sacre_prefix_loop, 1, warmup=0) / len(subset) * n
+                prefix = ours.prefix(hyp[:len(subset)], ref[:len(subset)], FPAD, EOS)
+                loop = torch.stack([ours(hyp[:len(subset), : t + 1], ref[:len(subset)], FPAD, EOS)
+                                    for t in range(prefix.size(1))], dim=1)
+                results[f"{name}_R{num_refs}_{n}"] = {
+                    "sacrebleu_s": sacre, "torch_s": torch_full, "speedup": sacre / torch_full,
+                    "sacrebleu_prefix_s_extrapolated": sacre_prefix, "prefix_subset": len(subset),
+                    "torch_prefix_s": torch_prefix, "prefix_speedup": sacre_prefix / torch_prefix,
+                    "max_abs_dev_vs_sacrebleu": float((ours(hyp, ref, FPAD, EOS).double() - want).abs().max()),
+                    "prefix_max_abs_dev_vs_full_on_prefixes": float((prefix - loop).abs().max())}
+    torch.set_num_threads(threads)
+    results["loadavg_1min_after"] = os.getloadavg()[0]
+    return results
+
+
+def report_chrf(res, sizes):
+    print(f"[chrF / chrF++ on Bible pairs: sentencepiece {res['vocab']} symbols, hyp ~{res['mean_hyp_tokens']:.1f} "
+          f"tokens / {res['mean_hyp_chars']:.0f} characters, torch 1 thread, 1-min load average "
+          f"{res['loadavg_1min_before']:.2f} before / {res['loadavg_1min_after']:.2f} after]")
+    for name in ["chrf", "chrf_pp"]:
+        for num_refs in (1, 2):
+            for n in sizes:
+                r = res[f"{name}_R{num_refs}_{n}"]
+                print(f"  {name:7s} R{num_refs} {n:>5} pairs: torch {r['torch_s'] * 1e3:7.1f} ms vs sacrebleu "
+                      f"{r['sacrebleu_s'] * 1e3:7.1f} ms: {r['speedup']:5.1f}x (target >= 10x); "
+                      f"max |ours - sacrebleu| {r['max_abs_dev_vs_sacrebleu']:.1e}")
+                print(f"  {'':19s}prefixes: torch {r['torch_prefix_s'] * 1e3:7.1f} ms vs sacrebleu "
+                      f"{r['sacrebleu_prefix_s_extrapolated']:5.1f} s (first {r['prefix_subset']} sentences, "
+                      f"extrapolated): {r['prefix_speedup']:5.1f}x (target >= 50x); max |prefix - full score of "
+                      f"the prefix| {r['prefix_max_abs_dev_vs_full_on_prefixes']:.1e}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=5000)
@@ -289,13 +425,25 @@ def main():
     parser.add_argument("--no-single-thread", dest="also_single_thread", action="store_false",
                         help="skip the extra single-thread torch timings")
     parser.add_argument("--json", type=str, default=None, help="also write the numbers to this JSON file")
+    parser.add_argument("--metrics", default="bleu,chrf",
+                        help="comma-separated: bleu (BLEU, edit distance), chrf (chrF, chrF++)")
+    parser.add_argument("--chrf-pairs", default="1000,4000", help="comma-separated Bible pair counts for chrF")
+    parser.add_argument("--chrf-prefix-subset", type=int, default=100,
+                        help="sentences on which the sacrebleu chrF all-prefixes loop is timed")
     args = parser.parse_args()
+    metrics = set(args.metrics.split(","))
     thread_counts = [torch.get_num_threads()]  # the machine default first
     if args.also_single_thread and thread_counts[0] > 1:
         thread_counts.append(1)
-    res = run(args.pairs, max(5, args.repeats), args.prefix_subset, thread_counts)
-    report(res, thread_counts)
-    report_spelling(res)
+    res = {}
+    if "bleu" in metrics:
+        res = run(args.pairs, max(5, args.repeats), args.prefix_subset, thread_counts)
+        report(res, thread_counts)
+        report_spelling(res)
+    if "chrf" in metrics:
+        sizes = [int(n) for n in args.chrf_pairs.split(",")]
+        res["chrf"] = run_chrf(sizes, max(5, args.repeats), args.chrf_prefix_subset)
+        report_chrf(res["chrf"], sizes)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

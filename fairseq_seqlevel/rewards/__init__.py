@@ -1,12 +1,13 @@
 """Sequence-level rewards on padded token-id tensors (pure torch, batched).
 
-BLEU (sacrebleu-exact, incl. per-prefix BLEU), edit / Hamming distances, a
-reward registry and a subword-to-word merger.  No fairseq import here: the
-functions only need ``torch`` and follow the input tensors' device.
+BLEU and chrF / chrF++ (sacrebleu-exact, incl. per-prefix scores), edit /
+Hamming distances, a reward registry and a subword-to-word merger.  No fairseq
+import here: the functions only need ``torch`` and follow the input tensors' device.
 """
 
 from .bleu import (SMOOTH_METHODS, BleuStats, bleu_from_stats, bleu_stats, corpus_bleu_from_stats,
                    prefix_bleu, prefix_bleu_stats, sentence_bleu)
+from .chrf import ChrF, chrf_from_counts
 from .edit import (edit_distance, hamming, normalized_edit_distance, normalized_hamming,
                    prefix_edit_distance, prefix_hamming, prefix_normalized_edit_distance,
                    prefix_normalized_hamming)
@@ -19,6 +20,7 @@ from .binding import BoundReward, bind_reward, detect_subword_style  # noqa: E40
 __all__ = [
     "SMOOTH_METHODS", "BleuStats", "bleu_from_stats", "bleu_stats", "corpus_bleu_from_stats",
     "prefix_bleu", "prefix_bleu_stats", "sentence_bleu",
+    "ChrF", "chrf_from_counts",
     "edit_distance", "hamming", "normalized_edit_distance", "normalized_hamming",
     "prefix_edit_distance", "prefix_hamming", "prefix_normalized_edit_distance",
     "prefix_normalized_hamming",

@@ -126,7 +126,11 @@ def bind_reward(name, tgt_dict, reward_level="token", subword_style="auto", flag
     validate_reward_name(name, flag)
     reward = get_reward(name)
     merger = None
-    if reward_level == "word":
+    if reward.bind is not None:  # chrF: reads the characters of the dictionary's symbols, at any level
+        style = detect_subword_style(tgt_dict.symbols) if subword_style == "auto" else subword_style
+        reward = reward.bind(tgt_dict, style)
+        logger.info(f"{flag} {name} on the characters of the target dictionary's symbols (subwords: {style})")
+    elif reward_level == "word":
         style = detect_subword_style(tgt_dict.symbols) if subword_style == "auto" else subword_style
         if style != "none":
             merger = WordMerger.from_dictionary(tgt_dict, style)

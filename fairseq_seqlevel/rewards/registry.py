@@ -12,6 +12,8 @@ name        reward                          range          cost
 =========== =============================== ============= ==========================
 bleu        sentence BLEU, exp smoothing    [0, 1]         1 - BLEU
 bleu_add1   sentence BLEU, add1-all         [0, 1]         1 - BLEU
+chrf        sentence chrF (sacrebleu)       [0, 1]         1 - chrF
+chrf_pp     sentence chrF++ (word order 2)  [0, 1]         1 - chrF++
 edit        -normalized edit distance       [-inf, 0]      normalized edit distance
 hamming     -normalized Hamming distance    [-inf, 0]      normalized Hamming distance
 =========== =============================== ============= ==========================
@@ -19,19 +21,27 @@ hamming     -normalized Hamming distance    [-inf, 0]      normalized Hamming di
 The normalized distances divide by the reference length, so they are
 unbounded as hypotheses get longer: ``low`` is ``-inf`` for them.
 
-Prefix variants cost about as much as the full rewards: BLEU uses
-cumulative clipped counts (:func:`.bleu.prefix_bleu`), the edit distance
-reads every row of its dynamic program, Hamming uses cumulative mismatch
-counts -- no B*T re-scoring of prefixes.
+chrF reads characters, so it needs the target dictionary's symbols: its
+``Reward.bind(dictionary, subword_style)`` returns the reward for that
+dictionary's ids (``binding.bind_reward`` calls it, at any reward level).
+Unbound, on raw ids, chrF scores the ids written in decimal and joined by
+spaces (BLEU's convention for ids); see :mod:`.chrf`.
+
+Prefix variants cost about as much as the full rewards: BLEU and chrF use
+cumulative clipped counts (:func:`.bleu.prefix_bleu`, :meth:`.chrf.ChrF.prefix`),
+the edit distance reads every row of its dynamic program, Hamming uses
+cumulative mismatch counts -- no B*T re-scoring of prefixes.
 """
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from torch import Tensor
 
 from .bleu import prefix_bleu, sentence_bleu
+from .chrf import ChrF
 from .edit import (normalized_edit_distance, normalized_hamming, prefix_normalized_edit_distance,
                    prefix_normalized_hamming)
 
@@ -51,6 +61,8 @@ class Reward:
         higher_is_better: direction of ``fn``.
         low, high: range of ``fn`` (may be infinite).
         description: one line for humans.
+        bind: for rewards that read the symbols of the ids (chrF), ``bind(dictionary,
+            subword_style) -> Reward`` on that dictionary's ids; None: ids are enough.
     """
 
     name: str
@@ -60,6 +72,7 @@ class Reward:
     low: float
     high: float
     description: str
+    bind: Optional[Callable[[Any, str], "Reward"]] = None
 
     def __call__(self, hyp: Tensor, refs: Tensor, pad: int, eos: Optional[int] = None) -> Tensor:
         """FloatTensor ``[B]``."""
@@ -146,10 +159,23 @@ def _prefix_negative_normalized_hamming(hyp, refs, pad, eos=None):
     return -prefix_normalized_hamming(hyp, refs, pad, eos)
 
 
+def _chrf_reward(name: str, word_order: int, description: str, chrf: Optional[ChrF] = None) -> Reward:
+    """Unbound (``chrf`` None: ids in decimal) or bound to a dictionary's symbols."""
+    scorer = ChrF(word_order=word_order) if chrf is None else chrf
+    bind = None if chrf is not None else functools.partial(_bind_chrf, name, word_order, description)
+    return Reward(name, scorer.__call__, scorer.prefix, True, 0.0, 1.0, description, bind)
+
+
+def _bind_chrf(name: str, word_order: int, description: str, dictionary, subword_style: str) -> Reward:
+    return _chrf_reward(name, word_order, description, ChrF.from_dictionary(dictionary, subword_style, word_order))
+
+
 register_reward(Reward("bleu", _bleu_exp, _prefix_bleu_exp, True, 0.0, 1.0,
                        "sentence BLEU (sacrebleu, exp smoothing, effective order)"))
 register_reward(Reward("bleu_add1", _bleu_add1, _prefix_bleu_add1, True, 0.0, 1.0,
                        "sentence BLEU with +1 on every order's matches and totals (ERAC/VAML)"))
+register_reward(_chrf_reward("chrf", 0, "sentence chrF (sacrebleu CHRF()) of the detokenized text"))
+register_reward(_chrf_reward("chrf_pp", 2, "sentence chrF++ (sacrebleu CHRF(word_order=2)) of the detokenized text"))
 register_reward(Reward("edit", _negative_normalized_edit, _prefix_negative_normalized_edit, True,
                        -math.inf, 0.0, "negative token edit distance / reference length"))
 register_reward(Reward("hamming", _negative_normalized_hamming, _prefix_negative_normalized_hamming, True,
