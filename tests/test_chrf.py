@@ -457,3 +457,24 @@ def test_cuda_matches_cpu(sentencepiece_bible):
 def test_empty_reference_scores_zero_like_sacrebleu():
     assert CHRF().sentence_score("a", [""]).score == 0 and CHRF(word_order=2).sentence_score("", ["a"]).score == 0
     assert math.isclose(float(R.get_reward("chrf")(torch.tensor([[5, 0]]), torch.tensor([[5, 0]]), 0)), 1.0)
+
+
+def test_eval_reward_logs_the_chrf_of_the_greedy_outputs(toy_data):
+    """--eval-reward logs chrF beside the trained reward and BLEU: the validation
+    sum equals sacrebleu's sentence chrF of the decoded greedy outputs."""
+    import sacrebleu
+
+    from conftest import build_toy, first_batch
+
+    _, task, model, criterion = build_toy(toy_data, "--criterion", "cross_entropy", "--eval-reward")
+    batch = first_batch(task, "valid")
+    _, _, log = task.valid_step(batch, model, criterion)
+    d = task.target_dictionary
+
+    def text(row):
+        return d.string(row[row.ne(d.pad())])
+
+    hyps = task.greedy_outputs(model, batch)
+    expected = sum(sacrebleu.sentence_chrf(text(h), [text(r) for r in refs if bool(r.ne(d.pad()).any())]).score
+                   for h, refs in zip(hyps, batch["references"])) / 100
+    assert log["_chrf_sum"] == pytest.approx(expected, abs=1e-5) and expected > 0

@@ -27,7 +27,7 @@ def test_train_generate_resume(toy_data, tmp_path):
     m = re.search(r"valid on 'valid' subset.*\| reward ([0-9.]+)", log)
     assert m, log[-3000:]
     assert 0.0 <= float(m.group(1)) <= 1.0
-    assert re.search(r"\| greedy_bleu [0-9.]+", log)
+    assert re.search(r"\| greedy_bleu [0-9.]+", log) and re.search(r"\| greedy_chrf [0-9.]+", log)
 
     gen = run_cli("generate", toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation",
                   "--path", ckpt / "checkpoint_last.pt", "--beam", "2", "--gen-subset", "test")

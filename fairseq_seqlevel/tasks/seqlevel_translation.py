@@ -12,7 +12,8 @@ What it adds to ``translation``:
   ``sample["references"]`` (B x R x T').
 * ``--eval-reward``: validation decodes greedily and logs the mean sentence
   reward over all references (``reward``) and the multi-reference corpus
-  BLEU of those outputs on the reward's tokens (``greedy_bleu``).
+  BLEU of those outputs on the reward's tokens (``greedy_bleu``) and their
+  mean sentence chrF (``greedy_chrf``, 0-100), whichever reward trains.
 """
 
 import os
@@ -64,7 +65,8 @@ class SeqlevelTranslationConfig(TranslationConfig):
     eval_reward: bool = field(
         default=False,
         metadata={"help": "validation: greedy-decode and log the mean sentence reward "
-                  "(all references) as 'reward' and corpus BLEU as 'greedy_bleu'"},
+                  "(all references) as 'reward', corpus BLEU as 'greedy_bleu' and mean "
+                  "sentence chrF as 'greedy_chrf'"},
     )
     eval_reward_max_len_b: int = field(
         default=20, metadata={"help": "greedy validation decoding: max length = a*src_len + b (a=1.2)"}
@@ -122,6 +124,7 @@ class SeqlevelTranslationTask(TranslationTask):
             self.greedy_generator = self.build_generator(
                 [model], Namespace(beam=1, max_len_a=1.2, max_len_b=self.cfg.eval_reward_max_len_b)
             )
+            self.eval_chrf = bind_reward("chrf", self.tgt_dict, subword_style=self.cfg.subword_style, flag="chrf")
         return model
 
     def greedy_outputs(self, model, sample):
@@ -136,6 +139,8 @@ class SeqlevelTranslationTask(TranslationTask):
             refs = sample.get("references", sample["target"].unsqueeze(1))
             hyps = self.greedy_outputs(model, sample)
             logging_output["_reward_sum"] = self.reward(hyps, refs).sum().item()
+            # chrF beside the trained reward and BLEU: a metric the model was not trained on
+            logging_output["_chrf_sum"] = self.eval_chrf(hyps, refs).sum().item()
             logging_output["_reward_count"] = hyps.size(0)
             logging_output["_gbleu_stats"] = self.reward.bleu_stats(hyps, refs).cpu()
         return loss, sample_size, logging_output
@@ -148,6 +153,8 @@ class SeqlevelTranslationTask(TranslationTask):
         if count == 0:
             return
         total = sum(log.get("_reward_sum", 0.0) for log in logging_outputs)
+        chrf = sum(log.get("_chrf_sum", 0.0) for log in logging_outputs)
+        metrics.log_scalar("greedy_chrf", 100.0 * chrf / count, count, round=2)
         # Weighted by sentence count so the mean is exact across batches/workers.
         metrics.log_scalar("reward", total / count, count, round=4)
         stats = sum(log["_gbleu_stats"] for log in logging_outputs if "_gbleu_stats" in log)
