@@ -139,6 +139,19 @@ def mle_steps(task, model, steps, lr=0.02, batch_size=24):
     return model
 
 
+def train_sentencepiece(sentences, vocab_size, character_coverage=1.0):
+    """A sentencepiece unigram model trained in memory on ``sentences`` (one thread, quiet)."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+                                   character_coverage=character_coverage, model_type="unigram", num_threads=1,
+                                   minloglevel=2)
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
 def levenshtein(a, b):
     """Plain dynamic-programming edit distance between two sequences (test oracle)."""
     prev = list(range(len(b) + 1))

@@ -3,7 +3,6 @@
 full score of every prefix (no hard-coded expected scores)."""
 
 import gzip
-import io
 import math
 import random
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 from sacrebleu.metrics import CHRF  # a test dependency: missing means failing
 
+from conftest import train_sentencepiece
 from fairseq_seqlevel import rewards as R
 from fairseq_seqlevel.rewards import chrf as chrf_module
 from fairseq_seqlevel.rewards.binding import BoundReward
@@ -122,15 +122,11 @@ def noisy_words(rng, text, pool):
 @pytest.fixture(scope="module")
 def sentencepiece_bible():
     """A sentencepiece unigram model (1,000 pieces) on Bible verses, in a fairseq dictionary."""
-    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("sentencepiece")
     if not BIBLE.exists():
         pytest.skip("bible data not available")
     rows = bible_rows(4000, seed=3)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([r[2] for r in rows] + [r[3] for r in rows]), model_writer=model,
-        vocab_size=1000, character_coverage=0.9995, model_type="unigram", num_threads=1, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    sp = train_sentencepiece([r[2] for r in rows] + [r[3] for r in rows], 1000, character_coverage=0.9995)
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if not (sp.is_control(i) or sp.is_unknown(i))]
     return sp, fairseq_dictionary(pieces), rows
 

@@ -135,6 +135,15 @@ def _moves_in_plain_layout(model, crit, sample):
 
 # ---- erac ------------------------------------------------------------------
 
+
+def frozen_trajectories(crit, model, sample):
+    """erac's sampled trajectories of ``sample`` (seed 0), then fixed: later calls return them."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        tokens = crit.trajectories(model, sample)
+    crit.trajectories = lambda m, smp: tokens
+    return tokens
+
 def test_erac_rows_and_inputs_follow_the_layout(toy_data, monkeypatch):
     """(a) trajectories start with the forced token; the sampler, the teacher-forced
     passes and the critic start from the layout's start symbol; the token count is
@@ -193,11 +202,8 @@ def test_erac_ignores_the_forced_position(toy_data, flags):
     mle_steps(task, model, 20)
     force_layout(crit)
     sample = first_batch(task, n=8)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        tokens = crit.trajectories(model, sample)
+    tokens = frozen_trajectories(crit, model, sample)
     assert torch.equal(tokens[:, 0], sample["target"][:, 0].repeat_interleave(s))
-    crit.trajectories = lambda m, smp: tokens
     _assert_unperturbed(model, crit, sample)
     assert _moves_in_plain_layout(model, crit, sample)
 
@@ -220,10 +226,7 @@ def test_erac_sampled_return_by_hand(toy_data, reward):
     bos, pad, eos = dictionary.bos(), dictionary.pad(), dictionary.eos()
     force_layout(crit, bos=bos)
     sample = first_batch(task, n=6)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        tokens = crit.trajectories(model, sample)
-    crit.trajectories = lambda m, smp: tokens
+    tokens = frozen_trajectories(crit, model, sample)
     loss = crit(model, sample)[0].detach()
 
     inner = crit.reward.inner
@@ -266,10 +269,7 @@ def test_erac_ends_rows_with_the_layouts_end_symbol(toy_data):
     end, pad, eos = dictionary.bos(), dictionary.pad(), dictionary.eos()
     force_layout(crit, end=end)
     sample = first_batch(task, n=6)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        tokens = crit.trajectories(model, sample)
-    crit.trajectories = lambda m, smp: tokens
+    tokens = frozen_trajectories(crit, model, sample)
     rewarded = []
     prefix_of = crit.reward.prefix
     crit.reward.prefix = lambda hyp, refs: rewarded.append(hyp) or prefix_of(hyp, refs)

@@ -2,7 +2,6 @@
 Python reference implementations (no hard-coded expected scores)."""
 
 import gzip
-import io
 import math
 import random
 from collections import Counter
@@ -15,7 +14,7 @@ from sacrebleu.metrics import BLEU as sacrebleu_bleu  # a test dependency: missi
 from fairseq_seqlevel import rewards as R
 from fairseq_seqlevel.rewards import ngrams as ngrams_module
 from fairseq_seqlevel.rewards._common import chunk_rows
-from conftest import levenshtein
+from conftest import levenshtein, train_sentencepiece
 
 
 PAD = 0
@@ -573,15 +572,11 @@ def bpe_decode(tokens):
 
 @pytest.fixture(scope="module")
 def sentencepiece_model():
-    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("sentencepiece")
     if not BIBLE.exists():
         pytest.skip("bible data not available")
     rows = bible_verses(3000, seed=1)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([r[2] for r in rows] + [r[3] for r in rows]), model_writer=model,
-        vocab_size=300, character_coverage=1.0, model_type="unigram", minloglevel=2)
-    return spm.SentencePieceProcessor(model_proto=model.getvalue()), rows
+    return train_sentencepiece([r[2] for r in rows] + [r[3] for r in rows], 300), rows
 
 
 def test_word_merger_sentencepiece_matches_sacrebleu(sentencepiece_model):
