@@ -12,6 +12,7 @@ import torch
 from sacrebleu.metrics import CHRF  # a test dependency: missing means failing
 
 from conftest import train_sentencepiece
+from test_rewards import pack, pack_refs
 from fairseq_seqlevel import rewards as R
 from fairseq_seqlevel.rewards import chrf as chrf_module
 from fairseq_seqlevel.rewards.binding import BoundReward
@@ -52,26 +53,6 @@ def fairseq_text(dictionary, ids, style):
             break
         row.append(i)
     return post_process(dictionary.string(torch.tensor(row, dtype=torch.long)), style) if row else ""
-
-
-def pack(seqs, pad, width=None):
-    width = max([len(s) for s in seqs] + [1]) if width is None else width
-    out = torch.full((len(seqs), width), pad, dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return out
-
-
-def pack_refs(refs, pad):
-    """Per example a list of references (None: absent) -> [B, R, T']."""
-    num_refs = max(len(r) for r in refs)
-    width = max([len(x) for rs in refs for x in rs if x] + [1])
-    out = torch.full((len(refs), num_refs, width), pad, dtype=torch.long)
-    for i, rs in enumerate(refs):
-        for j, x in enumerate(rs):
-            if x:
-                out[i, j, : len(x)] = torch.tensor(x, dtype=torch.long)
-    return out
 
 
 def sacre_scores(word_order, hyp_texts, ref_texts):

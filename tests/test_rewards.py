@@ -26,8 +26,8 @@ BIBLE = Path(__file__).resolve().parents[1] / "examples" / "bible_es_en" / "vers
 # --------------------------------------------------------------------- helpers
 
 def pack(seqs, pad=PAD, width=None):
-    """List of id lists -> right-padded LongTensor [B, T]."""
-    width = max([len(s) for s in seqs] + [0]) if width is None else width
+    """List of id lists -> right-padded LongTensor [B, T] (T >= 1)."""
+    width = max([len(s) for s in seqs] + [1]) if width is None else width
     out = torch.full((len(seqs), width), pad, dtype=torch.long)
     for i, seq in enumerate(seqs):
         out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
@@ -37,7 +37,7 @@ def pack(seqs, pad=PAD, width=None):
 def pack_refs(refs, pad=PAD):
     """List (per example) of lists of references (None = absent) -> [B, R, T']."""
     num_refs = max(len(r) for r in refs)
-    width = max([len(x) for rs in refs for x in rs if x] + [0])
+    width = max([len(x) for rs in refs for x in rs if x] + [1])
     out = torch.full((len(refs), num_refs, width), pad, dtype=torch.long)
     for i, rs in enumerate(refs):
         for j, x in enumerate(rs):
