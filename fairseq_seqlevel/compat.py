@@ -69,6 +69,15 @@ plugin is imported): with ``bf16`` and ``tpu`` set and no ``torch_xla``
 installed, ``tpu`` is switched off -- what ``fairseq-hydra-train
 common.bf16=true`` runs.  With ``torch_xla`` present nothing changes.
 
+Where a sequence-level run starts
+---------------------------------
+Sequence-level criterions fine-tune a trained model.  fairseq starts from
+random weights without a word when no checkpoint is given, and ignores
+``--finetune-from-model`` without a word when ``--save-dir`` already holds a
+``checkpoint_last.pt`` (it resumes from that).  :func:`say_where_training_starts`
+wraps ``checkpoint_utils.load_checkpoint`` (looked up when ``fairseq-train``
+calls it) to log one warning line in either case, for the plugin's criterions.
+
 mBART fine-tuning (``translation_from_pretrained_bart``)
 --------------------------------------------------------
 fairseq's ``TranslationFromPretrainedBARTTask`` is still written for the
@@ -303,9 +312,39 @@ def bf16_without_tpu():
     return True
 
 
+def say_where_training_starts():
+    """One warning line when a plugin criterion starts from random weights or its
+    ``--finetune-from-model`` is not loaded (module docstring).  Idempotent."""
+    import os
+
+    from fairseq import checkpoint_utils
+
+    load_checkpoint = checkpoint_utils.load_checkpoint
+    if getattr(load_checkpoint, "_fairseq_seqlevel", False):
+        return False
+
+    def load_checkpoint_saying_where(cfg, trainer, **kwargs):
+        criterion = type(trainer.get_criterion())
+        if criterion.__module__.startswith("fairseq_seqlevel.criterions") and cfg.restore_file == "checkpoint_last.pt":
+            last = os.path.join(cfg.save_dir, "checkpoint_last{}.pt".format(trainer.checkpoint_suffix))
+            if os.path.exists(last) and cfg.finetune_from_model:
+                logger.warning(f"--finetune-from-model {cfg.finetune_from_model} is not loaded: --save-dir "
+                               f"{cfg.save_dir} holds checkpoint_last.pt, which fairseq resumes from (fine for a "
+                               "restart of this run; to fine-tune a model, give a new --save-dir)")
+            elif not os.path.exists(last) and not cfg.finetune_from_model and not getattr(cfg, "continue_once", None):
+                logger.warning("starting from randomly initialised weights: sequence-level criterions fine-tune a "
+                               "trained model; pass --finetune-from-model CHECKPOINT (or --restore-file CHECKPOINT)")
+        return load_checkpoint(cfg, trainer, **kwargs)
+
+    load_checkpoint_saying_where._fairseq_seqlevel = True
+    checkpoint_utils.load_checkpoint = load_checkpoint_saying_where
+    return True
+
+
 allow_fairseq_checkpoints()
 keep_last_batch()
 allow_cpu_pytorch_ddp()
 keep_criterion_training_state()
 fix_translation_from_pretrained_bart()
 bf16_without_tpu()
+say_where_training_starts()

@@ -130,3 +130,21 @@ def test_fairseq_train_bf16_runs_without_a_tpu(toy_data, tmp_path):
                   "--num-workers", "0", "--cpu", "--bf16", "--log-format", "simple", "--log-interval", "1")
     log = out.stdout + out.stderr
     assert "--bf16 without torch_xla" in log and re.search(r"num_updates 2\b", log), log[-3000:]
+
+
+def test_a_sequence_level_run_says_where_it_starts(toy_data, tmp_path):
+    """One warning line from random weights, and one when --finetune-from-model is not
+    loaded because --save-dir already holds checkpoint_last.pt; none for a proper fine-tuning."""
+    from conftest import TINY_LSTM, USER_DIR, run_cli
+
+    def train(save_dir, *extra):
+        out = run_cli("train", toy_data, "--user-dir", USER_DIR, "--task", "seqlevel_translation", *TINY_LSTM,
+                      "--criterion", "risk", "--risk-candidates", "2", "--optimizer", "adam", "--lr", "1e-3",
+                      "--max-tokens", "400", "--save-dir", save_dir, "--num-workers", "0", *extra)
+        return [line for line in (out.stdout + out.stderr).splitlines() if "| WARNING | fairseq_seqlevel" in line]
+
+    first = train(tmp_path / "a", "--max-update", "1")
+    assert len(first) == 1 and "randomly initialised" in first[0] and "--finetune-from-model" in first[0]
+    ignored = train(tmp_path / "a", "--max-update", "2", "--finetune-from-model", tmp_path / "a" / "checkpoint_last.pt")
+    assert len(ignored) == 1 and "is not loaded" in ignored[0] and "new --save-dir" in ignored[0]
+    assert train(tmp_path / "b", "--max-update", "1", "--finetune-from-model", tmp_path / "a" / "checkpoint_last.pt") == []
