@@ -106,15 +106,20 @@ def _loss_and_grads(model, crit, sample, seed=0):
     return loss.detach(), sample_size, grads
 
 
-def _assert_unperturbed(model, crit, sample):
-    """Loss, sample size and every gradient are the same with the outputs at
-    position 0 perturbed; returns whether the loss moved in the plain layout."""
+def _plain_and_perturbed(model, crit, sample):
+    """(loss, sample size, gradients) as they are, and with the outputs at position 0 perturbed."""
     want = _loss_and_grads(model, crit, sample)
     perturb = PerturbFirstStep(model, crit.critic)
     try:
-        got = _loss_and_grads(model, crit, sample)
+        return want, _loss_and_grads(model, crit, sample)
     finally:
         perturb.remove()
+
+
+def _assert_unperturbed(model, crit, sample):
+    """Loss, sample size and every gradient are the same with the outputs at
+    position 0 perturbed."""
+    want, got = _plain_and_perturbed(model, crit, sample)
     assert got[1] == want[1]
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     assert got[2].keys() == want[2].keys() and any(k.startswith("critic.") for k in want[2])
@@ -124,12 +129,7 @@ def _assert_unperturbed(model, crit, sample):
 
 def _moves_in_plain_layout(model, crit, sample):
     plain_again(crit)
-    want = _loss_and_grads(model, crit, sample)
-    perturb = PerturbFirstStep(model, crit.critic)
-    try:
-        got = _loss_and_grads(model, crit, sample)
-    finally:
-        perturb.remove()
+    want, got = _plain_and_perturbed(model, crit, sample)
     return not torch.allclose(got[0], want[0])
 
 

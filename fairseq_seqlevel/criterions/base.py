@@ -14,7 +14,7 @@ from fairseq_seqlevel.decoding.layout import batch_layout, task_output
 from fairseq_seqlevel.decoding.model import check_autoregressive
 from fairseq_seqlevel.decoding.teacher_forcing import token_nll
 from fairseq_seqlevel.rewards.binding import bind_reward
-from fairseq_seqlevel.rewards.output_view import ViewedReward
+from fairseq_seqlevel.rewards.output_view import viewed
 from fairseq_seqlevel.sampling.vocab import never_sampled_ids
 
 
@@ -120,9 +120,8 @@ class SeqlevelCriterion(FairseqCriterion):
             check_autoregressive(model)
             self._task_output = task_output(self.task, model, sample)
             layout = batch_layout(self._task_output, sample, self.task.target_dictionary)
-            reward = getattr(self, "reward", None)
-            if reward is not None and not layout.view.identity and not isinstance(reward, ViewedReward):
-                self.reward = ViewedReward(reward, layout.view)
+            if getattr(self, "reward", None) is not None:
+                self.reward = viewed(self.reward, layout.view)
             return layout
         return batch_layout(self._task_output, sample, self.task.target_dictionary)
 

@@ -41,7 +41,7 @@ from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_ta
 from fairseq_seqlevel.errors import ConfigError, check
 from fairseq_seqlevel.rewards.binding import bind_reward
 from fairseq_seqlevel.rewards.increments import next_token_gains
-from fairseq_seqlevel.rewards.output_view import OutputView, ViewedReward
+from fairseq_seqlevel.rewards.output_view import viewed
 
 ANNEALS = ("none", "validation", "updates", "inverse_sigmoid")
 MODEL, REWARD, REFERENCE = 1, 2, 3  # the values of z
@@ -175,13 +175,6 @@ def interpolation_choose(z, target, refs, gain_reward, temperature, banned, pad,
         return chosen
 
     return choose
-
-
-def viewed(reward, view: OutputView):
-    """``reward`` scoring what the task outputs (``view``); itself where there is nothing to drop."""
-    if view.identity or isinstance(reward, ViewedReward):
-        return reward
-    return ViewedReward(reward, view)
 
 
 def reward_branch_banned(banned, layout: Optional[OutputLayout], eos: int):

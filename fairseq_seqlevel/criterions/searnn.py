@@ -115,7 +115,7 @@ from fairseq_seqlevel.decoding.teacher_forcing import (encode, prev_output_token
                                                        rows_lprobs, token_nll)
 from fairseq_seqlevel.errors import check
 from fairseq_seqlevel.rewards._common import valid_token_mask
-from fairseq_seqlevel.rewards.output_view import OutputView, ViewedReward
+from fairseq_seqlevel.rewards.output_view import OutputView, viewed
 from fairseq_seqlevel.sampling.gumbel import gumbel_topk
 from fairseq_seqlevel.sampling.vocab import never_sampled_ids
 
@@ -423,14 +423,6 @@ class SearnnCriterion(SeqlevelCriterion):
             start = rollouts.best_suffix_starts(prefix[:, forced:], free, pad, eos, score, start)
         return rollouts.gather_suffix(free, start, pad, eos)
 
-    def _viewed_reward(self, layout: OutputLayout):
-        """The reward of what the task outputs (``output_layout`` wraps
-        ``self.reward`` on its first call; this also covers a layout given
-        some other way)."""
-        if layout.view.identity or isinstance(self.reward, ViewedReward):
-            return self.reward
-        return ViewedReward(self.reward, layout.view)
-
     def _allowed(self, layout: OutputLayout, device):
         """``[V]`` tokens that may be scored at a cell: the task's end symbol is a
         candidate as eos is (``--searnn-eos-candidate``)."""
@@ -467,7 +459,7 @@ class SearnnCriterion(SeqlevelCriterion):
     def _search(self, model, sample, layout: OutputLayout) -> SearchResult:
         cfg, pad, eos = self.cfg, self.padding_idx, layout.eos
         forced, bos = layout.prefix_len, layout.bos.to(sample["target"].device)
-        reward = self._viewed_reward(layout)
+        reward = viewed(self.reward, layout.view)
         target, refs = sample["target"], references_of(sample)
         batch_size, device = target.size(0), target.device
         target_len = target.ne(pad).sum(dim=1)  # eos included

@@ -101,3 +101,11 @@ class ViewedReward:
             return values
         empty = viewed.new_full((viewed.size(0), 1), self.view.eos)
         return self.view.prefix_values(hyp, values, self.inner(empty, viewed_refs))
+
+
+def viewed(reward, view: OutputView):
+    """``reward`` scoring what ``view`` shows; ``reward`` itself where the view
+    is the identity or the reward already scores a view."""
+    if view.identity or isinstance(reward, ViewedReward):
+        return reward
+    return ViewedReward(reward, view)
