@@ -48,7 +48,7 @@ def main(argv=None):
     S.quiet()
     from fairseq_seqlevel.criterions.base import references_of
     from fairseq_seqlevel.critics import length_scaled_rewards, policy_stats, taken
-    from fairseq_seqlevel.critics.targets import lambda_sums
+    from fairseq_seqlevel.critics.objectives import lambda_sums
     from fairseq_seqlevel.decoding.sampler import sample
     from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs
 

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_LSTM, USER_DIR, build_training, first_batch, run_cli
 from fairseq_seqlevel.errors import ConfigError
 from fairseq_seqlevel.rewards import get_reward
-from fairseq_seqlevel.sampling.raml import RamlSamples
+from fairseq_seqlevel.perturbation.samplers import RamlSamples
 
 BASE = ["--user-dir", USER_DIR, "--task", "seqlevel_translation", *TINY_LSTM,
         "--dropout", "0", "--extra-references", "ref2", "--seed", "3"]

@@ -1,4 +1,4 @@
-"""Tests of the RAML samplers (fairseq_seqlevel/sampling/raml.py, vocab.py).
+"""Tests of the RAML samplers (fairseq_seqlevel/perturbation/samplers.py, vocab.py).
 
 Distributional claims are checked against brute-force enumeration written
 independently of the implementation (counting sequences / edit configurations
@@ -14,7 +14,7 @@ import scipy.stats as scipy_stats  # a test dependency: missing means failing
 import torch
 
 from conftest import levenshtein
-from fairseq_seqlevel.sampling.raml import (
+from fairseq_seqlevel.perturbation.samplers import (
     RamlSamples,
     edit_distance_log_prior,
     edit_sampler,
@@ -24,7 +24,7 @@ from fairseq_seqlevel.sampling.raml import (
     importance_weights,
     ngram_sampler,
 )
-from fairseq_seqlevel.sampling.vocab import (
+from fairseq_seqlevel.perturbation.vocab import (
     SubstitutionVocab,
     batch_vocab,
     draw_different_candidates,

@@ -15,7 +15,7 @@ from fairseq_seqlevel.decoding.model import check_autoregressive
 from fairseq_seqlevel.decoding.teacher_forcing import token_nll
 from fairseq_seqlevel.rewards.binding import bind_reward
 from fairseq_seqlevel.rewards.output_view import viewed
-from fairseq_seqlevel.sampling.vocab import never_sampled_ids
+from fairseq_seqlevel.perturbation.vocab import never_sampled_ids
 
 
 def references_of(sample):

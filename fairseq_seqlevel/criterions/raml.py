@@ -40,8 +40,8 @@ from fairseq_seqlevel.decoding.teacher_forcing import (
     weighted_row_losses,
 )
 from fairseq_seqlevel.errors import check
-from fairseq_seqlevel.sampling import raml as raml_sampling
-from fairseq_seqlevel.sampling import vocab as raml_vocab
+from fairseq_seqlevel.perturbation import samplers as raml_sampling
+from fairseq_seqlevel.perturbation import vocab as raml_vocab
 from fairseq_seqlevel.smoothing.config import TokenSmoothConfig
 from fairseq_seqlevel.smoothing.losses import (
     build_token_targets,

@@ -116,8 +116,8 @@ from fairseq_seqlevel.decoding.teacher_forcing import (encode, prev_output_token
 from fairseq_seqlevel.errors import check
 from fairseq_seqlevel.rewards._common import valid_token_mask
 from fairseq_seqlevel.rewards.output_view import OutputView, viewed
-from fairseq_seqlevel.sampling.gumbel import gumbel_topk
-from fairseq_seqlevel.sampling.vocab import never_sampled_ids
+from fairseq_seqlevel.decoding.gumbel import gumbel_topk
+from fairseq_seqlevel.perturbation.vocab import never_sampled_ids
 
 POLICIES = ["reference", "learned", "mixed"]
 LOSSES = ["kl", "ll"]

@@ -2,7 +2,7 @@
 
 ``--vaml-phase q``: the critic Q_φ (``critics.ReferenceCritic``, reading y*)
 is trained by soft Q-learning (eq. 16) on the reference and on RAML samples
-of it (the exact Hamming sampler of ``sampling.raml`` over V_batch):
+of it (the exact Hamming sampler of ``perturbation.samplers`` over V_batch):
 Σ_t (Q_φ(ỹ_<t, ỹ_t) − r_t − τ·log Σ_w exp(Q_φ(ỹ_≤t, w)/τ))², the gradient
 through both sides, no target network.  The actor is not in the gradient.
 
@@ -40,8 +40,8 @@ from fairseq_seqlevel.critics.config import CriticConfig, build_critic
 from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs, token_nll
 from fairseq_seqlevel.errors import ConfigError, check
 from fairseq_seqlevel.rewards.binding import bind_reward
-from fairseq_seqlevel.sampling import vocab as raml_vocab
-from fairseq_seqlevel.sampling.raml import hamming_sampler
+from fairseq_seqlevel.perturbation import vocab as raml_vocab
+from fairseq_seqlevel.perturbation.samplers import hamming_sampler
 
 PHASES = ("q", "actor")
 PHASE_CODE = {"q": 1, "actor": 2}

@@ -297,7 +297,7 @@ def _chunked_row_losses(features, weight, bias, target, loss_fn, rows_per_chunk)
     return torch.cat(losses), torch.cat(nlls)
 
 
-def row_objective(model, encoder_out, prev_output_tokens, target, loss_fn, objective, fused=None):
+def encoded_rows_objective(model, encoder_out, prev_output_tokens, target, loss_fn, objective, fused=None):
     """Teacher-forced ``objective(row_loss)`` for any differentiable function of the
     per-row losses (risk's softmax over a candidate set, a policy gradient, ...).
 
@@ -332,7 +332,7 @@ def row_objective(model, encoder_out, prev_output_tokens, target, loss_fn, objec
 
 
 def rows_objective(model, net_input, rows, per_source, pad, eos, loss_fn, objective, fused=None, loss_target=None):
-    """:func:`row_objective` of ``rows`` ``[B·m, T]`` (``m = per_source`` rows per
+    """:func:`encoded_rows_objective` of ``rows`` ``[B·m, T]`` (``m = per_source`` rows per
     source, source-major), the encoder run once per source.  Gradient-carrying:
     run it as the model's forward (``forward_through(model, rows_objective, ...)``).
     ``eos``: the start symbol, an int or per source ``[B]``; ``loss_target``:
@@ -340,7 +340,7 @@ def rows_objective(model, net_input, rows, per_source, pad, eos, loss_fn, object
     forced prefix), default ``rows``."""
     encoder_out = expand_encoder_out(model, encode(model, net_input), per_source, net_input["src_tokens"].size(0))
     prev = prev_output_tokens_from_target(rows, pad, _per_row(eos, per_source))
-    return row_objective(model, encoder_out, prev, rows if loss_target is None else loss_target, loss_fn, objective,
+    return encoded_rows_objective(model, encoder_out, prev, rows if loss_target is None else loss_target, loss_fn, objective,
                          fused=fused)
 
 

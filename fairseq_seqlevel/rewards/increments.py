@@ -33,7 +33,7 @@ def next_token_gains(reward: Callable[[Tensor, Tensor], Tensor], prefix: Tensor,
     """
     batch, device = prefix.size(0), prefix.device
     flat = refs.reshape(batch, -1)
-    # distinct reference tokens per row, sorted, padded with pad (cf. sampling.vocab.refs_vocab)
+    # distinct reference tokens per row, sorted, padded with pad (cf. perturbation.vocab.refs_vocab)
     ordered = flat.sort(dim=1).values
     first = torch.ones_like(ordered, dtype=torch.bool)
     first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]

@@ -6,7 +6,7 @@ import logging
 import torch
 
 from fairseq_seqlevel.errors import InputFileError, check, file_problem
-from fairseq_seqlevel.sampling.vocab import never_sampled_ids
+from fairseq_seqlevel.perturbation.vocab import never_sampled_ids
 
 from .embeddings import EmbeddingFileError, load_text_embeddings
 from .targets import SparseTokenTargets, smoothed_token_loss_many

@@ -1,12 +1,13 @@
-"""Samplers and model-sampling helpers (pure functions, batched, device-agnostic).
+"""Perturbations of a reference, with no model (pure functions, batched, device-agnostic).
 
-* :mod:`.raml`: RAML samplers around a reference (hamming, edit, ngram),
+* :mod:`.samplers`: RAML samplers around a reference (hamming, edit, ngram),
   importance weights.
 * :mod:`.vocab`: substitution vocabularies V, V_batch, V_refs.
-* :mod:`.gumbel`: k tokens without replacement (Gumbel-top-k).
+
+Decoding the model (samples, roll-outs, Gumbel-top-k) is :mod:`fairseq_seqlevel.decoding`.
 """
 
-from .raml import (RamlSamples, edit_sampler, effective_sample_size, hamming_distance_log_prior,
+from .samplers import (RamlSamples, edit_sampler, effective_sample_size, hamming_distance_log_prior,
                    hamming_sampler, importance_weights, ngram_sampler)
 from .vocab import SubstitutionVocab, batch_vocab, full_vocab, never_sampled_ids, refs_vocab
 
