@@ -1,7 +1,12 @@
-"""What every sequence-level criterion shares: the reward rule, the ids that
-are never sampled, and fairseq's stock logging (summable outputs)."""
+"""The kit every sequence-level criterion is written on: rows with their
+reference, length weights, the reward at the level a criterion needs, the
+MLE-mix and length-limit rules, the task's output layout, the reference NLL
+as validation loss, deprecated flag aliases and fairseq's stock logging
+(summable outputs).  Design: docs/concepts.md."""
 
+import argparse
 import contextlib
+import logging
 import math
 
 import torch
@@ -9,13 +14,15 @@ from fairseq import utils
 from fairseq.criterions import FairseqCriterion
 from fairseq.logging import metrics
 
-from fairseq_seqlevel.compat import data_parallel_rank_and_size
+from fairseq_seqlevel.compat import data_parallel_rank_and_size, trainer_num_updates
 from fairseq_seqlevel.decoding.layout import batch_layout, task_output
 from fairseq_seqlevel.decoding.model import check_autoregressive
 from fairseq_seqlevel.decoding.teacher_forcing import token_nll
 from fairseq_seqlevel.rewards.binding import bind_reward
 from fairseq_seqlevel.rewards.output_view import viewed
 from fairseq_seqlevel.perturbation.vocab import never_sampled_ids
+
+logger = logging.getLogger(__name__)
 
 
 def references_of(sample):
@@ -39,6 +46,67 @@ def unforced(rows, prefix_len, pad):
     rows = rows.clone()
     rows[..., :prefix_len] = pad
     return rows
+
+
+def reference_and_samples(target, samples, per_source, pad):
+    """Rows ``[y*_b, s_b1..s_bm]`` per source b (``samples [B·m, T']``, source-major):
+    ``[B·(m+1), max(T, T')]``, right-padded."""
+    width = max(target.size(1), samples.size(1))
+    grouped = torch.cat([pad_right(target, width, pad).unsqueeze(1),
+                         pad_right(samples, width, pad).view(target.size(0), per_source, width)], dim=1)
+    return grouped.view(-1, width)
+
+
+def scored_part(rows, per_source, prefix_len, pad):
+    """``rows`` of :func:`reference_and_samples` (``per_source`` samples after each
+    reference) as a loss scores them: a sample's forced prefix is not the model's
+    choice (pad there), the reference is scored whole, as MLE scores it."""
+    if prefix_len == 0:
+        return rows
+    grouped = rows.view(-1, per_source + 1, rows.size(1)).clone()
+    grouped[:, 1:] = unforced(grouped[:, 1:], prefix_len, pad)
+    return grouped.view_as(rows)
+
+
+def mle_mix(objective, reference_nll, weight):
+    """The one MLE-mix rule: (1 − w)·objective + w·NLL(y*) (w = 1: MLE alone)."""
+    if weight == 0:
+        return objective
+    return (1.0 - weight) * objective + weight * reference_nll
+
+
+def reference_length_limit(target, a, b, pad):
+    """Last output step per row [B] of an output limited by its reference:
+    a·|y*| + b positions, never fewer than |y*| (``*-max-len-ref-a/b`` flags;
+    ``*-max-len-src-a/b`` limit by the source, as fairseq-generate's flags)."""
+    ref_len = target.ne(pad).sum(dim=1)
+    return torch.maximum((ref_len.double() * a + b).long(), ref_len - 1)
+
+
+class _DeprecatedFlag(argparse.Action):
+    """An old flag name that sets the new flag's field, with a warning."""
+
+    def __init__(self, option_strings, dest, new_flag=None, **kwargs):
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        logger.warning(f"{option_string} is deprecated: use {self.new_flag}")
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def add_deprecated_flags(parser, aliases):
+    """Each ``old: new`` flag of ``aliases`` as a hidden option setting new's field
+    (same type, choices); recipes written with the old name keep running."""
+    for old, new in aliases.items():
+        action = parser._option_string_actions.get(new)
+        if action is None or old in parser._option_string_actions:
+            continue
+        kwargs = dict(dest=action.dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, new_flag=new)
+        if action.nargs == 0:
+            parser.add_argument(old, action=_DeprecatedFlag, nargs=0, const=action.const, **kwargs)
+        else:
+            parser.add_argument(old, action=_DeprecatedFlag, type=action.type, choices=action.choices, **kwargs)
 
 
 #: rank stride of the per-worker sampling seed (a prime: seeds of ranks never coincide)
@@ -87,18 +155,18 @@ def log_mean(logging_outputs, name, sum_key, count_key, round=3):
 
 
 class SeqlevelCriterion(FairseqCriterion):
-    """Base of the plugin's criterions.
+    """Base of the plugin's criterions (the kit; docs/concepts.md).
 
-    * ``self.reward``-style binding: :meth:`resolve_reward` takes the
-      criterion's own ``--<prefix>-reward``, else the task's ``--reward``
-      (``seqlevel_translation``), else the criterion's documented default,
-      bound to the target dictionary at the task's reward level.
-    * ``self.special_ids``: ids no sample may contain (bos, pad, eos, unk,
-      fairseq's madeupword fillers), a buffer on the criterion's device.
-    * Logging: ``loss`` (base 2 per sample_size) and ``nll_loss`` (base 2 per
-      target token) exactly as fairseq's ``label_smoothed_cross_entropy``;
-      every logged value is a sum, so outputs of workers and batches add up.
+    A criterion defines :meth:`training_loss`; ``forward`` calls it in training
+    and, in validation, returns the reference's token NLL (comparable with MLE
+    and across criterions) with the criterion's own loss logged beside it as
+    ``objective`` (``validates_objective``; off where a training step changes
+    state: critic phases, schedules).  ``deprecated_flags`` maps old flag
+    names to the new ones (hidden aliases, a warning when used).
     """
+
+    validates_objective = True
+    deprecated_flags = {}
 
     def __init__(self, task, cfg):
         super().__init__(task)
@@ -110,6 +178,46 @@ class SeqlevelCriterion(FairseqCriterion):
         self.register_buffer("special_ids", torch.tensor(never_sampled_ids(dictionary), dtype=torch.long),
                              persistent=False)
         self._task_output = None  # decoding.layout.TaskOutput, probed on the first batch
+        self.fused = None  # re-scoring's chunked output layer: None = where the model allows it (tests: False)
+
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        add_deprecated_flags(parser, cls.deprecated_flags)
+
+    def forward(self, model, sample, reduce=True):
+        if self.training:
+            return self.training_loss(model, sample)
+        loss, sample_size, logging_output = self.reference_nll_output(model, sample)
+        if self.validates_objective:
+            objective, objective_size, _ = self.training_loss(model, sample)
+            logging_output.update(objective=objective.data, objective_size=objective_size)
+        return loss, sample_size, logging_output
+
+    def training_loss(self, model, sample):
+        """(loss, sample_size, logging output) of a training step."""
+        raise NotImplementedError
+
+    @property
+    def num_updates(self) -> int:
+        """The trainer's update count: the one place criterions read it
+        (:func:`fairseq_seqlevel.compat.trainer_num_updates`)."""
+        return trainer_num_updates()
+
+    def length_weights(self, target):
+        """Weight of each source's sequence-level loss [B]: its reference length
+        |y*| (fairseq then divides by the batch's target tokens: a length-weighted
+        mean on the token scale of the NLL), or 1 with ``--sentence-avg``."""
+        if self.sentence_avg:
+            return torch.ones(target.size(0), device=target.device)
+        return target.ne(self.padding_idx).sum(dim=1).float()
+
+    def token_reward(self, own_name, flag):
+        """The reward on target-token ids with prefix values (per-step rewards of a
+        critic, reward increments): the criterion's ``own_name``, else the task's
+        ``--reward``, else bleu."""
+        name = own_name or getattr(getattr(self.task, "cfg", None), "reward", None) or "bleu"
+        return bind_reward(name, self.task.target_dictionary, "token", flag=flag, needs_prefix=True)
 
     def output_layout(self, model, sample):
         """The task's layout of this batch's output rows (start symbol, forced
@@ -154,8 +262,7 @@ class SeqlevelCriterion(FairseqCriterion):
 
     def reference_nll_output(self, model, sample):
         """(loss, sample_size, logging output) of the reference's token NLL, as
-        MLE computes it: the validation loss of criterions whose training loss
-        is not comparable to MLE's."""
+        MLE computes it: every criterion's validation loss."""
         target = sample["target"]
         lprobs = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)
         nll = token_nll(lprobs, target, self.padding_idx).sum()
@@ -177,6 +284,11 @@ class SeqlevelCriterion(FairseqCriterion):
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         log_stock_metrics(logging_outputs)
+        # validation: the criterion's own loss beside the reference NLL (base 2, as loss)
+        size = sum(log.get("objective_size", 0) for log in logging_outputs)
+        if size > 0:
+            total = sum(log.get("objective", 0) for log in logging_outputs)
+            metrics.log_scalar("objective", total / size / math.log(2), size, round=3)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

@@ -19,7 +19,7 @@ gradient).  The target network, the phase and the counters are buffers of
 the criterion, saved in the checkpoint's ``criterion`` state.  The target
 network moves (φ̄ ← β·φ + (1−β)·φ̄) once per optimizer update, at the first
 forward after it (the criterion is not told of updates; it reads the
-trainer's count, ``compat.trainer_num_updates``).
+trainer's count, ``SeqlevelCriterion.num_updates``).
 
 Trajectories follow the task's layout (``SeqlevelCriterion.output_layout``):
 its start symbol, its forced prefix (a multilingual task's language token)
@@ -40,9 +40,9 @@ from fairseq.dataclass import ChoiceEnum
 from omegaconf import II
 from torch.func import functional_call
 
-from fairseq_seqlevel.compat import trainer_num_updates
-from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, pad_right, references_of, unforced,
-                                              worker_rng)
+from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, pad_right, reference_length_limit,
+                                              references_of, unforced, worker_rng)
+from fairseq_seqlevel.criterions.critic_phases import CriticPhases, Phases
 from fairseq_seqlevel.critics import (actor_objective, blend_shadow, continuation_returns, continuation_rows,
                                       critic_loss, erac_td_targets, length_scaled_rewards, policy_stats,
                                       register_shadow, shadow, taken)
@@ -50,11 +50,9 @@ from fairseq_seqlevel.critics.config import CriticConfig, build_critic
 from fairseq_seqlevel.decoding.model import unwrap
 from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
 from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs, token_nll
-from fairseq_seqlevel.errors import ConfigError, check
-from fairseq_seqlevel.rewards.binding import bind_reward
+from fairseq_seqlevel.errors import check
 
 PHASES = ("critic", "joint")
-PHASE_CODE = {"critic": 1, "joint": 2}
 
 
 @dataclass
@@ -110,38 +108,28 @@ def erac_losses(q, q_target, lprobs, tokens, rewards, mask, tau, var_weight, con
 
 
 @register_criterion("erac", dataclass=EracConfig)
-class EracCriterion(SeqlevelCriterion):
+class EracCriterion(CriticPhases, SeqlevelCriterion):
+    phases = Phases("--erac-phase", "critic", "joint", "critic_batches", "joint training")
+    validates_objective = False  # a training step moves the target network and counts critic batches
+
     def __init__(self, task, cfg: EracConfig):
         check_erac_config(cfg)
         super().__init__(task, cfg)
-        dictionary = task.target_dictionary
-        name = cfg.erac_reward or getattr(getattr(task, "cfg", None), "reward", None) or "bleu"
-        self.reward = bind_reward(name, dictionary, "token", flag="--erac-reward", needs_prefix=True)
-        self.critic = build_critic(cfg, dictionary)
+        self.want_phase = cfg.erac_phase
+        self.reward = self.token_reward(cfg.erac_reward, "--erac-reward")
+        self.critic = build_critic(cfg, task.target_dictionary)
         self.target_names = register_shadow(self, self.critic, "target")
-        self.register_buffer("phase_code", torch.tensor(0))
-        self.register_buffer("critic_batches", torch.tensor(0))
         self.register_buffer("last_update", torch.tensor(0))
-        self._started = False
+        self.init_phases()
 
-    # ---- phases and the target network ----------------------------------
-    def _start(self, model):
-        """Once, at the first training forward (after any checkpoint load)."""
-        self._started = True
-        want = PHASE_CODE[str(self.cfg.erac_phase)]
-        if want == PHASE_CODE["joint"] and int(self.critic_batches) == 0:
-            raise ConfigError("--erac-phase joint needs a pre-trained critic: train with --erac-phase critic "
-                              "first, then start joint from that checkpoint (--restore-file CKPT --reset-optimizer)")
-        if want == PHASE_CODE["critic"] and int(self.phase_code) == PHASE_CODE["joint"]:
-            raise ConfigError("--erac-phase critic after joint training is refused: the critic pre-training "
-                              "comes first; restart it from the MLE checkpoint (--finetune-from-model)")
-        if self.cfg.critic_init_embeddings and int(self.critic_batches) == 0:
+    def on_phase_start(self, model, entering, phase):
+        if self.cfg.critic_init_embeddings and self.critic_batches_seen == 0:
             self.critic.init_embeddings(unwrap(model).decoder.embed_tokens.weight.detach().float())
             blend_shadow(self, self.critic, self.target_names, 1.0)
-        self.phase_code.fill_(want)
 
     def _track_updates(self):
-        num_updates = trainer_num_updates()
+        """The target network moves once per optimizer update, at the first forward after it."""
+        num_updates = self.num_updates
         if num_updates > int(self.last_update):
             blend_shadow(self, self.critic, self.target_names, self.cfg.erac_target_rate)
         self.last_update.fill_(num_updates)
@@ -152,10 +140,8 @@ class EracCriterion(SeqlevelCriterion):
         forced prefix, end symbol: ``layout``, default the batch's), right-padded
         (no grad); at most a·|y*| + b positions, the forced prefix included."""
         layout = layout if layout is not None else self.output_layout(model, sample)
-        target = sample["target"]
-        ref_len = target.ne(self.padding_idx).sum(dim=1)
-        last = torch.maximum((ref_len.double() * self.cfg.erac_max_len_a + self.cfg.erac_max_len_b).long(),
-                             ref_len - 1)
+        last = reference_length_limit(sample["target"], self.cfg.erac_max_len_a, self.cfg.erac_max_len_b,
+                                      self.padding_idx)
         return sample_outputs(model, sample["net_input"], n=self.cfg.erac_samples, strategy="multinomial",
                               last_step=last, layout=layout).tokens
 
@@ -185,51 +171,30 @@ class EracCriterion(SeqlevelCriterion):
                      ends.repeat_interleave(k), candidates.reshape(-1))
             return index, continuation_returns(rewards, ends, k).reshape(-1)
 
-    def forward(self, model, sample, reduce=True):
-        if not self.training:  # validation: the reference's NLL, comparable to MLE's
-            return self.reference_nll_output(model, sample)
-        pad, target = self.padding_idx, sample["target"]
-        batch_size = target.size(0)
-        if not self._started:
-            self._start(model)
+    def training_loss(self, model, sample):
+        cfg, pad, target = self.cfg, self.padding_idx, sample["target"]
+        batch_size, s = target.size(0), cfg.erac_samples
+        joint = not self.in_critic_phase(model)
         self._track_updates()
-        joint = self.phase_code.item() == PHASE_CODE["joint"]
-        cfg, s = self.cfg, self.cfg.erac_samples
         # the task's layout (start symbol, forced prefix, end symbol); its first
         # call also makes self.reward score what the task outputs
         layout = self.output_layout(model, sample)
-
         with worker_rng():
             tokens = self.trajectories(model, sample)  # [B·s, T]
         width = max(tokens.size(1), target.size(1))
         tokens, ref = pad_right(tokens, width, pad), pad_right(target, width, pad)
-        # the steps the actor chose: not the forced prefix (language tokens)
-        mask = unforced(tokens, layout.prefix_len, pad).ne(pad)
+        mask = unforced(tokens, layout.prefix_len, pad).ne(pad)  # the actor's choices, not the forced prefix
         critic_ref = target.repeat_interleave(s, dim=0)
         with torch.no_grad():
             rewards, scale = length_scaled_rewards(self.reward.prefix, tokens,
                                                    references_of(sample).repeat_interleave(s, dim=0), critic_ref, pad,
                                                    view=layout.view)
-        prev = prev_output_tokens_from_target(tokens, pad, layout.bos.repeat_interleave(s))
-        q = self.critic(critic_ref, prev)
-        q_target = None  # λ = 1: the target is the sampled return, the target network is not read
-        if cfg.erac_td_lambda < 1:
-            with torch.no_grad():
-                q_target = functional_call(self.critic, shadow(self, self.target_names), (critic_ref, prev))
-
-        rows = torch.cat([ref.unsqueeze(1), tokens.view(batch_size, s, width)], dim=1).view(-1, width)
-        lprobs_all = rows_lprobs(model, sample["net_input"], rows, s + 1, pad, layout.bos, grad=joint)
-        # split, not indexing: the backward of [:, 0] and [:, 1:] zero-fills a
-        # [B, s+1, T, V] gradient for each piece and adds them; split's backward
-        # writes one concatenation (erac 4.18x -> 4.09x MLE with the shared π below)
-        ref_lprobs, lprobs = lprobs_all.view(batch_size, s + 1, width, -1).split([1, s], dim=1)
-        ref_lprobs, lprobs = ref_lprobs.squeeze(1), lprobs.reshape(batch_size * s, width, -1)
+        q, q_target, prev = self.critic_values(critic_ref, tokens, layout)
+        ref_lprobs, lprobs = self.actor_lprobs(model, sample, ref, tokens, layout, grad=joint)
         ref_nll = token_nll(ref_lprobs, ref, pad).sum()
-
         # each trajectory's last step (its end symbol) and π there: continuations and the eos log
         ends = tokens.ne(pad).sum(dim=1) - 1
-        at = torch.arange(tokens.size(0), device=tokens.device)
-        end_lprobs = lprobs.detach()[at, ends]
+        end_lprobs = lprobs.detach()[torch.arange(tokens.size(0), device=tokens.device), ends]
         continuations = self.continuations(end_lprobs, tokens, ends, sample, critic_ref, layout)
         critic_loss, actor_loss, td, entropy = erac_losses(q, q_target, lprobs, tokens, rewards, mask,
                                                            cfg.erac_tau, cfg.erac_var_weight, continuations,
@@ -240,19 +205,45 @@ class EracCriterion(SeqlevelCriterion):
         sample_size = batch_size if self.sentence_avg else traj_tokens
         loss = critic_loss
         if joint:
-            loss = loss + actor_loss + cfg.erac_mle_weight * ref_nll
+            loss = loss + actor_loss + cfg.erac_mle_weight * ref_nll  # dai2018: λ_mle added, not mixed
         else:
-            self.critic_batches.add_(1)
-        with torch.no_grad():  # where the actor stops: does the critic rate its end at least E_π Q?
-            q_end = q.detach()[at, ends].float()
-            eos_preferred = q_end[:, layout.eos] >= (end_lprobs.float().exp() * q_end).sum(dim=-1)
+            self.count_critic_batch()
         extra = {
-            "erac_eos_preferred_sum": eos_preferred.sum(), "erac_td_sum": td.detach(),
-            "erac_q_sum": taken(q.detach().float(), tokens).masked_fill(~mask, 0.0).sum(),
+            "erac_eos_preferred_sum": self.eos_preferred(q, ends, end_lprobs, layout.eos).sum(),
+            "erac_td_sum": td.detach(), "erac_q_sum": taken(q.detach().float(), tokens).masked_fill(~mask, 0.0).sum(),
             "erac_entropy_sum": entropy, "erac_actor_sum": actor_loss.detach(), "erac_ntokens": traj_tokens,
             "erac_reward_sum": (rewards.sum(dim=1) / scale).sum(), "erac_nsamples": tokens.size(0),
         }
         return loss, sample_size, self.stock_logging_output(loss, ref_nll, sample, sample_size, **extra)
+
+    def critic_values(self, critic_ref, tokens, layout):
+        """(Q_φ with gradient, Q_φ̄ of the target network or None at λ = 1, decoder input) of the trajectories."""
+        bos = layout.bos.repeat_interleave(self.cfg.erac_samples)
+        prev = prev_output_tokens_from_target(tokens, self.padding_idx, bos)
+        q = self.critic(critic_ref, prev)
+        q_target = None  # λ = 1: the target is the sampled return, the target network is not read
+        if self.cfg.erac_td_lambda < 1:
+            with torch.no_grad():
+                q_target = functional_call(self.critic, shadow(self, self.target_names), (critic_ref, prev))
+        return q, q_target, prev
+
+    def actor_lprobs(self, model, sample, ref, tokens, layout, grad):
+        """(reference [B, T, V], trajectories [B·s, T, V]) log-probs in one teacher-forced pass."""
+        batch_size, s, width = ref.size(0), self.cfg.erac_samples, ref.size(1)
+        rows = torch.cat([ref.unsqueeze(1), tokens.view(batch_size, s, width)], dim=1).view(-1, width)
+        lprobs_all = rows_lprobs(model, sample["net_input"], rows, s + 1, self.padding_idx, layout.bos, grad=grad)
+        # split, not indexing: the backward of [:, 0] and [:, 1:] zero-fills a
+        # [B, s+1, T, V] gradient for each piece and adds them; split's backward
+        # writes one concatenation (erac 4.18x -> 4.09x MLE with the shared π below)
+        ref_lprobs, lprobs = lprobs_all.view(batch_size, s + 1, width, -1).split([1, s], dim=1)
+        return ref_lprobs.squeeze(1), lprobs.reshape(batch_size * s, width, -1)
+
+    @staticmethod
+    def eos_preferred(q, ends, end_lprobs, eos):
+        """Where the actor stops: does the critic rate its end at least E_π Q? [N] bool."""
+        with torch.no_grad():
+            q_end = q.detach()[torch.arange(q.size(0), device=q.device), ends].float()
+            return q_end[:, eos] >= (end_lprobs.float().exp() * q_end).sum(dim=-1)
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

@@ -30,7 +30,8 @@ import torch
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 
-from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, pad_right, references_of, worker_rng
+from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, reference_and_samples, references_of,
+                                              worker_rng)
 from fairseq_seqlevel.decoding.layout import batch_layout, plain_layout
 from fairseq_seqlevel.decoding.model import forward_through
 from fairseq_seqlevel.decoding.teacher_forcing import (
@@ -126,14 +127,6 @@ def raml_row_coefficients(weights, alpha, num_samples):
     return torch.cat([ref, grouped], dim=1).view(-1)
 
 
-def interleave_reference_and_samples(target, samples, num_samples, pad):
-    """Rows [y*_b, y_b1..y_bL] for each b: (B·(L+1)) x T', padded to a common length."""
-    length = max(target.size(1), samples.size(1))
-    target, samples = pad_right(target, length, pad), pad_right(samples, length, pad)
-    grouped = torch.cat([target.unsqueeze(1), samples.view(target.size(0), num_samples, length)], dim=1)
-    return grouped.view(-1, length)
-
-
 #: samplers that are only a proposal: their samples are always importance-weighted
 PROPOSAL_ONLY_SAMPLERS = {"ngram"}
 
@@ -149,7 +142,6 @@ class RamlCriterion(SeqlevelCriterion):
             self.reward = self.resolve_reward(cfg.raml_reward, "--raml-reward", default="bleu")
         self.reward_temperature = cfg.raml_reward_temperature or cfg.raml_temperature
         self.token_targets = build_token_targets(cfg, task.target_dictionary)
-        self.fused = None  # weighted_row_losses: chunked output layer when the model allows it
 
     def substitution_vocab(self, target, refs):
         if self.cfg.raml_vocab == "batch":
@@ -198,7 +190,7 @@ class RamlCriterion(SeqlevelCriterion):
         prev = prev_output_tokens_from_target(rows, self.padding_idx, bos.repeat_interleave(per_source))
         return weighted_row_losses(model, encoder_out, prev, rows, coef, self.sequence_losses, fused=self.fused)
 
-    def forward(self, model, sample, reduce=True):
+    def training_loss(self, model, sample):
         target = sample["target"]
         batch_size, alpha, num_samples = target.size(0), self.cfg.raml_alpha, self.cfg.raml_samples
         extra = {}
@@ -225,7 +217,7 @@ class RamlCriterion(SeqlevelCriterion):
                 # one decoder batch of B·(L+1) rows [y*_b, y_b1..y_bL]; the loss is the
                 # constant-weighted sum of row losses of eq. 15, which lets the output
                 # layer run chunked (weighted_row_losses) at large vocabularies
-                rows = interleave_reference_and_samples(target, drawn.tokens, num_samples, self.padding_idx)
+                rows = reference_and_samples(target, drawn.tokens, num_samples, self.padding_idx)
                 coef = raml_row_coefficients(weights, alpha, num_samples)
                 total, _, nll_rows = forward_through(model, self._score_rows, sample["net_input"], rows, coef,
                                                      layout.bos)

@@ -30,8 +30,8 @@ from fairseq.data import data_utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, pad_right, references_of, unforced,
-                                              worker_rng)
+from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, mle_mix, reference_and_samples,
+                                              references_of, scored_part, worker_rng)
 from fairseq_seqlevel.decoding.layout import generate as generate_like_task
 from fairseq_seqlevel.decoding.model import forward_through
 from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
@@ -112,7 +112,6 @@ class RiskCriterion(SeqlevelCriterion):
         check_risk_config(cfg)
         super().__init__(task, cfg)
         self.reward = self.resolve_reward(cfg.risk_reward, "--risk-reward", default="bleu")
-        self.fused = None  # rows_objective: chunked output layer when the model allows it
 
     def candidates(self, model, sample, layout=None):
         """U(x) before deduplication: [B·n, T] right-padded, in the task's layout (no grad)."""
@@ -129,52 +128,39 @@ class RiskCriterion(SeqlevelCriterion):
         rows = [h[min(k, len(h) - 1)]["tokens"] for h in hypos for k in range(n)]
         return data_utils.collate_tokens(rows, self.padding_idx).to(sample["target"].device)
 
-    def forward(self, model, sample, reduce=True):
-        cfg, pad = self.cfg, self.padding_idx
-        target = sample["target"]
-        batch_size, w = target.size(0), cfg.risk_mle_weight
-        sample_size = self.sample_size_of(sample)
-        if w == 1.0:  # stock label smoothing, no candidates
-            net_output = model(**sample["net_input"])
-            lprobs = model.get_normalized_probs(net_output, log_probs=True)
+    def training_loss(self, model, sample):
+        cfg, pad, target = self.cfg, self.padding_idx, sample["target"]
+        batch_size, n, sample_size = target.size(0), cfg.risk_candidates, self.sample_size_of(sample)
+        if cfg.risk_mle_weight == 1.0:  # stock label smoothing, no candidates
+            lprobs = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)
             loss, nll = label_smoothed_nll_loss(lprobs, target, cfg.label_smoothing, ignore_index=pad)
             return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size)
-
-        n = cfg.risk_candidates
         layout = self.output_layout(model, sample)
         with worker_rng():
             found = self.candidates(model, sample)
-        width = max(found.size(1), target.size(1))
         # rows per source: [y*, u_1..u_n]; y* is always scored (NLL term), a candidate only if asked
-        rows = torch.cat([pad_right(target, width, pad).unsqueeze(1),
-                          pad_right(found, width, pad).view(batch_size, n, width)], dim=1)
-        valid = torch.ones(rows.shape[:2], dtype=torch.bool, device=rows.device)
+        rows = reference_and_samples(target, found, n, pad)
+        width = rows.size(1)
+        valid = torch.ones(batch_size, n + 1, dtype=torch.bool, device=rows.device)
         valid[:, 0] = cfg.risk_include_reference
-        valid = distinct_candidates(rows, valid)
+        valid = distinct_candidates(rows.view(batch_size, n + 1, width), valid)
         with torch.no_grad():
-            refs = references_of(sample)
-            costs = self.reward.cost(rows.view(-1, width), refs.repeat_interleave(n + 1, dim=0))
+            costs = self.reward.cost(rows, references_of(sample).repeat_interleave(n + 1, dim=0))
             costs = costs.float().view(batch_size, n + 1)
-        flat = rows.view(-1, width)
-        # the forced prefix of a candidate (language tokens) is not the model's choice: not scored
-        scored = rows.clone()
-        scored[:, 1:] = unforced(scored[:, 1:], layout.prefix_len, pad)
-        lengths = scored.view(-1, width).ne(pad).sum(dim=1).clamp(min=1).view(batch_size, n + 1)
-        ref_len = target.ne(pad).sum(dim=1)
-        weight = torch.ones(batch_size, device=target.device) if self.sentence_avg else ref_len.float()
+        scored = scored_part(rows, n, layout.prefix_len, pad)
+        lengths = scored.ne(pad).sum(dim=1).clamp(min=1).view(batch_size, n + 1)
+        weight = self.length_weights(target)
 
-        def risk_of(nll):  # per-row sequence NLL [B·(n+1)] -> (1 - w)·Σ_b weight_b·risk_b
-            scores = -nll.view(batch_size, n + 1)
-            if cfg.risk_length_normalize:
-                scores = scores / lengths
-            return (1.0 - w) * (weight * expected_risk(scores, costs, valid, cfg.risk_sharpness)[0]).sum()
+        def scores_of(row_nll):  # s(u|x) [B, n+1]
+            scores = -row_nll.view(batch_size, n + 1)
+            return scores / lengths if cfg.risk_length_normalize else scores
 
-        loss, row_nll = forward_through(model, self._score, sample["net_input"], flat, n + 1, risk_of, target,
-                                        layout.bos, scored.view(-1, width))
-        scores = -row_nll.view(batch_size, n + 1)
-        if cfg.risk_length_normalize:
-            scores = scores / lengths
-        risk, _ = expected_risk(scores, costs, valid, cfg.risk_sharpness)
+        def risk_of(row_nll):  # Σ_b weight_b·risk_b
+            return (weight * expected_risk(scores_of(row_nll), costs, valid, cfg.risk_sharpness)[0]).sum()
+
+        loss, row_nll = forward_through(model, self._score, sample["net_input"], rows, n + 1, risk_of, target,
+                                        layout.bos, scored)
+        risk, _ = expected_risk(scores_of(row_nll), costs, valid, cfg.risk_sharpness)
         nll = row_nll.view(batch_size, n + 1)[:, 0].sum()
         extra = {
             "risk_sum": risk.sum().detach(), "risk_cost_sum": costs.masked_fill(~valid, 0.0).sum().detach(),
@@ -183,19 +169,19 @@ class RiskCriterion(SeqlevelCriterion):
         return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size, **extra)
 
     def _score(self, model, net_input, rows, per_source, objective, target, bos, scored):
-        """The risk (chunked output layer) plus, for w > 0, the reference's
-        label-smoothed NLL; run as the model's forward (forward_through)."""
-        pad = self.padding_idx
+        """The risk (chunked output layer) mixed with the reference's
+        label-smoothed NLL (``--risk-mle-weight``); run as the model's forward
+        (forward_through)."""
+        pad, w = self.padding_idx, self.cfg.risk_mle_weight
         loss, _, row_nll, features = rows_objective(
             model, net_input, rows, per_source, pad, bos, partial(sequence_nll, pad=pad), objective,
             fused=self.fused, loss_target=scored)
-        w = self.cfg.risk_mle_weight
+        ls_loss = 0.0
         if w > 0:
             ref_features = features.view(-1, per_source, *features.shape[1:])[:, 0, :target.size(1)]
             lprobs = model.get_normalized_probs((project_features(model, ref_features), None), log_probs=True)
             ls_loss, _ = label_smoothed_nll_loss(lprobs, target, self.cfg.label_smoothing, ignore_index=pad)
-            loss = loss + w * ls_loss
-        return loss, row_nll
+        return mle_mix(loss, ls_loss, w), row_nll
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

@@ -37,8 +37,8 @@ from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, pad_right, references_of, unforced,
-                                              worker_rng)
+from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, mle_mix, reference_and_samples,
+                                              references_of, scored_part, unforced, worker_rng)
 from fairseq_seqlevel.decoding.model import forward_through
 from fairseq_seqlevel.decoding.sampler import draw, sample as sample_outputs
 from fairseq_seqlevel.decoding.teacher_forcing import rows_objective, sequence_nll, token_nll
@@ -116,7 +116,6 @@ class SeqExplorationCriterion(SeqlevelCriterion):
         check_sle_config(cfg)
         super().__init__(task, cfg)
         self.reward = self.resolve_reward(cfg.sle_reward, "--sle-reward", default="bleu")
-        self.fused = None  # rows_objective: chunked output layer when the model allows it
 
     def draw(self, model, sample, layout=None):
         """(samples [B·s, T], greedy [B, T]) in one decoding loop: row 0 of each
@@ -139,29 +138,24 @@ class SeqExplorationCriterion(SeqlevelCriterion):
         grouped = out.tokens.view(-1, per_source, out.tokens.size(1))
         return grouped[:, 1:].reshape(-1, grouped.size(2)), grouped[:, 0]
 
-    def forward(self, model, sample, reduce=True):
+    def training_loss(self, model, sample):
         cfg, pad = self.cfg, self.padding_idx
         target, refs = sample["target"], references_of(sample)
         batch_size, s = target.size(0), cfg.sle_samples
         layout = self.output_layout(model, sample)
         with worker_rng():
             samples, greedy = self.draw(model, sample)
-        width = samples.size(1)
         with torch.no_grad():
             rewards = self.reward(samples, refs.repeat_interleave(s, dim=0)).float().view(batch_size, s)
             baseline = (self.reward(greedy, refs).float().unsqueeze(1) if greedy is not None
                         else leave_one_out_baseline(rewards))
-            distances = (pairwise_distances(layout.view(samples).view(batch_size, s, width), pad, self.eos,
-                                            cfg.sle_distance)
+            distances = (pairwise_distances(layout.view(samples).view(batch_size, s, samples.size(1)), pad,
+                                            self.eos, cfg.sle_distance)
                          if cfg.sle_alpha < 1.0 else rewards.new_zeros(batch_size, s, s))
             advantage = exploration_advantages(rewards, baseline, distances, cfg.sle_alpha)
-        # one teacher-forced pass over [y*, ỹ_1..ỹ_s] per source: y* only for the logged nll_loss
-        width = max(width, target.size(1))
-        rows = torch.cat([pad_right(target, width, pad).unsqueeze(1),
-                          pad_right(samples, width, pad).view(batch_size, s, width)], dim=1).view(-1, width)
-        ref_len = target.ne(pad).sum(dim=1)
-        weight = torch.ones(batch_size, device=target.device) if self.sentence_avg else ref_len.float()
-        beta, w = cfg.sle_entropy_weight, cfg.sle_mle_weight
+        # one teacher-forced pass over [y*, ỹ_1..ỹ_s] per source: y* for nll_loss and the MLE mix
+        rows = reference_and_samples(target, samples, s, pad)
+        weight, beta = self.length_weights(target), cfg.sle_entropy_weight
         loss_fn = partial(nll_and_entropy, pad=pad) if beta > 0 else partial(sequence_nll, pad=pad)
 
         def surrogate(row_loss):  # eq. 15-16, minus β·entropy; row_loss [B·(s+1)] or [B·(s+1), 2]
@@ -170,15 +164,11 @@ class SeqExplorationCriterion(SeqlevelCriterion):
             if beta > 0:
                 per_source = per_source - beta * per_row[:, 1:, 1].mean(dim=1)
             # the reference's summed token NLL: / sample_size it is fairseq's cross-entropy
-            return (1.0 - w) * (weight * per_source).sum() + w * per_row[:, 0, 0].sum()
+            return mle_mix((weight * per_source).sum(), per_row[:, 0, 0].sum(), cfg.sle_mle_weight)
 
-        # the forced prefix of a sample (language tokens) is not the model's choice: not scored
-        scored = rows.view(batch_size, s + 1, width).clone()
-        scored[:, 1:] = unforced(scored[:, 1:], layout.prefix_len, pad)
-        scored = scored.view(-1, width)
         loss, row_loss, row_nll, _ = forward_through(model, rows_objective, sample["net_input"], rows, s + 1, pad,
                                                      layout.bos, loss_fn, surrogate, fused=self.fused,
-                                                     loss_target=scored)
+                                                     loss_target=scored_part(rows, s, layout.prefix_len, pad))
         nll = row_nll.view(batch_size, s + 1)[:, 0].sum()
         sample_size = self.sample_size_of(sample)
         extra = {

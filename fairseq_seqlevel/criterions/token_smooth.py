@@ -25,7 +25,7 @@ class TokenSmoothCriterion(SeqlevelCriterion):
         super().__init__(task, cfg)
         self.token_targets = build_token_targets(cfg, task.target_dictionary)
 
-    def forward(self, model, sample, reduce=True):
+    def training_loss(self, model, sample):
         net_output = model(**sample["net_input"])
         lprobs = model.get_normalized_probs(net_output, log_probs=True)
         target = model.get_targets(sample, net_output)

@@ -32,19 +32,18 @@ from fairseq.dataclass import ChoiceEnum
 from omegaconf import II
 from torch.func import functional_call
 
-from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, pad_right, references_of, unforced,
-                                              worker_rng)
+from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, reference_and_samples, references_of,
+                                              unforced, worker_rng)
+from fairseq_seqlevel.criterions.critic_phases import CriticPhases, Phases
 from fairseq_seqlevel.critics import (blend_shadow, length_scaled_rewards, register_shadow, shadow, soft_q_targets,
                                       taken)
 from fairseq_seqlevel.critics.config import CriticConfig, build_critic
 from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs, token_nll
-from fairseq_seqlevel.errors import ConfigError, check
-from fairseq_seqlevel.rewards.binding import bind_reward
+from fairseq_seqlevel.errors import check
 from fairseq_seqlevel.perturbation import vocab as raml_vocab
 from fairseq_seqlevel.perturbation.samplers import hamming_sampler
 
 PHASES = ("q", "actor")
-PHASE_CODE = {"q": 1, "actor": 2}
 
 
 @dataclass
@@ -96,34 +95,26 @@ def value_targets_loss(lprobs, q, tokens, mask, alpha, tau, pad):
 
 
 @register_criterion("vaml", dataclass=VamlConfig)
-class VamlCriterion(SeqlevelCriterion):
+class VamlCriterion(CriticPhases, SeqlevelCriterion):
+    phases = Phases("--vaml-phase", "q", "actor", "q_batches", "the actor phase")
+    validates_objective = False  # a training step counts critic batches and starts phases
+
     def __init__(self, task, cfg: VamlConfig):
         check_vaml_config(cfg)
         super().__init__(task, cfg)
-        dictionary = task.target_dictionary
-        name = cfg.vaml_reward or getattr(getattr(task, "cfg", None), "reward", None) or "bleu"
-        self.reward = bind_reward(name, dictionary, "token", flag="--vaml-reward", needs_prefix=True)
-        self.critic = build_critic(cfg, dictionary)
+        self.want_phase = cfg.vaml_phase
+        self.reward = self.token_reward(cfg.vaml_reward, "--vaml-reward")
+        self.critic = build_critic(cfg, task.target_dictionary)
         self.snapshot_names = register_shadow(self, self.critic, "fixed")
-        self.register_buffer("phase_code", torch.tensor(0))
-        self.register_buffer("q_batches", torch.tensor(0))
+        self.init_phases()
         # never actions: their values stay out of V and of softmax(Q/τ) (unk can be a reference token)
-        unk = dictionary.unk()
+        unk = task.target_dictionary.unk()
         self.register_buffer("non_actions", torch.tensor(
             [i for i in self.special_ids.tolist() if i not in (self.eos, unk)], dtype=torch.long), persistent=False)
-        self._started = False
 
-    def _start(self):
-        self._started = True
-        want = PHASE_CODE[str(self.cfg.vaml_phase)]
-        if want == PHASE_CODE["actor"] and int(self.q_batches) == 0:
-            raise ConfigError("--vaml-phase actor needs a trained critic: train with --vaml-phase q first, then "
-                              "start the actor phase from that checkpoint (--restore-file CKPT --reset-optimizer)")
-        if want == PHASE_CODE["q"] and int(self.phase_code) == PHASE_CODE["actor"]:
-            raise ConfigError("--vaml-phase q after the actor phase is refused: the critic is trained first")
-        if want == PHASE_CODE["actor"] and int(self.phase_code) != PHASE_CODE["actor"]:
+    def on_phase_start(self, model, entering, phase):
+        if phase == 2 and entering:
             blend_shadow(self, self.critic, self.snapshot_names, 1.0)  # the critic the actor phase learns from
-        self.phase_code.fill_(want)
 
     def q_values(self, refs, prev, fixed, end=None):
         """Q ``[N, T, V]`` (fp32), -inf for the never-actions; ``end``: the task's
@@ -155,58 +146,53 @@ class VamlCriterion(SeqlevelCriterion):
             return drawn.tokens
         return torch.cat([layout.prefix.repeat_interleave(self.cfg.vaml_samples, dim=0), drawn.tokens], dim=1)
 
-    def forward(self, model, sample, reduce=True):
-        if not self.training:  # validation: the reference's NLL, comparable to MLE's
-            return self.reference_nll_output(model, sample)
-        pad, target = self.padding_idx, sample["target"]
-        batch_size, cfg = target.size(0), self.cfg
-        if not self._started:
-            self._start()
-        actor = self.phase_code.item() == PHASE_CODE["actor"]
-        L = cfg.vaml_samples
+    def training_loss(self, model, sample):
+        pad, target, cfg = self.padding_idx, sample["target"], self.cfg
+        batch_size, L = target.size(0), cfg.vaml_samples
+        actor = not self.in_critic_phase(model)
         # the task's layout (start symbol, forced prefix, end symbol); its first
         # call also makes self.reward score what the task outputs
         layout = self.output_layout(model, sample)
-        prefix_len = layout.prefix_len
         samples = self.draw_samples(sample, layout)
         if actor and not cfg.vaml_actor_reference:
             rows, per_source = samples, L
         else:  # the reference and its corruptions
-            width = max(samples.size(1), target.size(1))
-            rows = torch.cat([pad_right(target, width, pad).unsqueeze(1),
-                              pad_right(samples, width, pad).view(batch_size, L, -1)], dim=1)
-            rows, per_source = rows.view(batch_size * (L + 1), width), L + 1
-        # the steps the model chooses: not the forced prefix (language tokens)
-        mask = unforced(rows, prefix_len, pad).ne(pad)
+            rows, per_source = reference_and_samples(target, samples, L, pad), L + 1
+        mask = unforced(rows, layout.prefix_len, pad).ne(pad)  # the model's choices, not the forced prefix
         refs_for_critic = target.repeat_interleave(per_source, dim=0)
         prev = prev_output_tokens_from_target(rows, pad, layout.bos.repeat_interleave(per_source))
         q = self.q_values(refs_for_critic, prev, fixed=actor, end=layout.eos)
         extra = {"vaml_ntokens": int(mask.sum()), "vaml_q_sum": taken(q.detach(), rows).masked_fill(~mask, 0.0).sum()}
         if actor:
-            lprobs = rows_lprobs(model, sample["net_input"], rows, per_source, pad, layout.bos)
-            loss, nll = value_targets_loss(lprobs, q, rows, mask, cfg.vaml_alpha, cfg.vaml_tau, pad)
-            if prefix_len:  # the logged nll_loss: of whole rows, per target token as fairseq's
-                with torch.no_grad():
-                    nll = nll + token_nll(lprobs.detach()[:, :prefix_len].float(), rows[:, :prefix_len], pad).sum()
-            loss, nll = loss / per_source, nll / per_source  # the mean over a reference's rows
-            # weight 0: every critic parameter in the graph for a data-parallel wrapper
-            loss = loss + 0.0 * sum(p.sum() for p in self.critic.parameters())
+            loss, nll, sample_size = self.actor_loss(model, sample, rows, per_source, q, mask, layout)
             extra["vaml_actor_sum"] = loss.detach()
-            sample_size = (batch_size if self.sentence_avg else sample["ntokens"] if not prefix_len
-                           else int(unforced(target, prefix_len, pad).ne(pad).sum()))
         else:
             with torch.no_grad():
                 rewards, scale = length_scaled_rewards(
                     self.reward.prefix, rows, references_of(sample).repeat_interleave(per_source, dim=0),
                     refs_for_critic, pad, view=layout.view)
             loss = soft_q_loss(q, rows, rewards, mask, cfg.vaml_tau)
-            extra["vaml_td_sum"] = loss.detach()
-            extra["vaml_reward_sum"] = (rewards.sum(dim=1) / scale).sum()
-            extra["vaml_nrows"] = rows.size(0)
+            extra.update(vaml_td_sum=loss.detach(), vaml_reward_sum=(rewards.sum(dim=1) / scale).sum(),
+                         vaml_nrows=rows.size(0))
             nll = loss.new_zeros(())  # the actor is not run in this phase
-            self.q_batches.add_(1)
+            self.count_critic_batch()
             sample_size = batch_size if self.sentence_avg else int(mask.sum())
         return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size, **extra)
+
+    def actor_loss(self, model, sample, rows, per_source, q, mask, layout):
+        """(eq. 17 loss, logged NLL, sample size) of the actor phase: the mean over a reference's rows."""
+        pad, prefix_len, target = self.padding_idx, layout.prefix_len, sample["target"]
+        lprobs = rows_lprobs(model, sample["net_input"], rows, per_source, pad, layout.bos)
+        loss, nll = value_targets_loss(lprobs, q, rows, mask, self.cfg.vaml_alpha, self.cfg.vaml_tau, pad)
+        if prefix_len:  # the logged nll_loss: of whole rows, per target token as fairseq's
+            with torch.no_grad():
+                nll = nll + token_nll(lprobs.detach()[:, :prefix_len].float(), rows[:, :prefix_len], pad).sum()
+        loss, nll = loss / per_source, nll / per_source
+        # weight 0: every critic parameter in the graph for a data-parallel wrapper
+        loss = loss + 0.0 * sum(p.sum() for p in self.critic.parameters())
+        sample_size = (target.size(0) if self.sentence_avg else sample["ntokens"] if not prefix_len
+                       else int(unforced(target, prefix_len, pad).ne(pad).sum()))
+        return loss, nll, sample_size
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
