@@ -10,7 +10,7 @@ from fairseq.logging import metrics
 
 from conftest import build_toy, first_batch
 from fairseq_seqlevel.criterions.interpolation import (
-    REFERENCE, InterpolationCriterion, after_validation, annealed_lambdas, construct_sequences,
+    REFERENCE, after_validation, annealed_lambdas, construct_sequences,
     inverse_sigmoid_lambdas)
 from fairseq_seqlevel.errors import ConfigError
 from test_raml import _assert_same, _loss_and_grads
@@ -135,19 +135,22 @@ def test_updates_schedule_follows_the_trainer(toy_data):
 
 
 def test_validation_reward_drives_the_schedule(toy_data, monkeypatch):
+    """The task's validation decode, scored with the criterion's validation_reward,
+    reaches the criterion through the task's reduce_metrics (the hook), once."""
     _, task, model, crit = _build(toy_data, "--criterion", "interpolation")
     valid, train = first_batch(task, "valid"), first_batch(task)
     rewards = iter([0.5, 0.4, 0.7])
-    InterpolationCriterion._validation_tally[:] = [0.0, 0]
+    decodes = []
+    greedy_outputs = task.greedy_outputs
+    monkeypatch.setattr(task, "greedy_outputs", lambda m, s: decodes.append(1) or greedy_outputs(m, s))
 
     def validate():
         value = next(rewards)
-        monkeypatch.setattr(crit, "valid_reward", lambda hyp, refs: torch.full((hyp.size(0),), value))
-        crit.eval()
+        monkeypatch.setattr(crit, "validation_reward", lambda hyp, refs: torch.full((hyp.size(0),), value))
         with torch.no_grad():
-            _, _, log = crit(model, valid)
+            _, _, log = task.valid_step(valid, model, crit)
         with metrics.aggregate():
-            InterpolationCriterion.reduce_metrics([log])
+            task.reduce_metrics([log], crit)
         crit.train()
         crit(model, train)
 
@@ -158,6 +161,14 @@ def test_validation_reward_drives_the_schedule(toy_data, monkeypatch):
     assert crit.current_lambdas() == pytest.approx((0.10, 0.0, 0.90))
     validate()
     assert crit.schedule == {"moves": 1, "best": pytest.approx(0.7)}
+    assert len(decodes) == 3  # one validation decode per batch: the task's
+
+
+def test_validation_annealing_needs_the_task_hook(toy_data):
+    cfg, task, _, crit = _build(toy_data, "--criterion", "interpolation")
+    task.hands_validation_reward = False  # a task without the hook (fairseq's translation)
+    with pytest.raises(ConfigError, match="--interp-anneal validation"):
+        type(crit)(task, cfg.criterion)
 
 
 def test_schedule_survives_resume(toy_data, tmp_path):

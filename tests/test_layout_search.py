@@ -337,20 +337,19 @@ def test_interpolation_gains_and_validation_score_what_the_task_outputs(toy_data
     allowed = {tuple(r.flatten().tolist()) for r in viewed_refs}
     assert seen_refs and all(tuple(r.flatten().tolist()) in allowed for refs in seen_refs for r in refs)
 
+    # validation: the criterion decodes nothing itself; the task scores its own greedy
+    # outputs (its inference_step: what it outputs) with the criterion's validation_reward
     valid = first_batch(task, "valid")
-    layout = _langtok(task, valid)
-    _use_layout(monkeypatch, crit, layout)
     scored = []
-    monkeypatch.setattr(crit, "valid_reward", lambda hyp, refs: scored.append((hyp, refs)) or hyp.new_zeros(
+    monkeypatch.setattr(crit, "validation_reward", lambda hyp, refs: scored.append((hyp, refs)) or hyp.new_zeros(
         hyp.size(0)).float())
     crit.eval()
     with torch.no_grad():
         crit(model, valid)
-        greedy = sample_outputs(model, valid["net_input"], n=1, strategy="greedy", max_len_a=1.2, max_len_b=10,
-                                layout=layout).tokens
-    assert torch.equal(greedy[:, 0], valid["target"][:, 0])
-    (hyp, refs), = scored
-    assert torch.equal(refs, layout.view(references_of(valid))) and torch.equal(hyp, layout.view(greedy))
+        assert not scored
+        task.valid_step(valid, model, crit)
+        (hyp, refs), = scored
+        assert torch.equal(hyp, task.greedy_outputs(model, valid)) and torch.equal(refs, references_of(valid))
 
 
 def test_interpolation_mbart_rows_end_with_the_end_symbol(toy_data, monkeypatch):

@@ -24,7 +24,7 @@ score what the task outputs (prefix dropped, end symbol as eos).
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from fairseq.criterions import register_criterion
@@ -32,14 +32,13 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 
-from fairseq_seqlevel.compat import trainer_num_updates
-from fairseq_seqlevel.criterions.base import SeqlevelCriterion, log_mean, references_of, worker_rng
+from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, reference_length_limit, references_of,
+                                              worker_rng)
 from fairseq_seqlevel.decoding.layout import OutputLayout
 from fairseq_seqlevel.decoding.model import unwrap
 from fairseq_seqlevel.decoding.sampler import draw, sample as sample_outputs
 from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, token_nll
 from fairseq_seqlevel.errors import ConfigError, check
-from fairseq_seqlevel.rewards.binding import bind_reward
 from fairseq_seqlevel.rewards.increments import next_token_gains
 from fairseq_seqlevel.rewards.output_view import viewed
 
@@ -201,8 +200,7 @@ def construct_sequences(model, sample, lambdas, gain_reward, temperature, banned
         gain_reward = viewed(gain_reward, layout.view)
         banned = reward_branch_banned(banned, layout, eos)
         eos = layout.eos
-    ref_len = target.ne(pad).sum(dim=1)  # with eos
-    last = torch.maximum((ref_len.double() * max_len_a + max_len_b).long(), ref_len - 1)
+    last = reference_length_limit(target, max_len_a, max_len_b, pad)
     z = draw_branches(lambdas, (target.size(0), int(last.max()) + 1 if target.numel() else 1), target.device)
     choose = interpolation_choose(z, target, refs, gain_reward, temperature, banned, pad, eos, len(dictionary))
     out = sample_outputs(model, sample["net_input"], n=1, choose=choose, last_step=last, min_len=1, layout=layout)
@@ -229,25 +227,30 @@ def teacher_forced_nll(model, net_input, tokens, pad, eos):
 
 @register_criterion("interpolation", dataclass=InterpolationConfig)
 class InterpolationCriterion(SeqlevelCriterion):
-    # Validation rewards reach the criterion through reduce_metrics, a
-    # classmethod that fairseq calls on every rank with the logging outputs
-    # already summed over workers (dummy batches left out): the same numbers
-    # everywhere, no collective of our own.  They wait here until the next
-    # training forward, which is the end of that validation.
-    _validation_tally: List[float] = [0.0, 0]
+    validates_objective = False  # a training step consumes the validation result (the schedule)
 
     def __init__(self, task, cfg: InterpolationConfig):
         check_interpolation_config(cfg)
+        if cfg.interp_anneal == "validation" and not getattr(task, "hands_validation_reward", False):
+            raise ConfigError("--interp-anneal validation reads the validation reward that --task "
+                              "seqlevel_translation hands the criterion; with this task use --interp-anneal "
+                              "updates, inverse_sigmoid or none")
         super().__init__(task, cfg)
         self.initial_lambdas = parse_lambdas(cfg.interp_lambdas)
-        name = cfg.interp_reward or getattr(getattr(task, "cfg", None), "reward", None) or "bleu"
-        # ΔR compares token ids (next_token_gains needs a token-level reward); the
-        # validation signal is the task's reward as the task scores it
-        self.gain_reward = bind_reward(name, task.target_dictionary, "token", flag="--interp-reward", needs_prefix=True)
-        self.valid_reward = self.resolve_reward(cfg.interp_reward, "--interp-reward", default="bleu")
+        # ΔR compares token ids (next_token_gains needs a token-level reward)
+        self.gain_reward = self.token_reward(cfg.interp_reward, "--interp-reward")
+        if cfg.interp_anneal == "validation":  # the task scores its validation decode with it (valid_step)
+            self.validation_reward = self.resolve_reward(cfg.interp_reward, "--interp-reward", default="bleu")
         self.register_buffer("banned_ids", torch.tensor(
             [i for i in self.special_ids.tolist() if i != self.eos], dtype=torch.long), persistent=False)
         self.schedule = {"moves": 0, "best": None}
+        self._validation = [0.0, 0]  # summed over a validation's batches and workers, until the next step
+
+    def add_validation_reward(self, total, count):
+        """The task's hook (seqlevel_translation.reduce_metrics): a validation
+        batch's rewards of the task's greedy decode, summed over workers."""
+        self._validation[0] += total
+        self._validation[1] += count
 
     # ---- schedule state (saved through compat.keep_criterion_training_state)
     def training_state_dict(self):
@@ -259,9 +262,9 @@ class InterpolationCriterion(SeqlevelCriterion):
     def current_lambdas(self):
         cfg = self.cfg
         if cfg.interp_anneal == "inverse_sigmoid":
-            return inverse_sigmoid_lambdas(trainer_num_updates(), cfg.interp_ss_k)
+            return inverse_sigmoid_lambdas(self.num_updates, cfg.interp_ss_k)
         if cfg.interp_anneal == "updates":
-            moves = trainer_num_updates() // cfg.interp_anneal_every
+            moves = self.num_updates // cfg.interp_anneal_every
         elif cfg.interp_anneal == "validation":
             moves = self.schedule["moves"]
         else:
@@ -278,44 +281,28 @@ class InterpolationCriterion(SeqlevelCriterion):
                                    layout=self.output_layout(model, sample))
 
     def _consume_validation(self):
-        tally = type(self)._validation_tally
-        if tally[1] > 0:
-            reward = tally[0] / tally[1]
-            tally[0], tally[1] = 0.0, 0
-            if self.cfg.interp_anneal == "validation":
-                self.schedule = after_validation(self.schedule, reward)
+        total, count = self._validation
+        if count > 0:
+            self._validation = [0.0, 0]
+            self.schedule = after_validation(self.schedule, total / count)
 
-    def forward(self, model, sample, reduce=True):
+    def training_loss(self, model, sample):
         pad, target = self.padding_idx, sample["target"]
         layout = self.output_layout(model, sample)
-        extra = {}
-        if self.training:
-            self._consume_validation()
-            lambdas = self.current_lambdas()
-            with worker_rng():
-                tokens, z = self.construct(model, sample, lambdas)
-            extra.update({
-                "interp_lambda1_sum": lambdas[0], "interp_lambda2_sum": lambdas[1],
-                "interp_lambda3_sum": lambdas[2], "interp_nforwards": 1,
-                "interp_model_tokens": int(z.eq(MODEL).sum()), "interp_reward_tokens": int(z.eq(REWARD).sum()),
-                "interp_reference_tokens": int(z.eq(REFERENCE).sum()),
-            })
-        else:
-            tokens = target  # validation: the reference's NLL, comparable to MLE's
-            if self.cfg.interp_anneal == "validation":
-                greedy = sample_outputs(model, sample["net_input"], n=1, strategy="greedy",
-                                        max_len_a=1.2, max_len_b=10, layout=layout).tokens
-                valid_reward = viewed(self.valid_reward, layout.view)
-                extra["interp_valid_reward_sum"] = float(valid_reward(greedy, references_of(sample)).sum())
-                extra["interp_valid_count"] = target.size(0)
+        self._consume_validation()
+        lambdas = self.current_lambdas()
+        with worker_rng():
+            tokens, z = self.construct(model, sample, lambdas)
         loss, _ = teacher_forced_nll(model, sample["net_input"], tokens, pad, layout.bos)
         ntokens = int(tokens.ne(pad).sum()) if tokens is not target else sample["ntokens"]
         sample_size = target.size(0) if self.sentence_avg else ntokens
-        logging_output = {
-            "loss": loss.data, "nll_loss": loss.data, "ntokens": ntokens,
-            "nsentences": target.size(0), "sample_size": sample_size, **extra,
+        return loss, sample_size, {
+            "loss": loss.data, "nll_loss": loss.data, "ntokens": ntokens, "nsentences": target.size(0),
+            "sample_size": sample_size, "interp_lambda1_sum": lambdas[0], "interp_lambda2_sum": lambdas[1],
+            "interp_lambda3_sum": lambdas[2], "interp_nforwards": 1,
+            "interp_model_tokens": int(z.eq(MODEL).sum()), "interp_reward_tokens": int(z.eq(REWARD).sum()),
+            "interp_reference_tokens": int(z.eq(REFERENCE).sum()),
         }
-        return loss, sample_size, logging_output
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
@@ -327,9 +314,7 @@ class InterpolationCriterion(SeqlevelCriterion):
             for branch in ("model", "reward", "reference"):
                 share = sum(log.get(f"interp_{branch}_tokens", 0) for log in logging_outputs) / ntok
                 metrics.log_scalar(f"interp_from_{branch}", share, ntok, round=4)
-        count = sum(log.get("interp_valid_count", 0) for log in logging_outputs)
-        if count > 0:
-            total = sum(log.get("interp_valid_reward_sum", 0.0) for log in logging_outputs)
+        count = sum(log.get("_criterion_reward_count", 0) for log in logging_outputs)
+        if count > 0:  # the task's validation decode, scored with --interp-reward (the schedule's signal)
+            total = sum(log.get("_criterion_reward_sum", 0.0) for log in logging_outputs)
             metrics.log_scalar("interp_valid_reward", total / count, count, round=4)
-            cls._validation_tally[0] += total
-            cls._validation_tally[1] += count

@@ -116,28 +116,43 @@ class SeqlevelTranslationTask(TranslationTask):
             extra[name] = refs
         self.datasets[split] = MultiReferenceDataset(self.datasets[split], extra, self.tgt_dict.pad())
 
+    #: validation hands a criterion the rewards of this task's greedy decode (below)
+    hands_validation_reward = True
+
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
+        self.greedy_generator = None
         if self.cfg.eval_reward:
-            from argparse import Namespace
-
-            self.greedy_generator = self.build_generator(
-                [model], Namespace(beam=1, max_len_a=1.2, max_len_b=self.cfg.eval_reward_max_len_b)
-            )
             self.eval_chrf = bind_reward("chrf", self.tgt_dict, subword_style=self.cfg.subword_style, flag="chrf")
         return model
 
     def greedy_outputs(self, model, sample):
         """Greedy (beam 1) outputs as a right-padded B x T tensor, eos kept."""
+        if getattr(self, "greedy_generator", None) is None:
+            from argparse import Namespace
+
+            while hasattr(model, "module"):  # built on the model itself, not a data-parallel wrapper
+                model = model.module
+            self.greedy_generator = self.build_generator(
+                [model], Namespace(beam=1, max_len_a=1.2, max_len_b=self.cfg.eval_reward_max_len_b))
         gen_out = self.inference_step(self.greedy_generator, [model], sample, prefix_tokens=None)
         hyps = [out[0]["tokens"] for out in gen_out]
         return data_utils.collate_tokens(hyps, self.tgt_dict.pad()).to(sample["target"].device)
 
     def valid_step(self, sample, model, criterion):
+        """Validation; with ``--eval-reward``, or for a criterion with a
+        ``validation_reward`` (interpolation's annealing), one greedy decode
+        scored per batch.  The criterion's sums reach it, summed over workers,
+        through :meth:`reduce_metrics` (``criterion.add_validation_reward``)."""
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-        if self.cfg.eval_reward:
+        criterion_reward = getattr(criterion, "validation_reward", None)
+        if self.cfg.eval_reward or criterion_reward is not None:
             refs = sample.get("references", sample["target"].unsqueeze(1))
             hyps = self.greedy_outputs(model, sample)
+        if criterion_reward is not None:
+            logging_output["_criterion_reward_sum"] = float(criterion_reward(hyps, refs).sum())
+            logging_output["_criterion_reward_count"] = hyps.size(0)
+        if self.cfg.eval_reward:
             logging_output["_reward_sum"] = self.reward(hyps, refs).sum().item()
             # chrF beside the trained reward and BLEU: a metric the model was not trained on
             logging_output["_chrf_sum"] = self.eval_chrf(hyps, refs).sum().item()
@@ -147,6 +162,10 @@ class SeqlevelTranslationTask(TranslationTask):
 
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
+        handed = sum(log.get("_criterion_reward_count", 0) for log in logging_outputs)
+        if handed > 0 and hasattr(criterion, "add_validation_reward"):
+            criterion.add_validation_reward(sum(log.get("_criterion_reward_sum", 0.0) for log in logging_outputs),
+                                            handed)
         if not self.cfg.eval_reward:
             return
         count = sum(log.get("_reward_count", 0) for log in logging_outputs)
