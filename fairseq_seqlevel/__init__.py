@@ -7,9 +7,6 @@ user dir, so importing this package registers everything explicitly.
 
 __version__ = "0.1.0"
 
-from fairseq_seqlevel import compat  # noqa: F401  (safe torch.load allowlist, first)
-from fairseq_seqlevel.errors import install_excepthook
-
-install_excepthook()
+from fairseq_seqlevel import compat  # noqa: F401  (every patch, first: compat.PATCHES)
 
 from fairseq_seqlevel import tasks, criterions  # noqa: E402,F401

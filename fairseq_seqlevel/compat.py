@@ -1,4 +1,12 @@
-"""Version shims between fairseq 0.12.x and current PyTorch.
+"""Every patch the plugin applies to fairseq, torch or Python at import: what
+each patches and why (sections below).  Each can be turned off by naming it
+in the environment variable ``FAIRSEQ_SEQLEVEL_NO_PATCH`` (comma-separated
+names of :data:`PATCHES`, e.g. ``FAIRSEQ_SEQLEVEL_NO_PATCH=keep_last_batch``).
+
+One-line errors
+---------------
+``install_excepthook`` (errors.py) prints a :class:`ConfigError` (a bad flag,
+a missing file) as one line naming it instead of a traceback.
 
 Safe checkpoint loading
 -----------------------
@@ -248,32 +256,6 @@ def keep_criterion_training_state():
     Trainer._seqlevel_keeps_criterion_state = True
 
 
-def trainer_num_updates():
-    """The trainer's update count, from the ``num_updates`` value it logs to
-    fairseq's metrics (0 before the first update).  A criterion is not told the
-    update number; this is where fairseq keeps it.  Read from the *active*
-    aggregators: on resume ``metrics.load_state_dict`` replaces the registered
-    ``default`` aggregator by a copy that nothing logs to any more, while the
-    active one keeps receiving the trainer's counts."""
-    from fairseq.logging import metrics
-
-    for aggregator in metrics.get_active_aggregators():
-        meter = aggregator.get("num_updates")
-        if meter is not None and meter.val is not None:
-            return int(meter.val)
-    return 0
-
-
-def data_parallel_rank_and_size():
-    """(rank, world size) of this worker among fairseq's data-parallel workers; (0, 1) alone."""
-    import torch.distributed as dist
-    from fairseq.distributed import utils as distributed_utils
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return distributed_utils.get_data_parallel_rank(), distributed_utils.get_data_parallel_world_size()
-
-
 def fix_translation_from_pretrained_bart():
     """Give ``TranslationFromPretrainedBARTTask`` the ``self.args`` it reads
     (``= self.cfg``, the argparse namespace; module docstring).  Idempotent;
@@ -341,10 +323,41 @@ def say_where_training_starts():
     return True
 
 
-allow_fairseq_checkpoints()
-keep_last_batch()
-allow_cpu_pytorch_ddp()
-keep_criterion_training_state()
-fix_translation_from_pretrained_bart()
-bf16_without_tpu()
-say_where_training_starts()
+def _install_excepthook():
+    from fairseq_seqlevel.errors import install_excepthook
+
+    install_excepthook()
+
+
+#: the patches, in the order they are applied at import
+PATCHES = {
+    "allow_fairseq_checkpoints": allow_fairseq_checkpoints,
+    "keep_last_batch": keep_last_batch,
+    "allow_cpu_pytorch_ddp": allow_cpu_pytorch_ddp,
+    "keep_criterion_training_state": keep_criterion_training_state,
+    "fix_translation_from_pretrained_bart": fix_translation_from_pretrained_bart,
+    "bf16_without_tpu": bf16_without_tpu,
+    "say_where_training_starts": say_where_training_starts,
+    "one_line_errors": _install_excepthook,
+}
+
+
+def apply_patches(environ=None):
+    """Apply every patch not named in ``FAIRSEQ_SEQLEVEL_NO_PATCH``; returns the names left off."""
+    import os
+
+    raw = (os.environ if environ is None else environ).get("FAIRSEQ_SEQLEVEL_NO_PATCH", "")
+    off = {name.strip() for name in raw.split(",") if name.strip()}
+    unknown = off - set(PATCHES)
+    if unknown:
+        from fairseq_seqlevel.errors import ConfigError
+
+        raise ConfigError(f"FAIRSEQ_SEQLEVEL_NO_PATCH: unknown patch {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(PATCHES)})")
+    for name, patch in PATCHES.items():
+        if name not in off:
+            patch()
+    return off
+
+
+apply_patches()

@@ -148,3 +148,42 @@ def test_a_sequence_level_run_says_where_it_starts(toy_data, tmp_path):
     ignored = train(tmp_path / "a", "--max-update", "2", "--finetune-from-model", tmp_path / "a" / "checkpoint_last.pt")
     assert len(ignored) == 1 and "is not loaded" in ignored[0] and "new --save-dir" in ignored[0]
     assert train(tmp_path / "b", "--max-update", "1", "--finetune-from-model", tmp_path / "a" / "checkpoint_last.pt") == []
+
+
+def test_each_patch_can_be_turned_off_by_name():
+    """FAIRSEQ_SEQLEVEL_NO_PATCH leaves the named patches off; an unknown name is a one-line error."""
+    from fairseq_seqlevel import compat
+    from fairseq_seqlevel.errors import ConfigError
+
+    applied = []
+    patches = {name: (lambda name=name: applied.append(name)) for name in compat.PATCHES}
+    original = dict(compat.PATCHES)
+    compat.PATCHES.clear()
+    compat.PATCHES.update(patches)
+    try:
+        off = compat.apply_patches({"FAIRSEQ_SEQLEVEL_NO_PATCH": "keep_last_batch, say_where_training_starts"})
+        assert off == {"keep_last_batch", "say_where_training_starts"}
+        assert applied == [n for n in original if n not in off]
+        with pytest.raises(ConfigError, match="FAIRSEQ_SEQLEVEL_NO_PATCH: unknown patch nope"):
+            compat.apply_patches({"FAIRSEQ_SEQLEVEL_NO_PATCH": "nope"})
+    finally:
+        compat.PATCHES.clear()
+        compat.PATCHES.update(original)
+
+
+def test_no_patch_leaves_fairseq_batch_by_size_as_installed():
+    """End to end in a fresh interpreter: with keep_last_batch off, fairseq's
+    batch_by_size is the installed one; on, the plugin's (fairseq-fixed drops the last batch)."""
+    import subprocess
+    import sys
+
+    code = ("import fairseq.data.data_utils as d; before = d.batch_by_size; import fairseq_seqlevel; "
+            "print(d.batch_by_size is before)")
+
+    def unpatched(no_patch):
+        env = {**os.environ, "FAIRSEQ_SEQLEVEL_NO_PATCH": no_patch}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        return out.stdout.strip().splitlines()[-1] == "True"
+
+    assert unpatched("keep_last_batch")
+    assert not unpatched("")

@@ -38,7 +38,7 @@ def _vaml(toy_data, *args, arch="lstm"):
 
 
 def _set_num_updates(n):
-    """What the trainer logs after its n-th update (read by compat.trainer_num_updates)."""
+    """What the trainer logs after its n-th update (read by SeqlevelCriterion.num_updates)."""
     with metrics.aggregate():
         metrics.log_scalar("num_updates", n, weight=0)
 

@@ -14,15 +14,38 @@ from fairseq import utils
 from fairseq.criterions import FairseqCriterion
 from fairseq.logging import metrics
 
-from fairseq_seqlevel.compat import data_parallel_rank_and_size, trainer_num_updates
 from fairseq_seqlevel.decoding.layout import batch_layout, task_output
 from fairseq_seqlevel.decoding.model import check_autoregressive
 from fairseq_seqlevel.decoding.teacher_forcing import token_nll
 from fairseq_seqlevel.rewards.binding import bind_reward
-from fairseq_seqlevel.rewards.output_view import viewed
 from fairseq_seqlevel.perturbation.vocab import never_sampled_ids
+from fairseq_seqlevel.rewards.output_view import viewed
 
 logger = logging.getLogger(__name__)
+
+
+def trainer_num_updates():
+    """The trainer's update count (criterions read it as ``self.num_updates``),
+    from the ``num_updates`` value it logs to fairseq's metrics (0 before the first update).  A criterion is not told the
+    update number; this is where fairseq keeps it.  Read from the *active*
+    aggregators: on resume ``metrics.load_state_dict`` replaces the registered
+    ``default`` aggregator by a copy that nothing logs to any more, while the
+    active one keeps receiving the trainer's counts."""
+    for aggregator in metrics.get_active_aggregators():
+        meter = aggregator.get("num_updates")
+        if meter is not None and meter.val is not None:
+            return int(meter.val)
+    return 0
+
+
+def data_parallel_rank_and_size():
+    """(rank, world size) of this worker among fairseq's data-parallel workers; (0, 1) alone."""
+    import torch.distributed as dist
+    from fairseq.distributed import utils as distributed_utils
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return distributed_utils.get_data_parallel_rank(), distributed_utils.get_data_parallel_world_size()
 
 
 def references_of(sample):
@@ -201,7 +224,7 @@ class SeqlevelCriterion(FairseqCriterion):
     @property
     def num_updates(self) -> int:
         """The trainer's update count: the one place criterions read it
-        (:func:`fairseq_seqlevel.compat.trainer_num_updates`)."""
+        (:func:`trainer_num_updates`)."""
         return trainer_num_updates()
 
     def length_weights(self, target):
