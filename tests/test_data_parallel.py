@@ -132,8 +132,8 @@ def _fixed_candidates(criterion, model, sample):
 
 
 def _fixed_outputs(criterion, model, sample):
-    samples = _fixed_rows(criterion, sample, criterion.cfg.sle_samples)[0]
-    greedy = _fixed_rows(criterion, sample, 1, offset=criterion.cfg.sle_samples)[0]
+    samples = _fixed_rows(criterion, sample, criterion.cfg.seq_exploration_samples)[0]
+    greedy = _fixed_rows(criterion, sample, 1, offset=criterion.cfg.seq_exploration_samples)[0]
     return samples, greedy
 
 

@@ -39,3 +39,36 @@ def test_cli_prints_a_criterion_s_flags_and_refuses_an_unknown_name():
     assert table[0] == "| flag | default | meaning |" and any(line.startswith("| `--reward` | `bleu` |") for line in table)
     bad = subprocess.run([*run, "riskk"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: unknown criterion or task")
+
+
+@pytest.mark.parametrize("name", ["risk", "seq_exploration", "interpolation", "erac"])
+def test_deprecated_flag_names_set_the_new_fields(toy_data, name, caplog):
+    """Recipes written with the names before issue 41 keep running: each old flag is a
+    hidden option that sets the new flag's field (same type) and says it is deprecated."""
+    from fairseq import options
+    from fairseq.registry import REGISTRIES
+
+    criterion_class = REGISTRIES["criterion"]["registry"][name]
+    aliases = criterion_class.deprecated_flags
+    assert aliases
+    listed = {flag for flag, _, _ in own_fields(config_class(name))}
+    assert set(aliases.values()) <= listed and not set(aliases) & listed
+    argv = [str(toy_data), "--user-dir", USER_DIR, "--task", "seqlevel_translation", "--arch", "lstm",
+            "--criterion", name]
+    parser = options.get_training_parser()
+    new = options.parse_args_and_arch(options.get_training_parser(), argv)
+    values = {}
+    for old, flag in aliases.items():
+        default = getattr(new, flag[2:].replace("-", "_"))
+        values[old] = ("none" if flag.endswith("-anneal") else
+                       str(default * 2 + 1) if isinstance(default, (int, float)) and not isinstance(default, bool)
+                       else "bleu" if flag.endswith("-reward") else None)
+    given = [a for old, v in values.items() if v is not None for a in (old, v)]
+    with caplog.at_level("WARNING"):
+        args = options.parse_args_and_arch(parser, [*argv, *given])
+    for old, v in values.items():
+        if v is None:
+            continue
+        got = getattr(args, aliases[old][2:].replace("-", "_"))
+        assert str(got) == v or got == type(got)(v), (old, got, v)
+        assert f"{old} is deprecated: use {aliases[old]}" in caplog.text

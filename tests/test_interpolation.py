@@ -167,7 +167,7 @@ def test_validation_reward_drives_the_schedule(toy_data, monkeypatch):
 def test_validation_annealing_needs_the_task_hook(toy_data):
     cfg, task, _, crit = _build(toy_data, "--criterion", "interpolation")
     task.hands_validation_reward = False  # a task without the hook (fairseq's translation)
-    with pytest.raises(ConfigError, match="--interp-anneal validation"):
+    with pytest.raises(ConfigError, match="--interpolation-anneal validation"):
         type(crit)(task, cfg.criterion)
 
 
@@ -191,10 +191,11 @@ def test_schedule_survives_resume(toy_data, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--interp-lambdas", "0.5,0.6,0"], "--interp-lambdas"),
-    (["--interp-lambdas", "1,0"], "--interp-lambdas"),
-    (["--interp-temperature", "0"], "--interp-temperature"),
-    (["--interp-anneal-every", "0"], "--interp-anneal-every"),
+    (["--interpolation-lambdas", "0.5,0.6,0"], "--interpolation-lambdas"),
+    (["--interpolation-lambdas", "1,0"], "--interpolation-lambdas"),
+    (["--interpolation-temperature", "0"], "--interpolation-temperature"),
+    (["--interpolation-anneal-every", "0"], "--interpolation-anneal-every"),
+    (["--interp-anneal-every", "0"], "--interpolation-anneal-every"),  # a deprecated name: the new one in the error
 ])
 def test_bad_flags_name_the_flag(toy_data, flags, message):
     with pytest.raises(ConfigError, match=message):

@@ -500,7 +500,7 @@ def test_iwslt_every_recipe_trains(iwslt, iwslt_mle, tmp_path):
     by_name = {Path(shlex.split(c)[shlex.split(c).index("--save-dir") + 1]).name: c
                for c in commands if "--save-dir" in c}
     assert "--erac-tau 0 " in by_name["ac"] + " " and "--erac-tau 0.045" in by_name["erac"]
-    assert "--sle-alpha 1 " in by_name["scst"] + " " and "--sle-alpha 0.75" in by_name["seq_exploration"]
+    assert "--seq-exploration-alpha 1 " in by_name["scst"] + " " and "--seq-exploration-alpha 0.75" in by_name["seq_exploration"]
     assert "--erac-phase critic" in by_name["erac_critic"] and "--vaml-phase actor" in by_name["vaml"]
     for c in by_name.values():
         assert "--reward bleu" in c and "--eval-reward" in c and f"--user-dir {REPO / 'fairseq_seqlevel'}" in c

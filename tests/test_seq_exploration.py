@@ -200,11 +200,11 @@ def test_mean_baseline_draws_samples_only(toy_data):
     assert "sle_greedy_reward_sum" not in log and log["sle_nsamples"] == 3 * log["nsentences"]
 
 
-@pytest.mark.parametrize("args,flag", [(["--sle-samples", "1"], "--sle-alpha"), (["--sle-alpha", "2"], "--sle-alpha"),
-                                       (["--sle-entropy-weight", "-1"], "--sle-entropy-weight"),
-                                       (["--sle-samples", "1", "--sle-alpha", "1", "--sle-baseline", "mean"],
-                                        "--sle-baseline"),
-                                       (["--sle-mle-weight", "1.5"], "--sle-mle-weight")])
+@pytest.mark.parametrize("args,flag", [(["--seq-exploration-samples", "1"], "--seq-exploration-alpha"), (["--seq-exploration-alpha", "2"], "--seq-exploration-alpha"),
+                                       (["--seq-exploration-entropy-weight", "-1"], "--seq-exploration-entropy-weight"),
+                                       (["--seq-exploration-samples", "1", "--seq-exploration-alpha", "1", "--seq-exploration-baseline", "mean"],
+                                        "--seq-exploration-baseline"),
+                                       (["--seq-exploration-mle-weight", "1.5"], "--seq-exploration-mle-weight")])
 def test_bad_flags(toy_data, args, flag):
     with pytest.raises(ConfigError, match=flag):
         _build(toy_data, *args)

@@ -179,16 +179,16 @@ for name in "${NAMES[@]}"; do
     vaml) two_phase vaml q "${VAML_Q[@]}" -- "${VAML_ACTOR[@]}" ;;
     interpolation)
       # tan2019 App. C.2: lambda (0.04, 0, 0.96), moved by 0.06 when the validation reward drops
-      from_mle interpolation --criterion interpolation --interp-lambdas 0.04,0,0.96 \
-        --interp-anneal validation --interp-temperature 1 ;;
+      from_mle interpolation --criterion interpolation --interpolation-lambdas 0.04,0,0.96 \
+        --interpolation-anneal validation --interpolation-temperature 1 ;;
     ss)
       # tan2019 App. C.2's scheduled-sampling baseline: inverse-sigmoid decay, k = 500
-      from_mle ss --criterion interpolation --interp-anneal inverse_sigmoid --interp-ss-k 500 \
-        --interp-temperature 1 ;;
+      from_mle ss --criterion interpolation --interpolation-anneal inverse_sigmoid --interpolation-ss-k 500 \
+        --interpolation-temperature 1 ;;
     seq_exploration)
       # chen2019 eq. 15-16: 5 samples, alpha 0.75; lr 5e-5 as SCST (Rennie et al. 2017)
-      from_mle seq_exploration --criterion seq_exploration --sle-samples 5 --sle-alpha 0.75 --lr 5e-5 ;;
-    scst) from_mle scst --criterion seq_exploration --sle-samples 5 --sle-alpha 1 --lr 5e-5 ;;
+      from_mle seq_exploration --criterion seq_exploration --seq-exploration-samples 5 --seq-exploration-alpha 0.75 --lr 5e-5 ;;
+    scst) from_mle scst --criterion seq_exploration --seq-exploration-samples 5 --seq-exploration-alpha 1 --lr 5e-5 ;;
     risk)
       # Edunov et al. 2018: 16 beam candidates, length-normalized scores, weighted with
       # label-smoothed NLL (0.3, eps 0.1)

@@ -104,7 +104,7 @@ for name in "${NAMES[@]}"; do
       from_mle token_smooth --criterion token_smooth --token-smooth-alpha 0.3 \
         --token-smooth-temperature 0.1 --token-smooth-topk 20 --token-embeddings "$TOKEN_EMBEDDINGS" ;;
     interpolation)
-      from_mle interpolation --criterion interpolation --interp-lambdas 0.04,0,0.96 \
-        --interp-anneal validation --interp-temperature 1 ;;
+      from_mle interpolation --criterion interpolation --interpolation-lambdas 0.04,0,0.96 \
+        --interpolation-anneal validation --interpolation-temperature 1 ;;
   esac
 done

@@ -76,8 +76,10 @@ class EracConfig(CriticConfig):
         default=0.0, metadata={"help": "λ: the critic's target is the λ-return along the sampled trajectory "
                                "(not in dai2018; 0 = the one-step target of eq. 19, the paper; 1 = the sampled "
                                "return, no bootstrap)"})
-    erac_max_len_a: float = field(default=1.5, metadata={"help": "trajectories: at most a·|y*| + b tokens"})
-    erac_max_len_b: int = field(default=5, metadata={"help": "trajectories: at most a·|y*| + b tokens"})
+    erac_max_len_ref_a: float = field(
+        default=1.5, metadata={"help": "trajectories: at most a·|y*| + b tokens, y* the reference (never fewer than |y*|)"})
+    erac_max_len_ref_b: int = field(
+        default=5, metadata={"help": "trajectories: at most a·|y*| + b tokens, y* the reference (never fewer than |y*|)"})
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
@@ -90,8 +92,8 @@ def check_erac_config(cfg):
           f"--erac-var-weight and --erac-mle-weight must be >= 0, got {cfg.erac_var_weight}, {cfg.erac_mle_weight}")
     check(0 <= cfg.erac_td_lambda <= 1, f"--erac-td-lambda must be in [0, 1], got {cfg.erac_td_lambda}")
     check(cfg.erac_continuations >= 0, f"--erac-continuations must be >= 0, got {cfg.erac_continuations}")
-    check(cfg.erac_max_len_a >= 0 and cfg.erac_max_len_b >= 0,
-          f"--erac-max-len-a/-b must be >= 0, got {cfg.erac_max_len_a}, {cfg.erac_max_len_b}")
+    check(cfg.erac_max_len_ref_a >= 0 and cfg.erac_max_len_ref_b >= 0,
+          f"--erac-max-len-ref-a/-b must be >= 0, got {cfg.erac_max_len_ref_a}, {cfg.erac_max_len_ref_b}")
 
 
 def erac_losses(q, q_target, lprobs, tokens, rewards, mask, tau, var_weight, continuations=None, lam=0.0):
@@ -109,6 +111,11 @@ def erac_losses(q, q_target, lprobs, tokens, rewards, mask, tau, var_weight, con
 
 @register_criterion("erac", dataclass=EracConfig)
 class EracCriterion(CriticPhases, SeqlevelCriterion):
+    deprecated_flags = {  # the names before issue 41
+        "--erac-max-len-a": "--erac-max-len-ref-a",
+        "--erac-max-len-b": "--erac-max-len-ref-b",
+    }
+
     phases = Phases("--erac-phase", "critic", "joint", "critic_batches", "joint training")
     validates_objective = False  # a training step moves the target network and counts critic batches
 
@@ -140,7 +147,7 @@ class EracCriterion(CriticPhases, SeqlevelCriterion):
         forced prefix, end symbol: ``layout``, default the batch's), right-padded
         (no grad); at most a·|y*| + b positions, the forced prefix included."""
         layout = layout if layout is not None else self.output_layout(model, sample)
-        last = reference_length_limit(sample["target"], self.cfg.erac_max_len_a, self.cfg.erac_max_len_b,
+        last = reference_length_limit(sample["target"], self.cfg.erac_max_len_ref_a, self.cfg.erac_max_len_ref_b,
                                       self.padding_idx)
         return sample_outputs(model, sample["net_input"], n=self.cfg.erac_samples, strategy="multinomial",
                               last_step=last, layout=layout).tokens

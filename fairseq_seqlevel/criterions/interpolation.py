@@ -7,7 +7,7 @@ references), z = 3 takes y*_t.  The constructed sequence is decoded by the
 shared sampler (one decoder step per position, batched, no gradients), then
 trained by maximum likelihood in one teacher-forced ``model(...)`` pass.
 
-λ anneals (``--interp-anneal``) by moves of ``--interp-anneal-step`` taken
+λ anneals (``--interpolation-anneal``) by moves of ``--interpolation-anneal-step`` taken
 from λ3: the first to λ1, the next four to λ2, and so on (Appendix C.2),
 either when the validation reward stops improving or every N updates;
 ``inverse_sigmoid`` is scheduled sampling's decay (Bengio et al. 2015).
@@ -48,25 +48,27 @@ MODEL, REWARD, REFERENCE = 1, 2, 3  # the values of z
 
 @dataclass
 class InterpolationConfig(FairseqDataclass):
-    interp_lambdas: str = field(
+    interpolation_lambdas: str = field(
         default="0.04,0,0.96", metadata={"help": "initial λ1,λ2,λ3: P(model token), P(reward token), "
                                          "P(reference token) (Appendix C.2: 0.04,0,0.96)"})
-    interp_temperature: float = field(default=1.0, metadata={"help": "c: tokens ~ exp(c·log p) / exp(c·ΔR)"})
-    interp_anneal: ChoiceEnum(list(ANNEALS)) = field(
+    interpolation_temperature: float = field(default=1.0, metadata={"help": "c: tokens ~ exp(c·log p) / exp(c·ΔR)"})
+    interpolation_anneal: ChoiceEnum(list(ANNEALS)) = field(
         default="validation", metadata={"help": "validation: one move when the validation reward stops "
                                         "improving (the paper); updates: one move every "
-                                        "--interp-anneal-every updates; inverse_sigmoid: scheduled sampling, "
+                                        "--interpolation-anneal-every updates; inverse_sigmoid: scheduled sampling, "
                                         "λ = (1-ε, 0, ε), ε = k/(k+exp(updates/k)); none: fixed λ"})
-    interp_anneal_every: int = field(default=1000, metadata={"help": "updates between moves (--interp-anneal updates)"})
-    interp_anneal_step: float = field(default=0.06, metadata={"help": "mass one move takes from λ3"})
-    interp_reward_moves: int = field(
+    interpolation_anneal_every: int = field(default=1000, metadata={"help": "updates between moves (--interpolation-anneal updates)"})
+    interpolation_anneal_step: float = field(default=0.06, metadata={"help": "mass one move takes from λ3"})
+    interpolation_reward_moves: int = field(
         default=4, metadata={"help": "moves to λ2 after each move to λ1 (Appendix C.2: 4)"})
-    interp_ss_k: float = field(default=500.0, metadata={"help": "k of --interp-anneal inverse_sigmoid"})
-    interp_reward: Optional[str] = field(
+    interpolation_ss_k: float = field(default=500.0, metadata={"help": "k of --interpolation-anneal inverse_sigmoid"})
+    interpolation_reward: Optional[str] = field(
         default=None, metadata={"help": "R of ΔR and of the validation signal: default the task's --reward "
                                 "(bleu in a stock task); ΔR is always computed on target tokens"})
-    interp_max_len_a: float = field(default=1.2, metadata={"help": "at most a·|y*| + b tokens (never fewer than |y*|)"})
-    interp_max_len_b: int = field(default=10, metadata={"help": "at most a·|y*| + b tokens (never fewer than |y*|)"})
+    interpolation_max_len_ref_a: float = field(
+        default=1.2, metadata={"help": "at most a·|y*| + b tokens, y* the reference (never fewer than |y*|)"})
+    interpolation_max_len_ref_b: int = field(
+        default=10, metadata={"help": "at most a·|y*| + b tokens, y* the reference (never fewer than |y*|)"})
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
@@ -76,22 +78,22 @@ def parse_lambdas(text: str) -> Tuple[float, float, float]:
     except ValueError:
         values = ()
     if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1.0) > 1e-6:
-        raise ConfigError(f"--interp-lambdas must be three non-negative numbers summing to 1 "
+        raise ConfigError(f"--interpolation-lambdas must be three non-negative numbers summing to 1 "
                           f"(λ1,λ2,λ3), got {text!r}")
     return values
 
 
 def check_interpolation_config(cfg):
-    parse_lambdas(cfg.interp_lambdas)
-    check(cfg.interp_temperature > 0, f"--interp-temperature must be > 0, got {cfg.interp_temperature}")
-    check(str(cfg.interp_anneal) in ANNEALS,
-          f"--interp-anneal must be one of {', '.join(ANNEALS)}, got {cfg.interp_anneal}")
-    check(cfg.interp_anneal_every >= 1, f"--interp-anneal-every must be >= 1, got {cfg.interp_anneal_every}")
-    check(0 < cfg.interp_anneal_step <= 1, f"--interp-anneal-step must be in (0, 1], got {cfg.interp_anneal_step}")
-    check(cfg.interp_reward_moves >= 0, f"--interp-reward-moves must be >= 0, got {cfg.interp_reward_moves}")
-    check(cfg.interp_ss_k >= 1, f"--interp-ss-k must be >= 1, got {cfg.interp_ss_k}")
-    check(cfg.interp_max_len_a >= 0 and cfg.interp_max_len_b >= 0,
-          f"--interp-max-len-a and -b must be >= 0, got {cfg.interp_max_len_a}, {cfg.interp_max_len_b}")
+    parse_lambdas(cfg.interpolation_lambdas)
+    check(cfg.interpolation_temperature > 0, f"--interpolation-temperature must be > 0, got {cfg.interpolation_temperature}")
+    check(str(cfg.interpolation_anneal) in ANNEALS,
+          f"--interpolation-anneal must be one of {', '.join(ANNEALS)}, got {cfg.interpolation_anneal}")
+    check(cfg.interpolation_anneal_every >= 1, f"--interpolation-anneal-every must be >= 1, got {cfg.interpolation_anneal_every}")
+    check(0 < cfg.interpolation_anneal_step <= 1, f"--interpolation-anneal-step must be in (0, 1], got {cfg.interpolation_anneal_step}")
+    check(cfg.interpolation_reward_moves >= 0, f"--interpolation-reward-moves must be >= 0, got {cfg.interpolation_reward_moves}")
+    check(cfg.interpolation_ss_k >= 1, f"--interpolation-ss-k must be >= 1, got {cfg.interpolation_ss_k}")
+    check(cfg.interpolation_max_len_ref_a >= 0 and cfg.interpolation_max_len_ref_b >= 0,
+          f"--interpolation-max-len-ref-a and -b must be >= 0, got {cfg.interpolation_max_len_ref_a}, {cfg.interpolation_max_len_ref_b}")
 
 
 # ---- the schedule (pure) ----------------------------------------------------
@@ -227,20 +229,33 @@ def teacher_forced_nll(model, net_input, tokens, pad, eos):
 
 @register_criterion("interpolation", dataclass=InterpolationConfig)
 class InterpolationCriterion(SeqlevelCriterion):
+    deprecated_flags = {  # the names before issue 41
+        "--interp-anneal": "--interpolation-anneal",
+        "--interp-anneal-every": "--interpolation-anneal-every",
+        "--interp-anneal-step": "--interpolation-anneal-step",
+        "--interp-lambdas": "--interpolation-lambdas",
+        "--interp-max-len-a": "--interpolation-max-len-ref-a",
+        "--interp-max-len-b": "--interpolation-max-len-ref-b",
+        "--interp-reward": "--interpolation-reward",
+        "--interp-reward-moves": "--interpolation-reward-moves",
+        "--interp-ss-k": "--interpolation-ss-k",
+        "--interp-temperature": "--interpolation-temperature",
+    }
+
     validates_objective = False  # a training step consumes the validation result (the schedule)
 
     def __init__(self, task, cfg: InterpolationConfig):
         check_interpolation_config(cfg)
-        if cfg.interp_anneal == "validation" and not getattr(task, "hands_validation_reward", False):
-            raise ConfigError("--interp-anneal validation reads the validation reward that --task "
-                              "seqlevel_translation hands the criterion; with this task use --interp-anneal "
+        if cfg.interpolation_anneal == "validation" and not getattr(task, "hands_validation_reward", False):
+            raise ConfigError("--interpolation-anneal validation reads the validation reward that --task "
+                              "seqlevel_translation hands the criterion; with this task use --interpolation-anneal "
                               "updates, inverse_sigmoid or none")
         super().__init__(task, cfg)
-        self.initial_lambdas = parse_lambdas(cfg.interp_lambdas)
+        self.initial_lambdas = parse_lambdas(cfg.interpolation_lambdas)
         # ΔR compares token ids (next_token_gains needs a token-level reward)
-        self.gain_reward = self.token_reward(cfg.interp_reward, "--interp-reward")
-        if cfg.interp_anneal == "validation":  # the task scores its validation decode with it (valid_step)
-            self.validation_reward = self.resolve_reward(cfg.interp_reward, "--interp-reward", default="bleu")
+        self.gain_reward = self.token_reward(cfg.interpolation_reward, "--interpolation-reward")
+        if cfg.interpolation_anneal == "validation":  # the task scores its validation decode with it (valid_step)
+            self.validation_reward = self.resolve_reward(cfg.interpolation_reward, "--interpolation-reward", default="bleu")
         self.register_buffer("banned_ids", torch.tensor(
             [i for i in self.special_ids.tolist() if i != self.eos], dtype=torch.long), persistent=False)
         self.schedule = {"moves": 0, "best": None}
@@ -261,23 +276,23 @@ class InterpolationCriterion(SeqlevelCriterion):
 
     def current_lambdas(self):
         cfg = self.cfg
-        if cfg.interp_anneal == "inverse_sigmoid":
-            return inverse_sigmoid_lambdas(self.num_updates, cfg.interp_ss_k)
-        if cfg.interp_anneal == "updates":
-            moves = self.num_updates // cfg.interp_anneal_every
-        elif cfg.interp_anneal == "validation":
+        if cfg.interpolation_anneal == "inverse_sigmoid":
+            return inverse_sigmoid_lambdas(self.num_updates, cfg.interpolation_ss_k)
+        if cfg.interpolation_anneal == "updates":
+            moves = self.num_updates // cfg.interpolation_anneal_every
+        elif cfg.interpolation_anneal == "validation":
             moves = self.schedule["moves"]
         else:
             moves = 0
-        return annealed_lambdas(self.initial_lambdas, moves, cfg.interp_anneal_step, cfg.interp_reward_moves)
+        return annealed_lambdas(self.initial_lambdas, moves, cfg.interpolation_anneal_step, cfg.interpolation_reward_moves)
 
     def construct(self, model, sample, lambdas):
         """(tokens, z) of Algorithm 1 for the batch (no gradients), in the task's layout."""
         target = sample["target"]
         if lambdas[2] >= 1.0:  # only reference tokens: the sequence is y*
             return target, target.ne(self.padding_idx).long() * REFERENCE
-        return construct_sequences(model, sample, lambdas, self.gain_reward, self.cfg.interp_temperature,
-                                   self.banned_ids, self.cfg.interp_max_len_a, self.cfg.interp_max_len_b,
+        return construct_sequences(model, sample, lambdas, self.gain_reward, self.cfg.interpolation_temperature,
+                                   self.banned_ids, self.cfg.interpolation_max_len_ref_a, self.cfg.interpolation_max_len_ref_b,
                                    layout=self.output_layout(model, sample))
 
     def _consume_validation(self):
@@ -315,6 +330,6 @@ class InterpolationCriterion(SeqlevelCriterion):
                 share = sum(log.get(f"interp_{branch}_tokens", 0) for log in logging_outputs) / ntok
                 metrics.log_scalar(f"interp_from_{branch}", share, ntok, round=4)
         count = sum(log.get("_criterion_reward_count", 0) for log in logging_outputs)
-        if count > 0:  # the task's validation decode, scored with --interp-reward (the schedule's signal)
+        if count > 0:  # the task's validation decode, scored with --interpolation-reward (the schedule's signal)
             total = sum(log.get("_criterion_reward_sum", 0.0) for log in logging_outputs)
             metrics.log_scalar("interp_valid_reward", total / count, count, round=4)

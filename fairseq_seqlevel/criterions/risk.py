@@ -58,8 +58,10 @@ class RiskConfig(FairseqDataclass):
     risk_reward: Optional[str] = field(
         default=None, metadata={"help": "cost = the reward's cost (1 - BLEU, normalized edit/Hamming); "
                                 "default: the task's --reward, bleu in a stock task"})
-    risk_max_len_a: float = field(default=1.2, metadata={"help": "candidates: at most a·|x| + b tokens"})
-    risk_max_len_b: int = field(default=10, metadata={"help": "candidates: at most a·|x| + b tokens"})
+    risk_max_len_src_a: float = field(
+        default=1.2, metadata={"help": "candidates: at most a·|x| + b tokens, x the source (as fairseq-generate's --max-len-a/b)"})
+    risk_max_len_src_b: int = field(
+        default=10, metadata={"help": "candidates: at most a·|x| + b tokens, x the source (as fairseq-generate's --max-len-a/b)"})
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
@@ -70,8 +72,8 @@ def check_risk_config(cfg):
           f"--risk-sharpness must be > 0, got {cfg.risk_sharpness}")
     check(0.0 <= cfg.risk_mle_weight <= 1.0, f"--risk-mle-weight must be in [0, 1], got {cfg.risk_mle_weight}")
     check(0.0 <= cfg.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    check(cfg.risk_max_len_a >= 0 and cfg.risk_max_len_b >= 1,
-          f"--risk-max-len-a must be >= 0 and --risk-max-len-b >= 1, got {cfg.risk_max_len_a}, {cfg.risk_max_len_b}")
+    check(cfg.risk_max_len_src_a >= 0 and cfg.risk_max_len_src_b >= 1,
+          f"--risk-max-len-src-a must be >= 0 and --risk-max-len-src-b >= 1, got {cfg.risk_max_len_src_a}, {cfg.risk_max_len_src_b}")
 
 
 # ------------------------------------------------------------------ pure math
@@ -108,6 +110,11 @@ def expected_risk(scores, costs, valid, sharpness):
 
 @register_criterion("risk", dataclass=RiskConfig)
 class RiskCriterion(SeqlevelCriterion):
+    deprecated_flags = {  # the names before issue 41
+        "--risk-max-len-a": "--risk-max-len-src-a",
+        "--risk-max-len-b": "--risk-max-len-src-b",
+    }
+
     def __init__(self, task, cfg: RiskConfig):
         check_risk_config(cfg)
         super().__init__(task, cfg)
@@ -119,10 +126,10 @@ class RiskCriterion(SeqlevelCriterion):
         layout = layout if layout is not None else self.output_layout(model, sample)
         if cfg.risk_search == "sample":
             return sample_outputs(model, net_input, n=cfg.risk_candidates, strategy="multinomial",
-                                  max_len_a=cfg.risk_max_len_a, max_len_b=cfg.risk_max_len_b, layout=layout).tokens
+                                  max_len_a=cfg.risk_max_len_src_a, max_len_b=cfg.risk_max_len_src_b, layout=layout).tokens
         # the task's own generator, as its inference_step runs it (prefix, start and end symbols)
         hypos = generate_like_task(self.task, model, {"net_input": net_input}, layout, beam=cfg.risk_candidates,
-                                   max_len_a=cfg.risk_max_len_a, max_len_b=cfg.risk_max_len_b)
+                                   max_len_a=cfg.risk_max_len_src_a, max_len_b=cfg.risk_max_len_src_b)
         n = cfg.risk_candidates
         # beam search may return fewer than n hypotheses; repeat the last (deduplicated later)
         rows = [h[min(k, len(h) - 1)]["tokens"] for h in hypos for k in range(n)]

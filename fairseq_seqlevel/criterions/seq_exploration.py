@@ -1,6 +1,6 @@
 """``seq_exploration``: self-critical training with sequence-level exploration (chen2019).
 
-For each source, s samples ỹ_1..ỹ_s (``--sle-samples``) and the greedy output
+For each source, s samples ỹ_1..ỹ_s (``--seq-exploration-samples``) and the greedy output
 are decoded in one batched call of the shared sampler (no gradients); the
 samples are re-scored with gradients in one teacher-forced pass.  Surrogate
 loss per source (eq. 15–16):
@@ -9,16 +9,16 @@ loss per source (eq. 15–16):
                     −(1−α)·(2/s)·Σ_k (d(ỹ_j, ỹ_k) − b_d)·log p(ỹ_j|x) ]
 
 Δ = the task's reward (every reference), b = Δ of the greedy output (the
-self-critical baseline of Rennie et al. 2017), d = ``--sle-distance`` between
+self-critical baseline of Rennie et al. 2017), d = ``--seq-exploration-distance`` between
 samples (1 − (BLEU-3 + BLEU-4)/2 on target ids as in §4.3, or normalized
 edit distance), b_d = (1/s²) Σ_j Σ_k d(ỹ_j, ỹ_k) (§4.3).  α = 1 is SCST
-(the paper's SLL); ``--sle-entropy-weight β`` subtracts β × the summed
+(the paper's SLL); ``--seq-exploration-entropy-weight β`` subtracts β × the summed
 per-token entropy of the model along the samples (SLL-ME).
 
-Off by default, not in chen2019: ``--sle-baseline mean`` replaces b by the
+Off by default, not in chen2019: ``--seq-exploration-baseline mean`` replaces b by the
 mean reward of the other s − 1 samples of the source (Kool et al. 2019; Luo
 2020's "new self-critical"), so the advantages of a source sum to zero even
-where the greedy output beats nearly every sample; ``--sle-mle-weight w``
+where the greedy output beats nearly every sample; ``--seq-exploration-mle-weight w``
 trains (1 − w)·L + w·NLL(y*) (the mixed objective of Wu et al. 2016, as
 ``--risk-mle-weight``).
 
@@ -48,40 +48,42 @@ from fairseq_seqlevel.rewards import PAIRWISE_DISTANCES, pairwise_distances
 
 @dataclass
 class SeqExplorationConfig(FairseqDataclass):
-    sle_samples: int = field(default=5, metadata={"help": "s: samples per source"})
-    sle_alpha: float = field(default=0.75, metadata={"help": "α: weight of the reward term (1 = SCST)"})
-    sle_distance: ChoiceEnum(list(PAIRWISE_DISTANCES)) = field(
+    seq_exploration_samples: int = field(default=5, metadata={"help": "s: samples per source"})
+    seq_exploration_alpha: float = field(default=0.75, metadata={"help": "α: weight of the reward term (1 = SCST)"})
+    seq_exploration_distance: ChoiceEnum(list(PAIRWISE_DISTANCES)) = field(
         default="bleu34", metadata={"help": "d between samples: bleu34 = 1 - (BLEU-3 + BLEU-4)/2, "
                                     "edit = normalized edit distance"})
-    sle_entropy_weight: float = field(
+    seq_exploration_entropy_weight: float = field(
         default=0.0, metadata={"help": "β: minus β x per-token entropy along the samples (SLL-ME)"})
-    sle_baseline: ChoiceEnum(["greedy", "mean"]) = field(
+    seq_exploration_baseline: ChoiceEnum(["greedy", "mean"]) = field(
         default="greedy", metadata={"help": "b: reward of the greedy output (chen2019, SCST) or mean reward "
-                                    "of the source's other samples (needs --sle-samples >= 2)"})
-    sle_mle_weight: float = field(
+                                    "of the source's other samples (needs --seq-exploration-samples >= 2)"})
+    seq_exploration_mle_weight: float = field(
         default=0.0, metadata={"help": "w: train (1 - w) x the eq. 16 loss + w x NLL of the reference"})
-    sle_reward: Optional[str] = field(
+    seq_exploration_reward: Optional[str] = field(
         default=None, metadata={"help": "Δ: default the task's --reward (bleu in a stock task)"})
-    sle_max_len_a: float = field(default=1.2, metadata={"help": "samples: at most a·|x| + b tokens"})
-    sle_max_len_b: int = field(default=10, metadata={"help": "samples: at most a·|x| + b tokens"})
+    seq_exploration_max_len_src_a: float = field(
+        default=1.2, metadata={"help": "samples: at most a·|x| + b tokens, x the source (as fairseq-generate's --max-len-a/b)"})
+    seq_exploration_max_len_src_b: int = field(
+        default=10, metadata={"help": "samples: at most a·|x| + b tokens, x the source (as fairseq-generate's --max-len-a/b)"})
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
 def check_sle_config(cfg):
-    check(cfg.sle_samples >= 1, f"--sle-samples must be >= 1, got {cfg.sle_samples}")
-    check(0.0 <= cfg.sle_alpha <= 1.0, f"--sle-alpha must be in [0, 1], got {cfg.sle_alpha}")
-    check(cfg.sle_alpha == 1.0 or cfg.sle_samples >= 2,
-          f"--sle-alpha < 1 needs --sle-samples >= 2 (distances between samples), got {cfg.sle_samples}")
-    check(str(cfg.sle_distance) in PAIRWISE_DISTANCES,
-          f"--sle-distance must be one of {', '.join(PAIRWISE_DISTANCES)}, got {cfg.sle_distance}")
-    check(str(cfg.sle_baseline) in ("greedy", "mean"),
-          f"--sle-baseline must be greedy or mean, got {cfg.sle_baseline}")
-    check(str(cfg.sle_baseline) == "greedy" or cfg.sle_samples >= 2,
-          f"--sle-baseline mean needs --sle-samples >= 2, got {cfg.sle_samples}")
-    check(0.0 <= cfg.sle_mle_weight <= 1.0, f"--sle-mle-weight must be in [0, 1], got {cfg.sle_mle_weight}")
-    check(cfg.sle_entropy_weight >= 0, f"--sle-entropy-weight must be >= 0, got {cfg.sle_entropy_weight}")
-    check(cfg.sle_max_len_a >= 0 and cfg.sle_max_len_b >= 1,
-          f"--sle-max-len-a must be >= 0 and --sle-max-len-b >= 1, got {cfg.sle_max_len_a}, {cfg.sle_max_len_b}")
+    check(cfg.seq_exploration_samples >= 1, f"--seq-exploration-samples must be >= 1, got {cfg.seq_exploration_samples}")
+    check(0.0 <= cfg.seq_exploration_alpha <= 1.0, f"--seq-exploration-alpha must be in [0, 1], got {cfg.seq_exploration_alpha}")
+    check(cfg.seq_exploration_alpha == 1.0 or cfg.seq_exploration_samples >= 2,
+          f"--seq-exploration-alpha < 1 needs --seq-exploration-samples >= 2 (distances between samples), got {cfg.seq_exploration_samples}")
+    check(str(cfg.seq_exploration_distance) in PAIRWISE_DISTANCES,
+          f"--seq-exploration-distance must be one of {', '.join(PAIRWISE_DISTANCES)}, got {cfg.seq_exploration_distance}")
+    check(str(cfg.seq_exploration_baseline) in ("greedy", "mean"),
+          f"--seq-exploration-baseline must be greedy or mean, got {cfg.seq_exploration_baseline}")
+    check(str(cfg.seq_exploration_baseline) == "greedy" or cfg.seq_exploration_samples >= 2,
+          f"--seq-exploration-baseline mean needs --seq-exploration-samples >= 2, got {cfg.seq_exploration_samples}")
+    check(0.0 <= cfg.seq_exploration_mle_weight <= 1.0, f"--seq-exploration-mle-weight must be in [0, 1], got {cfg.seq_exploration_mle_weight}")
+    check(cfg.seq_exploration_entropy_weight >= 0, f"--seq-exploration-entropy-weight must be >= 0, got {cfg.seq_exploration_entropy_weight}")
+    check(cfg.seq_exploration_max_len_src_a >= 0 and cfg.seq_exploration_max_len_src_b >= 1,
+          f"--seq-exploration-max-len-src-a must be >= 0 and --seq-exploration-max-len-src-b >= 1, got {cfg.seq_exploration_max_len_src_a}, {cfg.seq_exploration_max_len_src_b}")
 
 
 def nll_and_entropy(lprobs, target, pad):
@@ -112,36 +114,48 @@ def exploration_advantages(rewards, baseline, distances, alpha):
 
 @register_criterion("seq_exploration", dataclass=SeqExplorationConfig)
 class SeqExplorationCriterion(SeqlevelCriterion):
+    deprecated_flags = {  # the names before issue 41
+        "--sle-alpha": "--seq-exploration-alpha",
+        "--sle-baseline": "--seq-exploration-baseline",
+        "--sle-distance": "--seq-exploration-distance",
+        "--sle-entropy-weight": "--seq-exploration-entropy-weight",
+        "--sle-max-len-a": "--seq-exploration-max-len-src-a",
+        "--sle-max-len-b": "--seq-exploration-max-len-src-b",
+        "--sle-mle-weight": "--seq-exploration-mle-weight",
+        "--sle-reward": "--seq-exploration-reward",
+        "--sle-samples": "--seq-exploration-samples",
+    }
+
     def __init__(self, task, cfg: SeqExplorationConfig):
         check_sle_config(cfg)
         super().__init__(task, cfg)
-        self.reward = self.resolve_reward(cfg.sle_reward, "--sle-reward", default="bleu")
+        self.reward = self.resolve_reward(cfg.seq_exploration_reward, "--seq-exploration-reward", default="bleu")
 
     def draw(self, model, sample, layout=None):
         """(samples [B·s, T], greedy [B, T]) in one decoding loop: row 0 of each
         source's s + 1 rows is greedy, the others multinomial (no grad);
-        greedy is None with ``--sle-baseline mean`` (s rows per source)."""
+        greedy is None with ``--seq-exploration-baseline mean`` (s rows per source)."""
         cfg = self.cfg
         layout = layout if layout is not None else self.output_layout(model, sample)
-        if cfg.sle_baseline == "mean":
-            out = sample_outputs(model, sample["net_input"], n=cfg.sle_samples, strategy="multinomial",
-                                 max_len_a=cfg.sle_max_len_a, max_len_b=cfg.sle_max_len_b, layout=layout)
+        if cfg.seq_exploration_baseline == "mean":
+            out = sample_outputs(model, sample["net_input"], n=cfg.seq_exploration_samples, strategy="multinomial",
+                                 max_len_a=cfg.seq_exploration_max_len_src_a, max_len_b=cfg.seq_exploration_max_len_src_b, layout=layout)
             return out.tokens, None
-        per_source = cfg.sle_samples + 1
+        per_source = cfg.seq_exploration_samples + 1
 
         def greedy_first(step, lprobs, prefix, rows):
             drawn = draw(lprobs.softmax(dim=-1))
             return torch.where(rows % per_source == 0, lprobs.argmax(dim=-1), drawn)
 
         out = sample_outputs(model, sample["net_input"], n=per_source, choose=greedy_first,
-                             max_len_a=cfg.sle_max_len_a, max_len_b=cfg.sle_max_len_b, layout=layout)
+                             max_len_a=cfg.seq_exploration_max_len_src_a, max_len_b=cfg.seq_exploration_max_len_src_b, layout=layout)
         grouped = out.tokens.view(-1, per_source, out.tokens.size(1))
         return grouped[:, 1:].reshape(-1, grouped.size(2)), grouped[:, 0]
 
     def training_loss(self, model, sample):
         cfg, pad = self.cfg, self.padding_idx
         target, refs = sample["target"], references_of(sample)
-        batch_size, s = target.size(0), cfg.sle_samples
+        batch_size, s = target.size(0), cfg.seq_exploration_samples
         layout = self.output_layout(model, sample)
         with worker_rng():
             samples, greedy = self.draw(model, sample)
@@ -150,12 +164,12 @@ class SeqExplorationCriterion(SeqlevelCriterion):
             baseline = (self.reward(greedy, refs).float().unsqueeze(1) if greedy is not None
                         else leave_one_out_baseline(rewards))
             distances = (pairwise_distances(layout.view(samples).view(batch_size, s, samples.size(1)), pad,
-                                            self.eos, cfg.sle_distance)
-                         if cfg.sle_alpha < 1.0 else rewards.new_zeros(batch_size, s, s))
-            advantage = exploration_advantages(rewards, baseline, distances, cfg.sle_alpha)
+                                            self.eos, cfg.seq_exploration_distance)
+                         if cfg.seq_exploration_alpha < 1.0 else rewards.new_zeros(batch_size, s, s))
+            advantage = exploration_advantages(rewards, baseline, distances, cfg.seq_exploration_alpha)
         # one teacher-forced pass over [y*, ỹ_1..ỹ_s] per source: y* for nll_loss and the MLE mix
         rows = reference_and_samples(target, samples, s, pad)
-        weight, beta = self.length_weights(target), cfg.sle_entropy_weight
+        weight, beta = self.length_weights(target), cfg.seq_exploration_entropy_weight
         loss_fn = partial(nll_and_entropy, pad=pad) if beta > 0 else partial(sequence_nll, pad=pad)
 
         def surrogate(row_loss):  # eq. 15-16, minus β·entropy; row_loss [B·(s+1)] or [B·(s+1), 2]
@@ -164,7 +178,7 @@ class SeqExplorationCriterion(SeqlevelCriterion):
             if beta > 0:
                 per_source = per_source - beta * per_row[:, 1:, 1].mean(dim=1)
             # the reference's summed token NLL: / sample_size it is fairseq's cross-entropy
-            return mle_mix((weight * per_source).sum(), per_row[:, 0, 0].sum(), cfg.sle_mle_weight)
+            return mle_mix((weight * per_source).sum(), per_row[:, 0, 0].sum(), cfg.seq_exploration_mle_weight)
 
         loss, row_loss, row_nll, _ = forward_through(model, rows_objective, sample["net_input"], rows, s + 1, pad,
                                                      layout.bos, loss_fn, surrogate, fused=self.fused,
