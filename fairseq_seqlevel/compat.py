@@ -1,105 +1,8 @@
-"""Every patch the plugin applies to fairseq, torch or Python at import: what
-each patches and why (sections below).  Each can be turned off by naming it
-in the environment variable ``FAIRSEQ_SEQLEVEL_NO_PATCH`` (comma-separated
-names of :data:`PATCHES`, e.g. ``FAIRSEQ_SEQLEVEL_NO_PATCH=keep_last_batch``).
-
-One-line errors
----------------
-``install_excepthook`` (errors.py) prints a :class:`ConfigError` (a bad flag,
-a missing file) as one line naming it instead of a traceback.
-
-Safe checkpoint loading
------------------------
-Since PyTorch 2.6 ``torch.load`` defaults to ``weights_only=True``: it only
-unpickles tensors, containers and primitive types, plus classes explicitly
-allowlisted with ``torch.serialization.add_safe_globals``.  fairseq 0.12 calls
-``torch.load(f, map_location=...)`` without ``weights_only``, and its
-checkpoints hold a few non-primitive objects, so ``fairseq-generate``,
-``fairseq-interactive`` and ``--restore-file`` all fail on checkpoints that
-``fairseq-train`` itself wrote.
-
-We do NOT switch ``weights_only`` off (that would let any checkpoint run
-arbitrary code).  Instead, on import of the plugin, we allowlist exactly the
-classes a fairseq checkpoint contains:
-
-* ``argparse.Namespace`` -- legacy ``args`` and the ``model`` section of
-  ``cfg`` for models registered with argparse-style arguments (``lstm``,
-  ``transformer``).  Unpickling one only sets attributes on a namespace.
-* numpy scalars (``numpy.core.multiarray.scalar`` with their dtype classes) --
-  ``extra_state["best"]``/``["val_loss"]`` hold a ``numpy.float64`` when the
-  best-checkpoint metric is computed with numpy (``--eval-bleu``).  The
-  reconstructor only builds a scalar from raw bytes and a dtype.
-* ``fairseq.distributed.utils._TensorPlaceholder`` -- used when a checkpoint
-  is broadcast from rank 0 to the other ranks (multi-GPU resume); a frozen
-  dataclass holding one int.
-
-Anything else (a ``__reduce__`` calling ``os.system``, ``eval``, ...) is still
-refused by the weights-only unpickler; ``tests/test_compat.py`` checks that.
-
-The last batch of an epoch (fairseq-fixed)
-------------------------------------------
-``fairseq-fixed`` 0.12.3.1 added to ``data_utils.batch_by_size``::
-
-    if bsz_mult > 1 and len(b[-1]) % bsz_mult != 0:
-        b = b[:-1]
-
-which silently drops the whole last batch whenever its size is not a multiple
-of ``--required-batch-size-multiple`` (8 by default): ``fairseq-generate``
-then translates only part of the test set and validation skips sentences.
-Upstream fairseq 0.12.2 keeps that batch.  When the installed fairseq shows
-the behaviour (probed on a tiny input, so a fixed release is left alone) we
-restore the upstream semantics.
-
-pytorch_ddp on CPU
-------------------
-``DistributedFairseqModel`` passes ``device_ids=[device_id]`` to torch's
-``DistributedDataParallel`` even for a CPU model, which torch >= 2 rejects;
-:func:`allow_cpu_pytorch_ddp` drops those two arguments for CPU modules only.
-
-A criterion's training state without parameters
------------------------------------------------
-fairseq checkpoints a criterion's ``state_dict`` only when it has parameters,
-and ``Trainer.load_checkpoint`` never restores ``task_state`` (only
-``load_model_ensemble`` does).  A criterion whose schedule is training state
-(``interpolation``'s annealed λ) defines ``training_state_dict()`` and
-``load_training_state_dict(d)``: :func:`keep_criterion_training_state` saves
-the former in the checkpoint's ``extra_state`` (broadcast to every rank on
-load) and gives it back on resume, unless meters are reset
-(``--reset-meters``, ``--finetune-from-model``: a fresh start).
-
-``--bf16`` without a TPU
-------------------------
-fairseq's argument parser sets ``--tpu`` whenever ``--bf16`` is given (an old
-TPU-only default; fairseq issue #4696), so ``fairseq-train --bf16`` on a GPU or
-a CPU dies importing ``torch_xla``.  :func:`bf16_without_tpu` wraps
-``distributed_utils.call_main`` (looked up when the CLIs call it, after the
-plugin is imported): with ``bf16`` and ``tpu`` set and no ``torch_xla``
-installed, ``tpu`` is switched off -- what ``fairseq-hydra-train
-common.bf16=true`` runs.  With ``torch_xla`` present nothing changes.
-
-Where a sequence-level run starts
----------------------------------
-Sequence-level criterions fine-tune a trained model.  fairseq starts from
-random weights without a word when no checkpoint is given, and ignores
-``--finetune-from-model`` without a word when ``--save-dir`` already holds a
-``checkpoint_last.pt`` (it resumes from that).  :func:`say_where_training_starts`
-wraps ``checkpoint_utils.load_checkpoint`` (looked up when ``fairseq-train``
-calls it) to log one warning line in either case, for the plugin's criterions.
-
-mBART fine-tuning (``translation_from_pretrained_bart``)
---------------------------------------------------------
-fairseq's ``TranslationFromPretrainedBARTTask`` is still written for the
-pre-dataclass task API: ``load_dataset``, ``build_generator`` and
-``build_dataset_for_inference`` read ``self.args``, but its base class
-``TranslationTask`` now only stores ``self.cfg``, so the README's mBART
-fine-tuning recipe dies at the first ``load_dataset`` with ``AttributeError:
-'TranslationFromPretrainedBARTTask' object has no attribute 'args'``.  The
-task registers argparse arguments only (no dataclass), so its ``cfg`` *is* the
-full argparse ``Namespace`` (``--langs``, ``--prepend-bos``, the translation
-and dataset options all on it, also in a checkpoint's ``cfg.task``).
-:func:`fix_translation_from_pretrained_bart` gives the class a read-only
-``args`` property returning ``self.cfg`` -- nothing else changes, and a fairseq
-whose task already has ``args`` is left alone.
+"""Every patch the plugin applies to fairseq, torch or Python at import, in one
+table (:data:`PATCHES`); what each patches and why is in its docstring and in
+docs/patches.md.  Any of them is turned off by naming it in the environment
+variable ``FAIRSEQ_SEQLEVEL_NO_PATCH`` (comma-separated, e.g.
+``FAIRSEQ_SEQLEVEL_NO_PATCH=keep_last_batch``).
 """
 
 import argparse
@@ -158,7 +61,7 @@ def _drops_last_batch(batch_by_size):
 
 
 def keep_last_batch():
-    """Undo fairseq-fixed's dropping of the last batch (see module docstring).
+    """Undo fairseq-fixed's dropping of the last batch (docs/patches.md).
 
     Returns True if the installed fairseq needed the fix.
     """
@@ -227,7 +130,7 @@ CRITERION_STATE_KEY = "seqlevel_criterion_state"
 
 def keep_criterion_training_state():
     """Checkpoint ``criterion.training_state_dict()`` in ``extra_state`` and
-    restore it on resume (module docstring).  Idempotent."""
+    restore it on resume (docs/patches.md).  Idempotent."""
     from fairseq.trainer import Trainer
 
     if getattr(Trainer, "_seqlevel_keeps_criterion_state", False):
@@ -258,7 +161,7 @@ def keep_criterion_training_state():
 
 def fix_translation_from_pretrained_bart():
     """Give ``TranslationFromPretrainedBARTTask`` the ``self.args`` it reads
-    (``= self.cfg``, the argparse namespace; module docstring).  Idempotent;
+    (``= self.cfg``, the argparse namespace; docs/patches.md).  Idempotent;
     returns True if the installed fairseq needed it."""
     try:
         from fairseq.tasks.translation_from_pretrained_bart import TranslationFromPretrainedBARTTask as task_cls
@@ -272,7 +175,7 @@ def fix_translation_from_pretrained_bart():
 
 def bf16_without_tpu():
     """Undo ``--bf16``'s implied ``--tpu`` where no TPU stack is installed
-    (module docstring).  Idempotent; returns True if it wrapped ``call_main``."""
+    (docs/patches.md).  Idempotent; returns True if it wrapped ``call_main``."""
     import importlib.util
 
     from fairseq.distributed import utils as distributed_utils
@@ -296,7 +199,7 @@ def bf16_without_tpu():
 
 def say_where_training_starts():
     """One warning line when a plugin criterion starts from random weights or its
-    ``--finetune-from-model`` is not loaded (module docstring).  Idempotent."""
+    ``--finetune-from-model`` is not loaded (docs/patches.md).  Idempotent."""
     import os
 
     from fairseq import checkpoint_utils

@@ -41,7 +41,7 @@ def test_cli_prints_a_criterion_s_flags_and_refuses_an_unknown_name():
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: unknown criterion or task")
 
 
-@pytest.mark.parametrize("name", ["risk", "seq_exploration", "interpolation", "erac"])
+@pytest.mark.parametrize("name", ["risk", "seq_exploration", "interpolation", "erac", "searnn_kl"])
 def test_deprecated_flag_names_set_the_new_fields(toy_data, name, caplog):
     """Recipes written with the names before issue 41 keep running: each old flag is a
     hidden option that sets the new flag's field (same type) and says it is deprecated."""

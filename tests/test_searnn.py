@@ -441,7 +441,8 @@ def test_stock_translation_task_uses_hamming_and_bleu_uses_best_suffix(toy_data)
     (["--searnn-scale", "0"], "--searnn-scale must be > 0"),
     (["--searnn-mix-prob", "1.5"], "--searnn-mix-prob must be in [0, 1]"),
     (["--searnn-neighbours", "-1"], "--searnn-neighbours must be >= 0"),
-    (["--searnn-max-len-b", "-1"], "--searnn-max-len-b must be >= 0"),
+    (["--searnn-max-len-ref-b", "-1"], "--searnn-max-len-ref-b must be >= 0"),
+    (["--searnn-max-len-b", "-1"], "--searnn-max-len-ref-b must be >= 0"),  # the deprecated name
     (["--searnn-reward", "blue"], "--searnn-reward: unknown reward 'blue'"),
     (["--searnn-mle-weight", "1.5"], "--searnn-mle-weight must be in [0, 1]"),
 ])

@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 def trainer_num_updates():
     """The trainer's update count (criterions read it as ``self.num_updates``),
-    from the ``num_updates`` value it logs to fairseq's metrics (0 before the first update).  A criterion is not told the
-    update number; this is where fairseq keeps it.  Read from the *active*
+    from the ``num_updates`` value it logs to fairseq's metrics (0 before the
+    first update).  A criterion is not told the update number; this is where
+    fairseq keeps it.  Read from the *active*
     aggregators: on resume ``metrics.load_state_dict`` replaces the registered
     ``default`` aggregator by a copy that nothing logs to any more, while the
     active one keeps receiving the trainer's counts."""
@@ -169,6 +170,14 @@ def log_stock_metrics(logging_outputs):
     metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
 
 
+def log_objective(logging_outputs):
+    """Validation: the criterion's own loss beside the reference NLL, as ``objective`` (base 2, as loss)."""
+    size = sum(log.get("objective_size", 0) for log in logging_outputs)
+    if size > 0:
+        total = sum(log.get("objective", 0) for log in logging_outputs)
+        metrics.log_scalar("objective", total / size / math.log(2), size, round=3)
+
+
 def log_mean(logging_outputs, name, sum_key, count_key, round=3):
     """Log ``Σ sum_key / Σ count_key`` as ``name`` when the count is positive."""
     count = sum(log.get(count_key, 0) for log in logging_outputs if sum_key in log)
@@ -307,11 +316,7 @@ class SeqlevelCriterion(FairseqCriterion):
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         log_stock_metrics(logging_outputs)
-        # validation: the criterion's own loss beside the reference NLL (base 2, as loss)
-        size = sum(log.get("objective_size", 0) for log in logging_outputs)
-        if size > 0:
-            total = sum(log.get("objective", 0) for log in logging_outputs)
-            metrics.log_scalar("objective", total / size / math.log(2), size, round=3)
+        log_objective(logging_outputs)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

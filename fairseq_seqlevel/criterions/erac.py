@@ -1,34 +1,11 @@
-"""``erac``: entropy-regularized actor-critic (dai2018 §4.2); τ = 0 is the
-actor-critic of Bahdanau et al. 2017 (AC).
+"""``erac``: entropy-regularized actor-critic (dai2018 §4.2); ``--erac-tau 0`` is
+the actor-critic of Bahdanau et al. 2017 (AC).
 
-Per source, ``--erac-samples`` trajectories from the actor (the shared
-sampler, no gradients).  The critic Q_φ (``critics.ReferenceCritic``, owned by
-the criterion, so fairseq optimizes, checkpoints and data-parallel-wraps it)
-reads y* and scores every token at every state:
-
-* critic loss: Σ_t (Q_φ(ŷ_<t, ŷ_t) − Q̂)² with the TD target of eq. 19 from
-  the target network φ̄ (or its λ-return, ``--erac-td-lambda``), plus λ_var ×
-  the variance of Q over the vocabulary;
-* actor loss (``--erac-phase joint``): −Σ_t [Σ_w π(w|ŷ_<t)·Q_φ(ŷ_<t, w) +
-  τ·H(π(·|ŷ_<t))] (eq. 20, the whole vocabulary, Q constant), plus
-  ``--erac-mle-weight`` × the reference NLL; all three are sums over tokens,
-  divided by fairseq by the trajectories' token count.
-
-``--erac-phase critic`` trains the critic only (the actor is not in the
-gradient).  The target network, the phase and the counters are buffers of
-the criterion, saved in the checkpoint's ``criterion`` state.  The target
-network moves (φ̄ ← β·φ + (1−β)·φ̄) once per optimizer update, at the first
-forward after it (the criterion is not told of updates; it reads the
-trainer's count, ``SeqlevelCriterion.num_updates``).
-
-Trajectories follow the task's layout (``SeqlevelCriterion.output_layout``):
-its start symbol, its forced prefix (a multilingual task's language token)
-and its end symbol (mBART's ``[lang]``) as its ``inference_step`` decodes;
-rewards score what the task shows of them.  The forced positions are not the
-actor's choices: no critic, actor or entropy term there, not counted in
-``erac_ntokens``; their reward is credited to the first chosen step.  The
-reference NLL (``--erac-mle-weight``, the logged ``nll_loss``) is fairseq's
-cross-entropy of the whole target, as MLE trains it.
+A critic Q_φ that reads the reference (owned by the criterion, so fairseq
+optimizes, checkpoints and data-parallel-wraps it) is trained on the actor's
+sampled trajectories with the TD target of eq. 19 (phase ``critic``), then
+jointly with the actor by eq. 20 (phase ``joint``).  Losses, target network,
+phases and the task layout: docs/criterions/erac.md.
 """
 
 from dataclasses import dataclass, field
@@ -77,9 +54,11 @@ class EracConfig(CriticConfig):
                                "(not in dai2018; 0 = the one-step target of eq. 19, the paper; 1 = the sampled "
                                "return, no bootstrap)"})
     erac_max_len_ref_a: float = field(
-        default=1.5, metadata={"help": "trajectories: at most a·|y*| + b tokens, y* the reference (never fewer than |y*|)"})
+        default=1.5, metadata={"help": "trajectories: at most a·|y*| + b tokens, y* the reference "
+                                 "(never fewer than |y*|)"})
     erac_max_len_ref_b: int = field(
-        default=5, metadata={"help": "trajectories: at most a·|y*| + b tokens, y* the reference (never fewer than |y*|)"})
+        default=5, metadata={"help": "trajectories: at most a·|y*| + b tokens, y* the reference "
+                                 "(never fewer than |y*|)"})
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
@@ -183,13 +162,10 @@ class EracCriterion(CriticPhases, SeqlevelCriterion):
         batch_size, s = target.size(0), cfg.erac_samples
         joint = not self.in_critic_phase(model)
         self._track_updates()
-        # the task's layout (start symbol, forced prefix, end symbol); its first
-        # call also makes self.reward score what the task outputs
-        layout = self.output_layout(model, sample)
+        layout = self.output_layout(model, sample)  # start, forced prefix, end symbol of the task's rows
         with worker_rng():
             tokens = self.trajectories(model, sample)  # [B·s, T]
-        width = max(tokens.size(1), target.size(1))
-        tokens, ref = pad_right(tokens, width, pad), pad_right(target, width, pad)
+        tokens, ref = (pad_right(t, max(tokens.size(1), target.size(1)), pad) for t in (tokens, target))
         mask = unforced(tokens, layout.prefix_len, pad).ne(pad)  # the actor's choices, not the forced prefix
         critic_ref = target.repeat_interleave(s, dim=0)
         with torch.no_grad():
@@ -210,17 +186,16 @@ class EracCriterion(CriticPhases, SeqlevelCriterion):
         # by the trajectories' tokens (sentences with --sentence-avg)
         traj_tokens = int(mask.sum())
         sample_size = batch_size if self.sentence_avg else traj_tokens
-        loss = critic_loss
-        if joint:
-            loss = loss + actor_loss + cfg.erac_mle_weight * ref_nll  # dai2018: λ_mle added, not mixed
+        if joint:  # dai2018: λ_mle added, not mixed
+            loss = critic_loss + actor_loss + cfg.erac_mle_weight * ref_nll
         else:
+            loss = critic_loss
             self.count_critic_batch()
         extra = {
             "erac_eos_preferred_sum": self.eos_preferred(q, ends, end_lprobs, layout.eos).sum(),
             "erac_td_sum": td.detach(), "erac_q_sum": taken(q.detach().float(), tokens).masked_fill(~mask, 0.0).sum(),
             "erac_entropy_sum": entropy, "erac_actor_sum": actor_loss.detach(), "erac_ntokens": traj_tokens,
-            "erac_reward_sum": (rewards.sum(dim=1) / scale).sum(), "erac_nsamples": tokens.size(0),
-        }
+            "erac_reward_sum": (rewards.sum(dim=1) / scale).sum(), "erac_nsamples": tokens.size(0)}
         return loss, sample_size, self.stock_logging_output(loss, ref_nll, sample, sample_size, **extra)
 
     def critic_values(self, critic_ref, tokens, layout):

@@ -1,25 +1,11 @@
-"""``interpolation``: the interpolation algorithm of tan2019 (Algorithm 1, Appendix C.2).
+"""``interpolation``: the interpolation algorithm of tan2019 (Algorithm 1,
+Appendix C.2); ``--interpolation-anneal inverse_sigmoid`` is scheduled sampling.
 
-Per target position t a branch z ~ Cat(λ1, λ2, λ3) picks the token:
-z = 1 samples from exp(c·log p_θ(·|y_<t, x)) (the model on its own prefix),
-z = 2 from exp(c·ΔR(·|y_<t, y*)) (the reward increment of every token, all
-references), z = 3 takes y*_t.  The constructed sequence is decoded by the
-shared sampler (one decoder step per position, batched, no gradients), then
-trained by maximum likelihood in one teacher-forced ``model(...)`` pass.
-
-λ anneals (``--interpolation-anneal``) by moves of ``--interpolation-anneal-step`` taken
-from λ3: the first to λ1, the next four to λ2, and so on (Appendix C.2),
-either when the validation reward stops improving or every N updates;
-``inverse_sigmoid`` is scheduled sampling's decay (Bengio et al. 2015).
-Special cases and where the schedule's state lives: README, "interpolation".
-
-Task layout (:mod:`fairseq_seqlevel.decoding.layout`): sequences are built
-and teacher-forced from the task's decoder start symbol and end with its end
-symbol (mBART's ``[lang]``); the task's forced prefix (the target-language
-token of multilingual tasks) is forced by the sampler, as the task's
-``inference_step`` forces it: those positions are the target's tokens (MLE
-positions, z = 3), never a branch's choice.  ΔR and the validation reward
-score what the task outputs (prefix dropped, end symbol as eos).
+Per target position a branch z ~ Cat(λ1, λ2, λ3) picks the token from the
+model, from the reward increments ΔR, or from the reference; the constructed
+sequence is trained by maximum likelihood, and λ anneals from the reference
+towards the model and the reward.  Schedule, validation signal and the task
+layout: docs/criterions/interpolation.md.
 """
 
 import math
@@ -57,7 +43,8 @@ class InterpolationConfig(FairseqDataclass):
                                         "improving (the paper); updates: one move every "
                                         "--interpolation-anneal-every updates; inverse_sigmoid: scheduled sampling, "
                                         "λ = (1-ε, 0, ε), ε = k/(k+exp(updates/k)); none: fixed λ"})
-    interpolation_anneal_every: int = field(default=1000, metadata={"help": "updates between moves (--interpolation-anneal updates)"})
+    interpolation_anneal_every: int = field(
+        default=1000, metadata={"help": "updates between moves (--interpolation-anneal updates)"})
     interpolation_anneal_step: float = field(default=0.06, metadata={"help": "mass one move takes from λ3"})
     interpolation_reward_moves: int = field(
         default=4, metadata={"help": "moves to λ2 after each move to λ1 (Appendix C.2: 4)"})
@@ -85,15 +72,17 @@ def parse_lambdas(text: str) -> Tuple[float, float, float]:
 
 def check_interpolation_config(cfg):
     parse_lambdas(cfg.interpolation_lambdas)
-    check(cfg.interpolation_temperature > 0, f"--interpolation-temperature must be > 0, got {cfg.interpolation_temperature}")
+    c, every, step = cfg.interpolation_temperature, cfg.interpolation_anneal_every, cfg.interpolation_anneal_step
+    check(c > 0, f"--interpolation-temperature must be > 0, got {c}")
     check(str(cfg.interpolation_anneal) in ANNEALS,
           f"--interpolation-anneal must be one of {', '.join(ANNEALS)}, got {cfg.interpolation_anneal}")
-    check(cfg.interpolation_anneal_every >= 1, f"--interpolation-anneal-every must be >= 1, got {cfg.interpolation_anneal_every}")
-    check(0 < cfg.interpolation_anneal_step <= 1, f"--interpolation-anneal-step must be in (0, 1], got {cfg.interpolation_anneal_step}")
-    check(cfg.interpolation_reward_moves >= 0, f"--interpolation-reward-moves must be >= 0, got {cfg.interpolation_reward_moves}")
+    check(every >= 1, f"--interpolation-anneal-every must be >= 1, got {every}")
+    check(0 < step <= 1, f"--interpolation-anneal-step must be in (0, 1], got {step}")
+    check(cfg.interpolation_reward_moves >= 0,
+          f"--interpolation-reward-moves must be >= 0, got {cfg.interpolation_reward_moves}")
     check(cfg.interpolation_ss_k >= 1, f"--interpolation-ss-k must be >= 1, got {cfg.interpolation_ss_k}")
-    check(cfg.interpolation_max_len_ref_a >= 0 and cfg.interpolation_max_len_ref_b >= 0,
-          f"--interpolation-max-len-ref-a and -b must be >= 0, got {cfg.interpolation_max_len_ref_a}, {cfg.interpolation_max_len_ref_b}")
+    a, b = cfg.interpolation_max_len_ref_a, cfg.interpolation_max_len_ref_b
+    check(a >= 0 and b >= 0, f"--interpolation-max-len-ref-a and -b must be >= 0, got {a}, {b}")
 
 
 # ---- the schedule (pure) ----------------------------------------------------
@@ -255,7 +244,8 @@ class InterpolationCriterion(SeqlevelCriterion):
         # ΔR compares token ids (next_token_gains needs a token-level reward)
         self.gain_reward = self.token_reward(cfg.interpolation_reward, "--interpolation-reward")
         if cfg.interpolation_anneal == "validation":  # the task scores its validation decode with it (valid_step)
-            self.validation_reward = self.resolve_reward(cfg.interpolation_reward, "--interpolation-reward", default="bleu")
+            self.validation_reward = self.resolve_reward(cfg.interpolation_reward, "--interpolation-reward",
+                                                         default="bleu")
         self.register_buffer("banned_ids", torch.tensor(
             [i for i in self.special_ids.tolist() if i != self.eos], dtype=torch.long), persistent=False)
         self.schedule = {"moves": 0, "best": None}
@@ -284,7 +274,8 @@ class InterpolationCriterion(SeqlevelCriterion):
             moves = self.schedule["moves"]
         else:
             moves = 0
-        return annealed_lambdas(self.initial_lambdas, moves, cfg.interpolation_anneal_step, cfg.interpolation_reward_moves)
+        return annealed_lambdas(self.initial_lambdas, moves, cfg.interpolation_anneal_step,
+                                cfg.interpolation_reward_moves)
 
     def construct(self, model, sample, lambdas):
         """(tokens, z) of Algorithm 1 for the batch (no gradients), in the task's layout."""
@@ -292,7 +283,8 @@ class InterpolationCriterion(SeqlevelCriterion):
         if lambdas[2] >= 1.0:  # only reference tokens: the sequence is y*
             return target, target.ne(self.padding_idx).long() * REFERENCE
         return construct_sequences(model, sample, lambdas, self.gain_reward, self.cfg.interpolation_temperature,
-                                   self.banned_ids, self.cfg.interpolation_max_len_ref_a, self.cfg.interpolation_max_len_ref_b,
+                                   self.banned_ids, self.cfg.interpolation_max_len_ref_a,
+                                   self.cfg.interpolation_max_len_ref_b,
                                    layout=self.output_layout(model, sample))
 
     def _consume_validation(self):

@@ -1,26 +1,8 @@
-"""``raml``: sequence-level loss smoothing (Norouzi et al. 2016; Elbayad et al. 2018 §3.2, §3.4).
-
-    ℓ = α·E_{y∼r(·|y*)}[ℓ(y)] + (1-α)·ℓ(y*)                      (eq. 15)
-
-with r(y|y*) ∝ exp(reward(y, y*)/τ), estimated with L samples per example:
-
-* drawn from r directly by a stratified sampler (``--raml-sampler hamming``
-  for the reward -Hamming; ``edit`` for -edit distance, approximate), weights
-  1/L; or
-* with ``--raml-reward NAME`` (e.g. bleu), drawn from the sampler as a
-  proposal q and weighted by self-normalized importance weights
-  ω_l ∝ exp(reward(y_l)/τ_r)/q(y_l) (eq. 11-12).
-
-ℓ(y) is the sequence NLL, or with ``--token-smooth-alpha`` > 0 the token-
-smoothed loss of eq. 16 (Tok-Seq, eq. 17).  Non-lazy: the reference and its L
-samples go through the decoder as one batch of B·(L+1) rows sharing one
-encoder pass.  ``--raml-lazy``: samples are scored with the reference's hidden
-states (eq. 19), one forward pass in all.
-
-Logged like fairseq's label_smoothed_cross_entropy (``loss`` base 2 per
-sample_size, ``nll_loss`` = NLL of the reference per token), so α = 0 logs
-exactly what MLE logs; plus ``raml_dist`` (mean applied distance) and, with
-importance sampling, ``raml_ess`` (mean effective sample size, in [1, L]).
+"""``raml``: sequence-level loss smoothing (Norouzi et al. 2016; Elbayad et al.
+2018 §3.2, §3.4): ℓ = α·E_{y∼r(·|y*)}[ℓ(y)] + (1 − α)·ℓ(y*) (eq. 15), with
+r ∝ exp(reward/τ) estimated from L samples around the reference (drawn from
+r, or importance-weighted); ``--token-smooth-alpha`` gives Tok-Seq (eq. 17).
+Samplers, the lazy variant and logging: docs/criterions/raml.md.
 """
 
 from dataclasses import dataclass, field

@@ -1,21 +1,10 @@
-"""``risk``: minimum risk training (Shen et al. 2016; Edunov et al. 2018 "Risk").
+"""``risk``: minimum risk training (Shen et al. 2016; Edunov et al. 2018).
 
-For each source x a candidate set U(x) of ``--risk-candidates n`` outputs is
-drawn without gradients (the shared sampler, or fairseq's beam search n-best
-with ``--risk-search beam``); duplicates count once and ``--risk-include-reference``
-adds y*.  With s(u|x) the model's sequence log-probability (divided by the
-length with ``--risk-length-normalize``), re-scored with gradients in one
-teacher-forced pass,
-
-    Q(u|x) = exp(α·s(u|x)) / Σ_{u'∈U(x)} exp(α·s(u'|x))        (α = --risk-sharpness)
-    risk(x) = Σ_{u∈U(x)} Q(u|x)·cost(u, y*)                     (cost = 1 − BLEU by default)
-    loss    = (1 − w)·risk + w·label-smoothed NLL(y*)           (w = --risk-mle-weight)
-
-Normalization: fairseq divides the loss by the batch's target tokens, so each
-sentence's risk is weighted by its reference length |y*| (the batch then
-contributes its length-weighted mean risk, on the token scale of the NLL
-term); with ``--sentence-avg`` both are per sentence.  w = 1 is exactly
-``label_smoothed_cross_entropy``.
+Per source, a candidate set U(x) (samples, or the task's beam n-best) is
+re-scored with gradients; the loss is the expected cost under
+Q ∝ exp(α·s(u|x)) over U(x), optionally mixed with the reference's
+label-smoothed NLL.  Equations, normalization and flags:
+docs/criterions/risk.md.
 """
 
 import math
@@ -59,9 +48,11 @@ class RiskConfig(FairseqDataclass):
         default=None, metadata={"help": "cost = the reward's cost (1 - BLEU, normalized edit/Hamming); "
                                 "default: the task's --reward, bleu in a stock task"})
     risk_max_len_src_a: float = field(
-        default=1.2, metadata={"help": "candidates: at most a·|x| + b tokens, x the source (as fairseq-generate's --max-len-a/b)"})
+        default=1.2, metadata={"help": "candidates: at most a·|x| + b tokens, x the source "
+                                 "(as fairseq-generate's --max-len-a/b)"})
     risk_max_len_src_b: int = field(
-        default=10, metadata={"help": "candidates: at most a·|x| + b tokens, x the source (as fairseq-generate's --max-len-a/b)"})
+        default=10, metadata={"help": "candidates: at most a·|x| + b tokens, x the source "
+                                 "(as fairseq-generate's --max-len-a/b)"})
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
@@ -73,7 +64,8 @@ def check_risk_config(cfg):
     check(0.0 <= cfg.risk_mle_weight <= 1.0, f"--risk-mle-weight must be in [0, 1], got {cfg.risk_mle_weight}")
     check(0.0 <= cfg.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     check(cfg.risk_max_len_src_a >= 0 and cfg.risk_max_len_src_b >= 1,
-          f"--risk-max-len-src-a must be >= 0 and --risk-max-len-src-b >= 1, got {cfg.risk_max_len_src_a}, {cfg.risk_max_len_src_b}")
+          f"--risk-max-len-src-a must be >= 0 and --risk-max-len-src-b >= 1, "
+          f"got {cfg.risk_max_len_src_a}, {cfg.risk_max_len_src_b}")
 
 
 # ------------------------------------------------------------------ pure math
@@ -126,7 +118,8 @@ class RiskCriterion(SeqlevelCriterion):
         layout = layout if layout is not None else self.output_layout(model, sample)
         if cfg.risk_search == "sample":
             return sample_outputs(model, net_input, n=cfg.risk_candidates, strategy="multinomial",
-                                  max_len_a=cfg.risk_max_len_src_a, max_len_b=cfg.risk_max_len_src_b, layout=layout).tokens
+                                  max_len_a=cfg.risk_max_len_src_a, max_len_b=cfg.risk_max_len_src_b,
+                                  layout=layout).tokens
         # the task's own generator, as its inference_step runs it (prefix, start and end symbols)
         hypos = generate_like_task(self.task, model, {"net_input": net_input}, layout, beam=cfg.risk_candidates,
                                    max_len_a=cfg.risk_max_len_src_a, max_len_b=cfg.risk_max_len_src_b)

@@ -1,31 +1,11 @@
-"""``seq_exploration``: self-critical training with sequence-level exploration (chen2019).
+"""``seq_exploration``: self-critical training with sequence-level exploration (chen2019);
+``--seq-exploration-alpha 1`` is SCST (Rennie et al. 2017).
 
-For each source, s samples ỹ_1..ỹ_s (``--seq-exploration-samples``) and the greedy output
-are decoded in one batched call of the shared sampler (no gradients); the
-samples are re-scored with gradients in one teacher-forced pass.  Surrogate
-loss per source (eq. 15–16):
-
-    L = (1/s) Σ_j [ −α·(Δ(ỹ_j, y*) − b)·log p(ỹ_j|x)
-                    −(1−α)·(2/s)·Σ_k (d(ỹ_j, ỹ_k) − b_d)·log p(ỹ_j|x) ]
-
-Δ = the task's reward (every reference), b = Δ of the greedy output (the
-self-critical baseline of Rennie et al. 2017), d = ``--seq-exploration-distance`` between
-samples (1 − (BLEU-3 + BLEU-4)/2 on target ids as in §4.3, or normalized
-edit distance), b_d = (1/s²) Σ_j Σ_k d(ỹ_j, ỹ_k) (§4.3).  α = 1 is SCST
-(the paper's SLL); ``--seq-exploration-entropy-weight β`` subtracts β × the summed
-per-token entropy of the model along the samples (SLL-ME).
-
-Off by default, not in chen2019: ``--seq-exploration-baseline mean`` replaces b by the
-mean reward of the other s − 1 samples of the source (Kool et al. 2019; Luo
-2020's "new self-critical"), so the advantages of a source sum to zero even
-where the greedy output beats nearly every sample; ``--seq-exploration-mle-weight w``
-trains (1 − w)·L + w·NLL(y*) (the mixed objective of Wu et al. 2016, as
-``--risk-mle-weight``).
-
-Normalization as ``risk``: each source's loss is weighted by its reference
-length, so fairseq's division by the batch's target tokens gives a
-length-weighted mean (per sentence with ``--sentence-avg``).  The reference
-is teacher-forced in the same pass, for the logged ``nll_loss`` only.
+Per source, s samples and the greedy output (the baseline) are decoded in
+one batched call; the samples are re-scored with gradients under the
+surrogate loss of eq. 15-16 (reward advantage plus a diversity term).
+Equations, options beyond the paper and normalization:
+docs/criterions/seq_exploration.md.
 """
 
 from dataclasses import dataclass, field
@@ -63,27 +43,33 @@ class SeqExplorationConfig(FairseqDataclass):
     seq_exploration_reward: Optional[str] = field(
         default=None, metadata={"help": "Δ: default the task's --reward (bleu in a stock task)"})
     seq_exploration_max_len_src_a: float = field(
-        default=1.2, metadata={"help": "samples: at most a·|x| + b tokens, x the source (as fairseq-generate's --max-len-a/b)"})
+        default=1.2, metadata={"help": "samples: at most a·|x| + b tokens, x the source "
+                                 "(as fairseq-generate's --max-len-a/b)"})
     seq_exploration_max_len_src_b: int = field(
-        default=10, metadata={"help": "samples: at most a·|x| + b tokens, x the source (as fairseq-generate's --max-len-a/b)"})
+        default=10, metadata={"help": "samples: at most a·|x| + b tokens, x the source "
+                                 "(as fairseq-generate's --max-len-a/b)"})
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
 def check_sle_config(cfg):
-    check(cfg.seq_exploration_samples >= 1, f"--seq-exploration-samples must be >= 1, got {cfg.seq_exploration_samples}")
-    check(0.0 <= cfg.seq_exploration_alpha <= 1.0, f"--seq-exploration-alpha must be in [0, 1], got {cfg.seq_exploration_alpha}")
-    check(cfg.seq_exploration_alpha == 1.0 or cfg.seq_exploration_samples >= 2,
-          f"--seq-exploration-alpha < 1 needs --seq-exploration-samples >= 2 (distances between samples), got {cfg.seq_exploration_samples}")
+    s, alpha = cfg.seq_exploration_samples, cfg.seq_exploration_alpha
+    check(s >= 1, f"--seq-exploration-samples must be >= 1, got {s}")
+    check(0.0 <= alpha <= 1.0, f"--seq-exploration-alpha must be in [0, 1], got {alpha}")
+    check(alpha == 1.0 or s >= 2,
+          f"--seq-exploration-alpha < 1 needs --seq-exploration-samples >= 2 (distances between samples), got {s}")
     check(str(cfg.seq_exploration_distance) in PAIRWISE_DISTANCES,
-          f"--seq-exploration-distance must be one of {', '.join(PAIRWISE_DISTANCES)}, got {cfg.seq_exploration_distance}")
+          f"--seq-exploration-distance must be one of {', '.join(PAIRWISE_DISTANCES)}, "
+          f"got {cfg.seq_exploration_distance}")
     check(str(cfg.seq_exploration_baseline) in ("greedy", "mean"),
           f"--seq-exploration-baseline must be greedy or mean, got {cfg.seq_exploration_baseline}")
-    check(str(cfg.seq_exploration_baseline) == "greedy" or cfg.seq_exploration_samples >= 2,
-          f"--seq-exploration-baseline mean needs --seq-exploration-samples >= 2, got {cfg.seq_exploration_samples}")
-    check(0.0 <= cfg.seq_exploration_mle_weight <= 1.0, f"--seq-exploration-mle-weight must be in [0, 1], got {cfg.seq_exploration_mle_weight}")
-    check(cfg.seq_exploration_entropy_weight >= 0, f"--seq-exploration-entropy-weight must be >= 0, got {cfg.seq_exploration_entropy_weight}")
-    check(cfg.seq_exploration_max_len_src_a >= 0 and cfg.seq_exploration_max_len_src_b >= 1,
-          f"--seq-exploration-max-len-src-a must be >= 0 and --seq-exploration-max-len-src-b >= 1, got {cfg.seq_exploration_max_len_src_a}, {cfg.seq_exploration_max_len_src_b}")
+    check(str(cfg.seq_exploration_baseline) == "greedy" or s >= 2,
+          f"--seq-exploration-baseline mean needs --seq-exploration-samples >= 2, got {s}")
+    w, beta = cfg.seq_exploration_mle_weight, cfg.seq_exploration_entropy_weight
+    check(0.0 <= w <= 1.0, f"--seq-exploration-mle-weight must be in [0, 1], got {w}")
+    check(beta >= 0, f"--seq-exploration-entropy-weight must be >= 0, got {beta}")
+    a, b = cfg.seq_exploration_max_len_src_a, cfg.seq_exploration_max_len_src_b
+    check(a >= 0 and b >= 1,
+          f"--seq-exploration-max-len-src-a must be >= 0 and --seq-exploration-max-len-src-b >= 1, got {a}, {b}")
 
 
 def nll_and_entropy(lprobs, target, pad):
@@ -139,7 +125,8 @@ class SeqExplorationCriterion(SeqlevelCriterion):
         layout = layout if layout is not None else self.output_layout(model, sample)
         if cfg.seq_exploration_baseline == "mean":
             out = sample_outputs(model, sample["net_input"], n=cfg.seq_exploration_samples, strategy="multinomial",
-                                 max_len_a=cfg.seq_exploration_max_len_src_a, max_len_b=cfg.seq_exploration_max_len_src_b, layout=layout)
+                                 max_len_a=cfg.seq_exploration_max_len_src_a,
+                                 max_len_b=cfg.seq_exploration_max_len_src_b, layout=layout)
             return out.tokens, None
         per_source = cfg.seq_exploration_samples + 1
 
@@ -148,7 +135,8 @@ class SeqExplorationCriterion(SeqlevelCriterion):
             return torch.where(rows % per_source == 0, lprobs.argmax(dim=-1), drawn)
 
         out = sample_outputs(model, sample["net_input"], n=per_source, choose=greedy_first,
-                             max_len_a=cfg.seq_exploration_max_len_src_a, max_len_b=cfg.seq_exploration_max_len_src_b, layout=layout)
+                             max_len_a=cfg.seq_exploration_max_len_src_a,
+                                 max_len_b=cfg.seq_exploration_max_len_src_b, layout=layout)
         grouped = out.tokens.view(-1, per_source, out.tokens.size(1))
         return grouped[:, 1:].reshape(-1, grouped.size(2)), grouped[:, 0]
 
@@ -185,16 +173,24 @@ class SeqExplorationCriterion(SeqlevelCriterion):
                                                      loss_target=scored_part(rows, s, layout.prefix_len, pad))
         nll = row_nll.view(batch_size, s + 1)[:, 0].sum()
         sample_size = self.sample_size_of(sample)
+        extra = self.logged(rewards, baseline if greedy is not None else None, distances,
+                            row_loss.view(batch_size, s + 1, 2)[:, 1:, 1] if beta > 0 else None, samples, layout)
+        return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size, **extra)
+
+    def logged(self, rewards, greedy_rewards, distances, entropy, samples, layout):
+        """The summable logging of a step (rewards, greedy baseline, distances, entropy)."""
+        batch_size, s = rewards.shape
         extra = {
             "sle_reward_sum": rewards.sum(), "sle_nsamples": rewards.numel(),
             "sle_distance_sum": distances.sum(), "sle_npairs": batch_size * s * (s - 1),
         }
-        if greedy is not None:
-            extra["sle_greedy_reward_sum"] = baseline.sum()
-        if beta > 0:
-            extra["sle_entropy_sum"] = row_loss.view(batch_size, s + 1, 2)[:, 1:, 1].sum()
+        if greedy_rewards is not None:
+            extra["sle_greedy_reward_sum"] = greedy_rewards.sum()
+        if entropy is not None:
+            extra["sle_entropy_sum"] = entropy.sum()
+            pad = self.padding_idx
             extra["sle_ntokens"] = int(unforced(samples, layout.prefix_len, pad).ne(pad).sum())
-        return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size, **extra)
+        return extra
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

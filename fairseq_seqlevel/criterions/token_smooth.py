@@ -1,14 +1,7 @@
-"""``token_smooth``: token-level loss smoothing (Elbayad et al. 2018, §3.3).
-
-Each gold token y*_t gets the target r(y|y*_t) ∝ exp(s(y, y*_t)/τ) (eq. 13),
-with s the cosine similarity of token embeddings, optionally minus
-β·min(f(y)/f(y*), f(y*)/f(y)) to promote rare tokens (eq. 14).  The loss is
-α·CE(r, p_θ) + (1-α)·NLL(y*) per token (eq. 16; CE and KL differ by the
-entropy of r, which has no gradient — we log the CE, like fairseq's label
-smoothing does).  Only the top-k neighbours of each token are kept
-(``--token-smooth-topk``); every other token has probability exactly 0 under
-r, and special symbols keep a one-hot target.  The same loss is what ``raml``
-applies to the reference and its samples for Tok-Seq (eq. 17).
+"""``token_smooth``: token-level loss smoothing (Elbayad et al. 2018, §3.3):
+each gold token's target is r(y|y*_t) ∝ exp(s(y, y*_t)/τ) over its top-k
+embedding neighbours (eq. 13-14), mixed with the one-hot token (eq. 16).
+Details: docs/criterions/token_smooth.md.
 """
 
 from fairseq.criterions import register_criterion

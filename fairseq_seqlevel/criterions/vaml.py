@@ -1,26 +1,9 @@
 """``vaml``: value augmented maximum likelihood (dai2018 §4.1).
 
-``--vaml-phase q``: the critic Q_φ (``critics.ReferenceCritic``, reading y*)
-is trained by soft Q-learning (eq. 16) on the reference and on RAML samples
-of it (the exact Hamming sampler of ``perturbation.samplers`` over V_batch):
-Σ_t (Q_φ(ỹ_<t, ỹ_t) − r_t − τ·log Σ_w exp(Q_φ(ỹ_≤t, w)/τ))², the gradient
-through both sides, no target network.  The actor is not in the gradient.
-
-``--vaml-phase actor``: Q_φ fixed; along the RAML samples, every step's
-target is (1 − α)·one-hot(ỹ_t) + α·softmax(Q_φ(ỹ_<t, ·)/τ) (eq. 17, mixed with
-the token NLL by ``--vaml-alpha``), trained by cross-entropy through one
-``model(...)`` pass; ``--vaml-actor-reference`` adds y* itself as one more
-row per source, as the authors' code does.  The fixed Q comes from a snapshot
-of the critic taken when the phase starts (a buffer, checkpointed); the live critic parameters
-enter the loss with weight 0 so that a data-parallel wrapper sees every
-parameter (one without a gradient stalls DDP).
-
-Rows follow the task's layout (``SeqlevelCriterion.output_layout``): a
-sample keeps the reference's forced prefix (a multilingual task's language
-token) and perturbs the rest up to the task's end symbol (mBART's ``[lang]``);
-decoder inputs start with the task's start symbol; rewards score what the task
-shows.  The forced positions are not the model's choices: no soft-Q residual
-and no actor target there, not counted in the token counts.
+Phase ``q`` trains the reference-reading critic Q_φ by soft Q-learning
+(eq. 16) on the reference and its RAML samples; phase ``actor`` trains the
+model towards (1 − α)·one-hot + α·softmax(Q_φ/τ) along the samples (eq. 17)
+with the critic fixed.  Details and the task layout: docs/criterions/vaml.md.
 """
 
 from dataclasses import dataclass, field
@@ -150,9 +133,7 @@ class VamlCriterion(CriticPhases, SeqlevelCriterion):
         pad, target, cfg = self.padding_idx, sample["target"], self.cfg
         batch_size, L = target.size(0), cfg.vaml_samples
         actor = not self.in_critic_phase(model)
-        # the task's layout (start symbol, forced prefix, end symbol); its first
-        # call also makes self.reward score what the task outputs
-        layout = self.output_layout(model, sample)
+        layout = self.output_layout(model, sample)  # start, forced prefix, end symbol of the task's rows
         samples = self.draw_samples(sample, layout)
         if actor and not cfg.vaml_actor_reference:
             rows, per_source = samples, L

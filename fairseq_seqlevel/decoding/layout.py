@@ -1,19 +1,12 @@
 """How the task lays out an output row, read from the task itself.
 
-Every place that decodes from the model or re-scores rows takes its decoder
-start symbol, its forced prefix and its end symbol from here, so samples look
-like what the task's own ``inference_step`` produces (language tokens of
-multilingual models, mBART's ``[lang]`` end symbol).  The rule (README, "Pipelines"):
+Every place that decodes from the model or re-scores rows takes its start
+symbol, forced prefix and end symbol from here, so samples look like the
+task's own ``inference_step`` output (multilingual language tokens, mBART's
+``[lang]`` end symbol).  Per row, the start symbol is the batch's own
+``prev_output_tokens[:, 0]`` and the prefix its target's first tokens.
 
-* the forced prefix's length and the start symbol: what the task's
-  ``inference_step`` hands its generator (``prefix_tokens``, ``bos_token``),
-  recorded with a stand-in generator;
-* the end symbol and the symbols removed from outputs: the generator that the
-  task's ``build_generator`` builds (``eos``, ``symbols_to_strip_from_output``);
-* per row, the start symbol is the batch's own ``prev_output_tokens[:, 0]``
-  and the prefix its target's first tokens: equal to what ``inference_step``
-  forces for a batch of one language pair, and each row's own language in a
-  batch that mixes pairs.
+Design: docs/decoding.md, "Output layout".
 """
 
 import contextlib

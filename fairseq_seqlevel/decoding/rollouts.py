@@ -1,33 +1,13 @@
 """Roll-ins and batched greedy roll-outs for learning-to-search criterions (SeaRnn).
 
-Pure functions taking a fairseq encoder-decoder model (``lstm``,
-``transformer``, ...), driven the way fairseq's ``SequenceGenerator`` drives
-it: one decoder call per time step with an ``incremental_state``
-(``model.decoder.forward(tokens, encoder_out=..., incremental_state=...)``,
-then ``model.get_normalized_probs``), and rows re-indexed with
-``model.encoder.reorder_encoder_out`` and
-``model.decoder.reorder_incremental_state_scripting``.  Callers run them in
-eval mode under ``torch.no_grad()``.
+Pure functions driving a fairseq encoder-decoder model step by step with an
+``incremental_state``, as ``SequenceGenerator`` does; callers run them in
+eval mode under ``torch.no_grad()``.  Decoder ``tokens`` start with the
+task's start symbol; outputs are right-padded with pad and end with eos
+(forced at ``max_len - 1``).  Reference roll-outs (``gather_suffix``,
+``best_suffix_starts``) need no model call.
 
-Conventions:
-
-* ``tokens`` given to the decoder start with the task's start symbol (eos in
-  fairseq's translation layout, see :mod:`fairseq_seqlevel.decoding.layout`)
-  followed by the output tokens so far; output position ``p`` is predicted
-  from ``tokens[:, :p + 1]``.
-* Outputs are right-padded with pad and end with eos: a row reaching its
-  length cap ``max_len`` (output tokens, eos included) gets eos forced at
-  position ``max_len - 1`` (``SequenceGenerator`` does the same at its max
-  length).  Greedy choices never pick pad.
-* The state of a roll-in at step t (after its decoder call for position t)
-  is expanded to the rows of every (cell, token) roll-out starting at t with
-  :func:`expand_incremental_state`; all of them are decoded together by
-  :func:`greedy_continue`, which drops finished rows as it goes.
-
-Reference roll-outs (no model call): :func:`gather_suffix` copies the rest of
-the ground truth (optimal for Hamming); :func:`best_suffix_starts` implements
-the BLEU heuristic of SeaRnn Appendix C.2 (append the ground-truth suffix that
-maximizes BLEU-1).
+Design: docs/decoding.md, "Roll-ins and roll-outs".
 """
 
 import math

@@ -1,36 +1,12 @@
 """RAML samplers: sequence-level loss smoothing (Norouzi et al. 2016; Elbayad et al. 2018).
 
-Sequence-level smoothing replaces the Dirac on the target y* by
-``r(y|y*) ∝ exp(reward(y, y*) / τ)`` and approximates the expectation with L
-samples (Elbayad et al. 2018, eq. 8–10). This module draws those samples:
+Draws the L samples approximating ``r(y|y*) ∝ exp(reward(y, y*) / τ)``:
+``hamming_sampler``, ``edit_sampler``, ``ngram_sampler``.  Every sampler
+also returns ``log_q`` so ``importance_weights`` can reweight for other
+rewards.  The L samples of example b are rows b·L .. b·L+L-1; eos and pad
+positions are never modified; randomness comes only from ``generator``.
 
-* :func:`hamming_sampler` -- stratified sampling: exact for the reward
-  ``-Hamming(y, y*)`` restricted to a substitution vocabulary V_sub.
-* :func:`edit_sampler` -- the same idea with insertions / deletions /
-  substitutions (edit distance, approximate count, see its docstring).
-* :func:`ngram_sampler` -- replace one random n-gram (Ma et al. 2017).
-
-For rewards whose partition function is intractable (BLEU, CIDEr) any sampler
-serves as an importance proposal q (eq. 11–12): every sampler returns
-``log_q``, the log probability of the sample under the sampler, and
-:func:`importance_weights` turns ``reward/τ - log_q`` into self-normalized
-weights within each group of L samples.
-
-Conventions (shared by all samplers):
-
-* ``target``: LongTensor[B, T], fairseq layout ``tokens, eos, pad, ...``.
-  "Real" tokens are those that are neither pad nor eos; their count is the
-  length T_b used by the priors. eos and pad positions are never modified
-  (the edit sampler moves eos to the new end of the row and re-pads).
-* Output rows are grouped by example: **the L samples of example b are rows
-  b·L .. b·L+L-1** (``target.repeat_interleave(L, 0)`` order). Criteria rely
-  on this to reshape per-sample quantities as [B, L].
-* ``distance``: LongTensor[B·L], the distance actually applied.
-  ``log_q``: FloatTensor[B·L], finite for every row.
-* Rows without real tokens (only eos, or only pad) are returned unchanged with
-  distance 0 and log_q 0 (the proposal is a point mass there).
-* Randomness comes only from ``generator`` (optional ``torch.Generator`` on the
-  target's device), so results are reproducible given its seed.
+Design: docs/perturbation.md, "Samplers", "Importance weights", "Conventions".
 """
 
 from typing import NamedTuple, Optional

@@ -1,20 +1,12 @@
 """Shared helpers for padded token tensors: validity masks, reference layout,
 closest reference lengths, batch chunking and position bitsets of equal tokens.
 
-Conventions used throughout ``fairseq_seqlevel.rewards``:
+``hyp`` is ``B x T``; references are ``B x T'`` or ``B x R x T'``.  A sentence
+ends at its first ``pad`` (or ``eos``, when given).  In ``B x R x T'`` an empty
+reference row is an *absent* reference; an example with no non-empty row is
+scored against one empty reference.
 
-* ``hyp`` is a LongTensor ``B x T``; references are ``B x T'`` (one reference
-  per example) or ``B x R x T'`` (up to ``R`` references per example).
-* Sequences are right-padded with ``pad``.  A sentence ends at its first
-  ``pad`` token, or at its first ``eos`` token when ``eos`` is given; everything
-  from there on is ignored.
-* In the ``B x R x T'`` layout a reference row of length 0 (all pad, or
-  starting with ``eos``) is an *absent* reference (like ``None`` in sacrebleu),
-  which lets examples have fewer than ``R`` references.  If every row of an
-  example is empty, the example is scored against a single *empty* reference
-  (sacrebleu's behaviour for ``[""]``); with no reference at all sacrebleu
-  would crash.  Consequence: an empty reference next to non-empty ones cannot
-  be expressed in the ``B x R x T'`` layout.
+Design: docs/rewards.md, "Conventions".
 """
 
 from typing import Optional, Sequence

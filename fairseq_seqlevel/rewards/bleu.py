@@ -1,30 +1,12 @@
 """Batched BLEU on token-id tensors, equal to sacrebleu on space-joined ids.
 
-Structured like sacrebleu: :func:`bleu_stats` / :func:`prefix_bleu_stats`
-compute sufficient statistics (clipped matches and totals per order,
-hypothesis length, closest reference length) and :func:`bleu_from_stats`
-turns statistics into scores, so corpus BLEU is :func:`corpus_bleu_from_stats`
-of the concatenated/summed statistics.
+Like sacrebleu: ``bleu_stats`` / ``prefix_bleu_stats`` compute sufficient
+statistics and ``bleu_from_stats`` turns them into scores (corpus BLEU:
+``corpus_bleu_from_stats`` of summed statistics).  ``smooth="add1-all"`` is
+the ERAC/VAML smoothing (add-1 on every order, no effective order), so every
+non-empty hypothesis gets a positive score.
 
-``sentence_bleu(hyp, ref, pad, eos, max_order, smooth)`` equals
-``sacrebleu.metrics.BLEU(tokenize="none", smooth_method=smooth,
-effective_order=True).sentence_score(h, refs).score / 100`` where each
-sentence is its ids joined by spaces (absent references passed as ``None``),
-for smooth in {"exp", "floor", "add-k", "none"} with sacrebleu's default
-smoothing values (floor 0.1, add-k 1).
-
-``smooth="add1-all"`` is the smoothing of the ERAC/VAML BLEU code (Dai et al.
-2018; Lin & Och 2004 applied to *every* order, unigrams included)::
-
-    p_n  = (matches_n + 1) / (totals_n + 1)          for n = 1..max_order
-    BP   = 1 if hyp_len >= ref_len else exp(1 - ref_len / hyp_len)
-           (BP = 0 when hyp_len == 0 < ref_len)
-    BLEU = BP * exp(mean_n log p_n)                  always over max_order orders
-
-There is no effective order and no "no match -> 0" rule, so every non-empty
-hypothesis gets a positive score (an empty hypothesis gets 0 unless the
-reference is empty too, in which case it gets 1).  ref_len is the closest
-reference length as in sacrebleu.
+Design: docs/rewards.md, "BLEU".
 """
 
 import math

@@ -1,33 +1,12 @@
 """Exact, batched n-gram match counting with sacrebleu's clipping.
 
-sacrebleu counts, per n-gram ``g`` of the hypothesis,
-``min(count_hyp(g), max_r count_ref_r(g))`` matches.  We compute the same sum
-one hypothesis *position* at a time: the k-th occurrence (from the left) of
-``g`` in the hypothesis is a match iff ``k <= max_r count_ref_r(g)``.  Summing
-the per-position indicators over a sentence gives sacrebleu's clipped count,
-and a cumulative sum over positions gives the clipped count of every prefix
-(the rank of an occurrence only depends on what precedes it), which is what
-``prefix_bleu`` needs.
+The k-th occurrence of an n-gram in the hypothesis is a match iff
+``k <= max_r count_ref_r(g)``; summing per position gives sacrebleu's clipped
+count, and a cumulative sum gives every prefix's (for ``prefix_bleu``).
+Backends: ``"bitset"`` (default, int64 bitsets) and ``"pairwise"`` (a simple
+cross-check); both exact, in row chunks under ``PAIRWISE_ELEMENT_BUDGET``.
 
-Both backends compare every hypothesis n-gram with every n-gram of the
-hypothesis itself (for the rank) and of each reference (for the counts), and
-are exact (no hashing):
-
-* ``"bitset"`` (default): the comparisons of one hypothesis position with all
-  positions of a sequence are packed into int64 bitsets (56 positions per
-  word).  Unigram bitsets come from ``equal_token_bitsets`` (two small tables
-  per row, over the high and the low bits of the ids; hashed word ids are first
-  renamed per row by ``torch.unique``); the bitset of order ``n`` is that of
-  order ``n-1`` AND the unigram bitset of the next token shifted by ``n-1``;
-  counts are popcounts.  About ``T * (R+1) * ceil(max(T, T')/56)`` words per
-  sentence and order.
-* ``"pairwise"``: broadcast equality of exact integer n-gram codes
-  (``code_n = code_{n-1} * base + token``, re-numbered densely whenever int64
-  could overflow); ``T * (T + R*T')`` booleans per sentence and order.  Kept
-  as a simple, independent cross-check.
-
-Either way the batch is processed in chunks of rows so that the largest
-intermediate stays below ``PAIRWISE_ELEMENT_BUDGET`` elements.
+Design: docs/rewards.md, "N-gram matching".
 """
 
 import functools

@@ -1,36 +1,11 @@
 """Named sequence-level rewards with a uniform calling convention.
 
-Every reward is called as ``reward(hyp, refs, pad, eos=None) -> FloatTensor[B]``
-(``refs``: ``B x T'`` or ``B x R x T'``, see :mod:`._common`), and
-``reward.prefix(...) -> FloatTensor[B, T]`` scores every hypothesis prefix.
+``reward(hyp, refs, pad, eos=None) -> FloatTensor[B]``; ``reward.prefix(...)``
+scores every hypothesis prefix and ``reward.cost(...)`` is the matching
+non-negative cost.  Names: bleu, bleu_add1, chrf, chrf_pp, edit, hamming.
+chrF needs the dictionary's symbols: ``Reward.bind(dictionary, subword_style)``.
 
-``reward.cost(...)`` is the matching non-negative cost, ``high - reward``
-for rewards where higher is better (``reward - low`` otherwise):
-
-=========== =============================== ============= ==========================
-name        reward                          range          cost
-=========== =============================== ============= ==========================
-bleu        sentence BLEU, exp smoothing    [0, 1]         1 - BLEU
-bleu_add1   sentence BLEU, add1-all         [0, 1]         1 - BLEU
-chrf        sentence chrF (sacrebleu)       [0, 1]         1 - chrF
-chrf_pp     sentence chrF++ (word order 2)  [0, 1]         1 - chrF++
-edit        -normalized edit distance       [-inf, 0]      normalized edit distance
-hamming     -normalized Hamming distance    [-inf, 0]      normalized Hamming distance
-=========== =============================== ============= ==========================
-
-The normalized distances divide by the reference length, so they are
-unbounded as hypotheses get longer: ``low`` is ``-inf`` for them.
-
-chrF reads characters, so it needs the target dictionary's symbols: its
-``Reward.bind(dictionary, subword_style)`` returns the reward for that
-dictionary's ids (``binding.bind_reward`` calls it, at any reward level).
-Unbound, on raw ids, chrF scores the ids written in decimal and joined by
-spaces (BLEU's convention for ids); see :mod:`.chrf`.
-
-Prefix variants cost about as much as the full rewards: BLEU and chrF use
-cumulative clipped counts (:func:`.bleu.prefix_bleu`, :meth:`.chrf.ChrF.prefix`),
-the edit distance reads every row of its dynamic program, Hamming uses
-cumulative mismatch counts -- no B*T re-scoring of prefixes.
+Design: docs/rewards.md, "Registry".
 """
 
 import functools

@@ -1,38 +1,13 @@
 """Merge subword token ids into word ids, so rewards can be word-level.
 
-``WordMerger(symbols, convention, pad, eos, drop_ids, standalone_ids)`` maps a
-padded ``[..., T]`` subword tensor to a padded ``[..., W]`` word-id tensor on
-the same device, such that two sequences get equal word ids exactly where the
-decoded texts have equal whitespace-separated words.  Hence
-``sentence_bleu(merge(hyp), merge(ref), pad=merge.pad)`` equals sacrebleu with
-``tokenize="none"`` on the decoded strings.
+``WordMerger`` maps a padded ``[..., T]`` subword tensor to a padded
+``[..., W]`` word-id tensor such that equal word ids mean equal decoded
+whitespace-separated words (sentencepiece or subword_nmt conventions), so
+word-level ``sentence_bleu`` equals sacrebleu on the decoded strings.  Word
+ids are polynomial hashes of the word's characters (two moduli packed into
+one int64); padding is ``pad = -1``.
 
-Decoding rule the word ids follow (``text.split()`` gives the words):
-
-* ``"sentencepiece"``: concatenate the pieces, replace "▁" (U+2581) by a space.
-  A piece "▁xy" starts a word; a bare "▁" only marks a boundary (it never
-  creates an empty word).
-* ``"subword_nmt"``: join tokens with spaces and remove "@@ ", i.e. a token
-  ending in "@@" continues into the next kept token; a trailing "@@" at the
-  sentence end is dropped as well (as fairseq's ``(x + " ").replace("@@ ", "")``).
-* Special ids: ``pad`` (and ``eos`` if given) end the sentence -- everything
-  from the first of them on is ignored; ``drop_ids`` (e.g. bos) are removed
-  wherever they occur; ``standalone_ids`` (e.g. unk) are each a word of their
-  own, as if decoded to " <unk> " with spaces around (fairseq's sentencepiece
-  post-processing would instead glue "<unk>" to its neighbours).  Each
-  standalone id has its own reserved word id, so unk matches unk.
-
-Word ids come from the word's *characters*, not its subword ids, so any two
-segmentations of the same word map to the same id: each token's characters
-have precomputed polynomial hashes ``H(s) = sum_i (ord(s_i)+1) * P^(|s|-1-i)
-mod M`` and the hash of a word made of pieces a, b, ... is combined with
-``H(a + b) = H(a) * P^|b| + H(b) (mod M)``.  Two independent moduli
-(2^31 - 1 and 2^31 - 19, bases drawn once from a seeded RNG) are packed into
-one int64 ``H1 * M2 + H2`` in ``[0, 2^62)``.  Collisions: for two distinct
-words of at most L characters and random bases, P[same id] <= (L/M1)(L/M2)
-~= L^2 * 2^-62; for a batch with N distinct words the union bound is
-N^2 * L^2 * 2^-63 (e.g. N = 10^5, L = 30: < 10^-6).  Standalone ids map to
-``2^62``-range ids above all hashes, padding to ``pad = -1``.
+Design: docs/rewards.md, "Word-level rewards".
 """
 
 import math

@@ -1,20 +1,12 @@
 """Word embeddings for token-level loss smoothing.
 
-Two sources of the ``[V, D]`` matrix consumed by
-:func:`fairseq_seqlevel.smoothing.targets.topk_cosine_neighbours`,
-both indexed by the fairseq target dictionary:
+Two sources of the ``[V, D]`` matrix (indexed by the target dictionary) used
+by ``topk_cosine_neighbours``: ``load_text_embeddings`` (pretrained text
+vectors) and ``build_ppmi_svd_embeddings`` (PPMI + truncated SVD on the
+training target side).  Rows without a vector are all-zero.  No fairseq
+import: ``dictionary`` may be any sequence of symbols.
 
-* :func:`load_text_embeddings` -- pretrained vectors (GloVe, as in the paper,
-  or word2vec) in text format, mapped through the dictionary symbols;
-* :func:`build_ppmi_svd_embeddings` -- vectors learned from the binarized
-  training target side itself (window co-occurrences -> PPMI -> truncated
-  SVD), for languages/subword vocabularies without good pretrained vectors.
-  ``examples/build_token_embeddings.py`` writes them in the text format.
-
-Rows that receive no vector are all-zero; the neighbour search treats such a
-token as unknown (it is only similar to itself).  This module does not import
-fairseq: ``dictionary`` may be a ``fairseq.data.Dictionary`` or any sequence of
-symbols.
+Design: docs/smoothing.md, "Embeddings".
 """
 
 import math

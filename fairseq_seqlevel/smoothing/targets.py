@@ -1,76 +1,8 @@
-"""Token-level loss smoothing (Elbayad et al., 2018, section 3.3).
-
-The gold token ``y*`` is replaced by a smoothed target distribution over the
-vocabulary (eq. 13)::
-
-    r(y | y*)  ∝  exp( s(y, y*) / τ )
-
-with ``s`` the cosine similarity of ``y`` and ``y*`` in a word-embedding
-space, optionally minus the rare-token promotion term of eq. 14::
-
-    s(y, y*) = cos(y, y*) - β · min( f(y) / f(y*), f(y*) / f(y) )
-
-and the model is trained on ``α · ℓ_Tok + (1 - α) · ℓ_MLE`` (eq. 16), where
-``ℓ_Tok`` is the divergence between ``r(· | y*)`` and the model.
-
-This module is pure torch (no fairseq import), device-agnostic and
-vectorized.  It provides the pieces; the criterion glues them together:
-
-* :func:`topk_cosine_neighbours` -- the ``k`` nearest tokens of every token
-  (itself always first), computed in row chunks so the dense ``V x V``
-  similarity matrix is never materialized.
-* :func:`rare_token_penalty` -- the eq. 14 term.
-* :class:`SparseTokenTargets` -- holds ``(ids[V, k], scores[V, k])`` and turns
-  gold tokens into sparse target distributions.
-* :func:`smoothed_token_loss` / :func:`smoothed_token_kl` -- per-token
-  cross-entropy / KL to the smoothed target, by ``gather`` (no ``N x V``
-  target is built).
-
-Documented choices
-------------------
-Truncation to the top-k.
-    The target puts probability **exactly 0** on every token outside the
-    ``k`` kept neighbours of the gold token; the softmax of eq. 13 is
-    renormalized over the kept ``k`` entries, i.e. it is the exact eq. 13
-    distribution *conditioned on* the kept set.  Rationale: every dropped
-    token ``y`` has ``s(y, y*) <= cos(y, y*) <= c_tail`` (``c_tail`` = the best
-    cosine outside the list, and the eq. 14 term is never positive), so its
-    weight relative to the gold token (score 1) is at most
-    ``exp(-(1 - c_tail) / τ)`` -- negligible for the small temperatures the
-    paper uses -- while storing the full ``V x V`` table (40k^2) is not
-    possible.  :meth:`SparseTokenTargets.tail_mass_bound` returns, per gold
-    token, a rigorous upper bound on the mass the full eq. 13/14 distribution
-    would have put outside the list (= total-variation distance between the
-    truncated and the full target), so the choice of ``k`` can be checked.
-
-Self term and β.
-    Taken literally, eq. 14 also penalizes the gold token itself by
-    ``β · min(1, 1) = β``, the *largest* possible penalty, so with ``β > 0`` a
-    neighbour with a very different frequency (penalty ~0) and cosine
-    ``> 1 - β`` would out-score the gold token and the distribution would not
-    peak on the ground truth as ``τ -> 0`` (contradicting section 3.4: "as τ
-    gets smaller the distribution peaks around the ground-truth").  The paper
-    describes the term as a penalty on the *other* tokens ("penalize frequent
-    tokens when smoothing over the vocabulary", "promoting rare tokens"), so
-    by default the gold token is **excluded from the penalty** and keeps score
-    ``cos(y*, y*) = 1`` (``penalize_self=False``).  Every other token scores
-    ``<= cos <= 1``, so the gold token is always an argmax and, as ``τ -> 0``,
-    the target becomes the Dirac on ``y*`` and the loss becomes plain NLL.
-    (The only exception is an exact tie: another token with a bit-identical
-    direction, cosine 1 and a zero penalty -- then the mass is split between
-    the tied tokens, which is what eq. 13 says for equal rewards.)
-    ``penalize_self=True`` gives the literal eq. 14.
-
-Which loss to log.
-    ``smoothed_token_loss`` is the cross-entropy ``H(r, p) = -Σ r log p``;
-    ``smoothed_token_kl`` is ``KL(r || p) = H(r, p) - H(r)``.  ``H(r)`` does not
-    depend on the model, so both have the same gradient; optimize either.
-    The criterion should **log the KL** version as the smoothed-token loss:
-    it is 0 for a perfect fit, it does not shift when τ, β or k change (the
-    CE is offset by the target entropy), and, like the CE, it equals the NLL
-    as ``τ -> 0``, so ``α · KL + (1 - α) · NLL`` is directly comparable to an
-    MLE run's loss.  Perplexity should still be computed from the plain
-    ``nll_loss`` (``-lprobs[target]``), as fairseq does.
+"""Sparse token-level smoothing targets (Elbayad et al. 2018, eq. 13-14): each
+gold token's top-k embedding neighbours with their softmax weights, and the
+cross-entropy / KL of a model to them by ``gather`` (no ``N x V`` target).
+Documented choices (truncation to the top-k with a bound on the dropped mass,
+the gold token outside the rarity penalty, which loss to log): docs/smoothing.md.
 """
 
 import math

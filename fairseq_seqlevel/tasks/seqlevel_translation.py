@@ -1,19 +1,12 @@
 """``seqlevel_translation``: fairseq's translation task plus a sequence reward.
 
-What it adds to ``translation``:
+Adds ``--reward`` (``task.reward(hyp, refs)`` on raw padded target ids, bound
+to pad/eos and optionally to a word merger), ``--extra-references`` (batches
+carry ``sample["references"]``, B x R x T'; a missing file is an error) and
+``--eval-reward`` (greedy validation logging ``reward``, ``greedy_bleu`` and
+``greedy_chrf``).
 
-* ``--reward NAME`` builds one reward from :mod:`fairseq_seqlevel.rewards`
-  (``task.reward``), bound to the target dictionary's pad/eos and, with
-  ``--reward-level word``, to a subword -> word merger, so criterions call
-  ``task.reward(hyp, refs)`` on raw padded target-id tensors.
-* ``--extra-references kjv,...`` loads ``{split}.{src}-{tgt}.{name}`` beside
-  the usual files (every split loaded must have them: a missing file is an
-  error, not a silent fallback to one reference); batches then carry
-  ``sample["references"]`` (B x R x T').
-* ``--eval-reward``: validation decodes greedily and logs the mean sentence
-  reward over all references (``reward``) and the multi-reference corpus
-  BLEU of those outputs on the reward's tokens (``greedy_bleu``) and their
-  mean sentence chrF (``greedy_chrf``, 0-100), whichever reward trains.
+Design: docs/task.md, "What it adds to `translation`".
 """
 
 import os
