@@ -255,13 +255,21 @@ def _chunked_projection(model, features, fused):
     if fused is False or not (fused or fused_projection_supported(model, features)):
         return None
     weight, bias = output_projection(model.decoder)
-    return weight, bias, max(1, CHUNK_LOGITS // max(features.size(1) * weight.size(0), 1))
+    return weight, bias, _rows_per_chunk(features, weight)
 
 
-def weighted_row_losses(model, encoder_out, prev_output_tokens, target, coef, loss_fn, fused=None):
+def _rows_per_chunk(features, weight):
+    """Rows of ``features`` [n, T, C] per chunk of the output layer (CHUNK_LOGITS logits)."""
+    return max(1, CHUNK_LOGITS // max(features.size(1) * weight.size(0), 1))
+
+
+def weighted_row_losses(model, encoder_out, prev_output_tokens, target, coef, loss_fn, fused=None, buckets=None):
     """Teacher-forced Σ_n coef_n · loss_n over rows, and the per-row loss / NLL.
 
-    ``loss_fn(lprobs [n, T, V], target [n, T]) -> (loss [n], nll [n])``;
+    ``loss_fn(lprobs [n, T, V], target [n, T]) -> (loss [n], nll [n])``, which
+    must ignore the positions where ``target`` is pad (rows are scored in
+    length buckets, trailing pad cut: :func:`length_buckets`; ``buckets=1``
+    scores all rows at the full width in one decoder call);
     ``coef`` [N] are constants (no gradient flows into them).  Returns
     ``(total, row_loss, row_nll)``; ``total`` carries the gradient, the per-row
     values are detached (for logging).  With ``fused`` None the chunked path is
@@ -269,6 +277,9 @@ def weighted_row_losses(model, encoder_out, prev_output_tokens, target, coef, lo
     ``fused=False`` forces the plain autograd path (the tests compare both).
     """
     coef = coef.detach()
+    plan = _bucket_plan(model, prev_output_tokens, target, buckets)
+    if plan is not None:
+        return _bucketed_row_losses(model, encoder_out, None, prev_output_tokens, target, coef, loss_fn, fused, plan)
     if fused is not False:
         features = decoder_features(model, prev_output_tokens, encoder_out)
         chunked = _chunked_projection(model, features, fused)
@@ -280,6 +291,36 @@ def weighted_row_losses(model, encoder_out, prev_output_tokens, target, coef, lo
         lprobs, _ = decoder_lprobs(model, encoder_out, prev_output_tokens)
     loss, nll = loss_fn(lprobs, target)
     return (coef.to(loss.dtype) * loss).sum(), loss.detach(), nll.detach()
+
+
+def _bucketed_row_losses(model, encoder_out, rows_source, prev_output_tokens, target, coef, loss_fn, fused, plan):
+    """:func:`weighted_row_losses` one length bucket at a time (``plan``: :func:`length_buckets`)."""
+    totals, losses, nlls = [], [], []
+    chunked = None
+    for idx, width in plan:
+        prev_b, target_b, enc_b = _bucket_inputs(model, encoder_out, rows_source, prev_output_tokens, target, idx,
+                                                 width)
+        coef_b = coef if idx is None else coef.index_select(0, idx)
+        if fused is not False:
+            features = decoder_features(model, prev_b, enc_b)
+            if not totals:
+                chunked = _chunked_projection(model, features, fused)
+            if chunked is not None:
+                total, loss, nll = _FusedRowLoss.apply(features, *chunked[:2], coef_b, target_b, loss_fn,
+                                                       _rows_per_chunk(features, chunked[0]))
+                totals.append(total)
+                losses.append(loss)
+                nlls.append(nll)
+                continue
+            lprobs = model.get_normalized_probs((project_features(model, features), None), log_probs=True)
+        else:
+            lprobs, _ = decoder_lprobs(model, enc_b, prev_b)
+        loss, nll = loss_fn(lprobs, target_b)
+        totals.append((coef_b.to(loss.dtype) * loss).sum())
+        losses.append(loss.detach())
+        nlls.append(nll.detach())
+    n = prev_output_tokens.size(0)
+    return sum(totals[1:], totals[0]), _scatter_rows(losses, plan, n), _scatter_rows(nlls, plan, n)
 
 
 def _chunked_row_losses(features, weight, bias, target, loss_fn, rows_per_chunk):
@@ -297,12 +338,13 @@ def _chunked_row_losses(features, weight, bias, target, loss_fn, rows_per_chunk)
     return torch.cat(losses), torch.cat(nlls)
 
 
-def encoded_rows_objective(model, encoder_out, prev_output_tokens, target, loss_fn, objective, fused=None):
+def encoded_rows_objective(model, encoder_out, prev_output_tokens, target, loss_fn, objective, fused=None,
+                           buckets=None):
     """Teacher-forced ``objective(row_loss)`` for any differentiable function of the
     per-row losses (risk's softmax over a candidate set, a policy gradient, ...).
 
     ``loss_fn`` as for :func:`weighted_row_losses` (its loss may have K
-    components per row, ``[n, K]``); ``objective(row_loss [N] or [N, K]) ->
+    components per row, ``[n, K]``; pad targets ignored); ``objective(row_loss [N] or [N, K]) ->
     scalar`` is evaluated on the detached fp32 losses, and its gradient
     c = ∂objective/∂row_loss turns the backward pass into Σ_n c_n ∇loss_n: the
     chunked output layer of :func:`weighted_row_losses`, so the N x T x V
@@ -310,8 +352,27 @@ def encoded_rows_objective(model, encoder_out, prev_output_tokens, target, loss_
     the losses first).  Returns ``(loss, row_loss, row_nll, features)``:
     ``loss`` has the value of the objective and its exact gradient; ``features``
     (:func:`decoder_features`, through :func:`project_features` to the
-    decoder's output) let a caller add terms on some rows.
+    decoder's output, ``[N, T, C]``) let a caller add terms on some rows.
+
+    Rows are scored in length buckets (:func:`length_buckets`, at most
+    ``buckets``, default :data:`MAX_BUCKETS`; 1: one decoder call at the full
+    width), each cut to its longest row: the same losses and gradients, since
+    a decoder's output at position t depends on no later token.  ``features``
+    are then zero where a bucket was cut (positions after the row's last
+    non-pad input and target token), their values elsewhere.
     """
+    return _rows_objective(model, encoder_out, None, prev_output_tokens, target, loss_fn, objective, fused, buckets)
+
+
+def _rows_objective(model, encoder_out, rows_source, prev_output_tokens, target, loss_fn, objective, fused, buckets):
+    """:func:`encoded_rows_objective`; ``rows_source`` [N]: the row of ``encoder_out``
+    each row reads (None: ``encoder_out`` has one row per row already)."""
+    plan = _bucket_plan(model, prev_output_tokens, target, buckets)
+    if plan is not None:
+        return _bucketed_objective(model, encoder_out, rows_source, prev_output_tokens, target, loss_fn, objective,
+                                   fused, plan)
+    if rows_source is not None:
+        encoder_out = reorder_encoder_out(model, encoder_out, rows_source)
     features = decoder_features(model, prev_output_tokens, encoder_out)
     chunked = _chunked_projection(model, features, fused)
     if chunked is not None:
@@ -320,10 +381,7 @@ def encoded_rows_objective(model, encoder_out, prev_output_tokens, target, loss_
         lprobs = model.get_normalized_probs((project_features(model, features), None), log_probs=True)
         graph_loss, row_nll = loss_fn(lprobs, target)
         row_loss, row_nll = graph_loss.detach(), row_nll.detach()
-    with torch.enable_grad():
-        scored = row_loss.float().requires_grad_()
-        value = objective(scored)
-        (coef,) = torch.autograd.grad(value, scored)
+    value, coef = _objective_and_coef(objective, row_loss)
     if chunked is not None:
         total, _, _ = _FusedRowLoss.apply(features, *chunked[:2], coef, target, loss_fn, chunked[2])
     else:
@@ -331,17 +389,186 @@ def encoded_rows_objective(model, encoder_out, prev_output_tokens, target, loss_
     return total - total.detach() + value.detach(), row_loss, row_nll, features
 
 
-def rows_objective(model, net_input, rows, per_source, pad, eos, loss_fn, objective, fused=None, loss_target=None):
+def _objective_and_coef(objective, row_loss):
+    """(objective(row_loss), ∂objective/∂row_loss) on the detached fp32 losses."""
+    with torch.enable_grad():
+        scored = row_loss.float().requires_grad_()
+        value = objective(scored)
+        (coef,) = torch.autograd.grad(value, scored)
+    return value, coef
+
+
+def _bucketed_objective(model, encoder_out, rows_source, prev_output_tokens, target, loss_fn, objective, fused, plan):
+    """:func:`_rows_objective` one length bucket at a time: the losses of all rows
+    first (each bucket's decoder features kept), then the objective's gradient
+    through each bucket's output layer."""
+    features, targets, graph_losses, losses, nlls = [], [], [], [], []
+    chunked = None
+    for idx, width in plan:
+        prev_b, target_b, enc_b = _bucket_inputs(model, encoder_out, rows_source, prev_output_tokens, target, idx,
+                                                 width)
+        feats = decoder_features(model, prev_b, enc_b)
+        if not features:
+            chunked = _chunked_projection(model, feats, fused)
+        if chunked is not None:
+            loss, nll = _chunked_row_losses(feats, *chunked[:2], target_b, loss_fn, _rows_per_chunk(feats, chunked[0]))
+        else:
+            lprobs = model.get_normalized_probs((project_features(model, feats), None), log_probs=True)
+            graph_loss, nll = loss_fn(lprobs, target_b)
+            graph_losses.append(graph_loss)
+            loss, nll = graph_loss.detach(), nll.detach()
+        features.append(feats)
+        targets.append(target_b)
+        losses.append(loss)
+        nlls.append(nll)
+    n = prev_output_tokens.size(0)
+    row_loss, row_nll = _scatter_rows(losses, plan, n), _scatter_rows(nlls, plan, n)
+    value, coef = _objective_and_coef(objective, row_loss)
+    totals = []
+    for k, (idx, _) in enumerate(plan):
+        coef_b = coef if idx is None else coef.index_select(0, idx)
+        if chunked is not None:
+            total, _, _ = _FusedRowLoss.apply(features[k], *chunked[:2], coef_b, targets[k], loss_fn,
+                                              _rows_per_chunk(features[k], chunked[0]))
+        else:
+            total = (coef_b.to(graph_losses[k].dtype) * graph_losses[k]).sum()
+        totals.append(total)
+    total = sum(totals[1:], totals[0])
+    full = _scatter_positions(features, plan, n, prev_output_tokens.size(1))
+    return total - total.detach() + value.detach(), row_loss, row_nll, full
+
+
+def rows_objective(model, net_input, rows, per_source, pad, eos, loss_fn, objective, fused=None, loss_target=None,
+                   buckets=None):
     """:func:`encoded_rows_objective` of ``rows`` ``[B·m, T]`` (``m = per_source`` rows per
     source, source-major), the encoder run once per source.  Gradient-carrying:
     run it as the model's forward (``forward_through(model, rows_objective, ...)``).
     ``eos``: the start symbol, an int or per source ``[B]``; ``loss_target``:
     the rows as ``loss_fn`` sees them (pad where a token is not scored, e.g. a
-    forced prefix), default ``rows``."""
-    encoder_out = expand_encoder_out(model, encode(model, net_input), per_source, net_input["src_tokens"].size(0))
+    forced prefix), default ``rows``; ``buckets``: as for :func:`encoded_rows_objective`
+    (each bucket reads its rows' sources from the one encoder output)."""
+    batch_size = net_input["src_tokens"].size(0)
+    encoder_out = encode(model, net_input)
+    device = _first_tensor(encoder_out).device
+    rows_source = torch.arange(int(batch_size), device=device).repeat_interleave(per_source)
     prev = prev_output_tokens_from_target(rows, pad, _per_row(eos, per_source))
-    return encoded_rows_objective(model, encoder_out, prev, rows if loss_target is None else loss_target, loss_fn, objective,
-                         fused=fused)
+    return _rows_objective(model, encoder_out, rows_source, prev, rows if loss_target is None else loss_target, loss_fn,
+                           objective, fused, buckets)
+
+
+# ---------------------------------------------------------------------------
+# Length buckets
+# ---------------------------------------------------------------------------
+# Candidate rows of one batch differ widely in length (a sample stops early, a
+# repetition runs to the cap) and are padded to the longest: scored at the
+# full width, a third of risk's positions are pad.  A causal decoder's output
+# at position t does not depend on later tokens and the losses ignore pad
+# targets, so the rows can be scored in a few groups of similar length, each
+# cut to its longest row, with the same values and gradients.
+
+MAX_BUCKETS = 4  # decoder calls per scoring at most; 1: the full width in one call (tests compare)
+BUCKET_MIN_SAVING = 0.05  # every bucket after the first must save this fraction of the N·T positions
+
+
+def row_lengths(prev_output_tokens, target, pad):
+    """Positions each row needs ``[N]``: one past its last position where the
+    decoder input or the target is not pad (at least 1)."""
+    used = prev_output_tokens.ne(pad) | target.ne(pad)
+    positions = torch.arange(1, used.size(1) + 1, device=used.device)
+    return (used.long() * positions).max(dim=1).values.clamp(min=1)
+
+
+def length_buckets(lengths, width, max_buckets=None, min_saving=None):
+    """Rows grouped by length: ``[(rows, width_b)]`` (``rows`` a LongTensor of row
+    indices in increasing order, or None for all rows in order), or None when one
+    call at the full ``width`` is best (or ``max_buckets`` is 1).
+
+    Each bucket is cut to its longest row.  The grouping minimizes the decoded
+    positions Σ_b n_b·width_b plus ``min_saving``·N·width per bucket after the
+    first (a decoder call's fixed cost: a split must save at least that many
+    positions), over contiguous ranges of the sorted lengths (dynamic
+    programming over the distinct lengths), at most ``max_buckets`` buckets.
+    """
+    max_buckets = MAX_BUCKETS if max_buckets is None else int(max_buckets)
+    min_saving = BUCKET_MIN_SAVING if min_saving is None else float(min_saving)
+    n = int(lengths.numel())
+    if max_buckets <= 1 or n == 0:
+        return None
+    values, counts = torch.unique(lengths.cpu(), return_counts=True)  # sorted
+    values, counts = values.tolist(), counts.tolist()
+    cum = [0]
+    for c in counts:
+        cum.append(cum[-1] + c)
+    d = len(values)
+    penalty = min_saving * n * width
+    inf = float("inf")
+    # best[k][j]: cost of the first j distinct lengths in k + 1 buckets; back[k][j]: where its last bucket starts
+    best = [[inf] * (d + 1) for _ in range(min(max_buckets, d))]
+    back = [[0] * (d + 1) for _ in range(len(best))]
+    for j in range(1, d + 1):
+        best[0][j] = cum[j] * values[j - 1]
+    for k in range(1, len(best)):
+        prev, cur, arg = best[k - 1], best[k], back[k]
+        for j in range(k + 1, d + 1):
+            u = values[j - 1]
+            cost, start = min((prev[i] + (cum[j] - cum[i]) * u, i) for i in range(k, j))
+            cur[j], arg[j] = cost, start
+    _, k = min((best[k][d] + k * penalty, k) for k in range(len(best)))
+    if k == 0 and values[-1] >= width:
+        return None  # one call at the full width: today's path
+    ends, j = [], d
+    for level in range(k, -1, -1):
+        ends.append(j)
+        j = back[level][j]
+    widths = [values[j - 1] for j in reversed(ends)]  # increasing
+    if len(widths) == 1:
+        return [(None, widths[0])]
+    bucket = torch.bucketize(lengths, torch.tensor(widths, device=lengths.device, dtype=lengths.dtype))
+    return [(bucket.eq(b).nonzero().squeeze(1), w) for b, w in enumerate(widths)]
+
+
+def _bucket_plan(model, prev_output_tokens, target, buckets):
+    """:func:`length_buckets` of the rows, or None (the full-width path) where
+    ``buckets`` is 1 or the decoder does not split its output layer (fconv)."""
+    max_buckets = MAX_BUCKETS if buckets is None else int(buckets)
+    if (max_buckets <= 1 or prev_output_tokens.dim() != 2 or target.shape != prev_output_tokens.shape
+            or not splits_output_layer(model.decoder)):
+        return None
+    lengths = row_lengths(prev_output_tokens, target, model.decoder.dictionary.pad())
+    return length_buckets(lengths, prev_output_tokens.size(1), max_buckets)
+
+
+def _bucket_inputs(model, encoder_out, rows_source, prev_output_tokens, target, idx, width):
+    """(decoder input, target, encoder output) of one bucket: rows ``idx`` (None:
+    all), cut to ``width``; ``rows_source`` as for :func:`_rows_objective`."""
+    if idx is not None:
+        prev_output_tokens, target = prev_output_tokens.index_select(0, idx), target.index_select(0, idx)
+    order = rows_source if idx is None else (idx if rows_source is None else rows_source.index_select(0, idx))
+    if order is not None:
+        encoder_out = reorder_encoder_out(model, encoder_out, order)
+    return prev_output_tokens[:, :width], target[:, :width], encoder_out
+
+
+def _scatter_rows(parts, plan, n):
+    """Per-row values of the buckets back in the rows' order ``[n, ...]``."""
+    if len(plan) == 1 and plan[0][0] is None:
+        return parts[0]
+    out = parts[0].new_empty((n,) + tuple(parts[0].shape[1:]))
+    for (idx, _), part in zip(plan, parts):
+        out[idx] = part.to(out.dtype)
+    return out
+
+
+def _scatter_positions(parts, plan, n, width):
+    """Per-position ``[n_b, width_b, ...]`` bucket tensors back into ``[n, width, ...]``,
+    zero where a bucket was cut (differentiable)."""
+    out = parts[0].new_zeros((n, width) + tuple(parts[0].shape[2:]))
+    for (idx, w), part in zip(plan, parts):
+        if idx is None:
+            out[:, :w] = part
+        else:
+            out[idx, :w] = part
+    return out
 
 
 def sequence_nll(lprobs, target, pad):
