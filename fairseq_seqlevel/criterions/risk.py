@@ -19,8 +19,8 @@ from fairseq.data import data_utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, mle_mix, reference_and_samples,
-                                              references_of, scored_part, worker_rng)
+from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, reference_and_samples, references_of,
+                                              scored_part, worker_rng)
 from fairseq_seqlevel.decoding.layout import generate as generate_like_task
 from fairseq_seqlevel.decoding.model import forward_through
 from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
@@ -155,8 +155,9 @@ class RiskCriterion(SeqlevelCriterion):
             scores = -row_nll.view(batch_size, n + 1)
             return scores / lengths if cfg.risk_length_normalize else scores
 
-        def risk_of(row_nll):  # Σ_b weight_b·risk_b
-            return (weight * expected_risk(scores_of(row_nll), costs, valid, cfg.risk_sharpness)[0]).sum()
+        def risk_of(row_nll):  # (1 − w)·Σ_b weight_b·risk_b: mle_mix's first term, inside the chunked objective
+            return (1.0 - cfg.risk_mle_weight) * (weight * expected_risk(scores_of(row_nll), costs, valid,
+                                                                         cfg.risk_sharpness)[0]).sum()
 
         loss, row_nll = forward_through(model, self._score, sample["net_input"], rows, n + 1, risk_of, target,
                                         layout.bos, scored)
@@ -170,18 +171,19 @@ class RiskCriterion(SeqlevelCriterion):
 
     def _score(self, model, net_input, rows, per_source, objective, target, bos, scored):
         """The risk (chunked output layer) mixed with the reference's
-        label-smoothed NLL (``--risk-mle-weight``); run as the model's forward
-        (forward_through)."""
+        label-smoothed NLL (``--risk-mle-weight``, the rule of ``mle_mix``, split:
+        (1 − w) scales the objective, w·NLL is added here, the arithmetic of the
+        published runs); run as the model's forward (forward_through)."""
         pad, w = self.padding_idx, self.cfg.risk_mle_weight
         loss, _, row_nll, features = rows_objective(
             model, net_input, rows, per_source, pad, bos, partial(sequence_nll, pad=pad), objective,
             fused=self.fused, loss_target=scored)
-        ls_loss = 0.0
         if w > 0:
             ref_features = features.view(-1, per_source, *features.shape[1:])[:, 0, :target.size(1)]
             lprobs = model.get_normalized_probs((project_features(model, ref_features), None), log_probs=True)
             ls_loss, _ = label_smoothed_nll_loss(lprobs, target, self.cfg.label_smoothing, ignore_index=pad)
-        return mle_mix(loss, ls_loss, w), row_nll
+            loss = loss + w * ls_loss
+        return loss, row_nll
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
