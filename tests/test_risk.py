@@ -99,9 +99,11 @@ def test_loss_and_gradient_equal_brute_force(toy_data, arch, normalize, w):
     expected = _brute_force(model, batch, one, risk.reward, d.pad(), d.eos(), sharpness, normalize, w, 0.1)
     expected.backward()
     torch.testing.assert_close(got[0], expected.detach(), rtol=1e-5, atol=1e-5)
+    # fp32 both ways: the criterion's length buckets sum in another order than this
+    # per-sentence loop (largest difference 1.6e-6 on gradients up to 2.2, transformer)
     for name, p in model.named_parameters():
         if p.grad is not None:
-            torch.testing.assert_close(got[3][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(got[3][name], p.grad, rtol=1e-4, atol=5e-6, msg=name)
 
 
 def test_sampled_candidates_train(toy_data):
