@@ -16,7 +16,10 @@ setup(
     name="fairseq_seqlevel",
     version="0.1.0",
     description="Sequence-level training (RAML, token smoothing, SeaRnn, ERAC/VAML, ...) for fairseq",
-    packages=find_packages(include=["fairseq_seqlevel", "fairseq_seqlevel.*"]),
+    # benchmarks: for the seqlevel-evaluate entry point (the benchmark package runs from
+    # the repository root: python -m benchmarks.quality)
+    packages=find_packages(include=["fairseq_seqlevel", "fairseq_seqlevel.*", "benchmarks", "benchmarks.*"]),
+    entry_points={"console_scripts": ["seqlevel-evaluate = benchmarks.evaluate:main"]},
     python_requires=">=3.8",
     install_requires=[
         "torch>=1.13",

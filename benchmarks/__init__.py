@@ -1,1 +1,1 @@
-"""Benchmark harness of fairseq_seqlevel (quality.py, speed.py; shared code in harness.py)."""
+"""Benchmarks of fairseq_seqlevel: python -m benchmarks.quality, python -m benchmarks.speed (see README.md)."""

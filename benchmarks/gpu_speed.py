@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """The speed rows that only mean something on a GPU (run by ``scripts/gpu_check.sh``).
 
-    python benchmarks/gpu_speed.py [--device cuda] [--tiny] [--json PATH] [--table PATH]
+    python -m benchmarks.gpu_speed [--device cuda] [--tiny] [--json PATH] [--table PATH]
         [--criterions a,b] [--rounds 5] [--time-budget 150]
 
 1. **Criterions vs MLE on the Bible model shape**: forward + backward of each
@@ -13,9 +12,9 @@
    the working tree, not the Bible data.  The model is randomly initialized
    (samples run to their caps, as in most of ``speed.json``'s Bible rows), the
    rewards token-level (the real setting scores words).  Built by
-   ``speed.Setting`` from ``benchmarks/config.toml`` on the CPU (erac/vaml's
+   ``benchmarks.fixtures.Setting`` from ``benchmarks/config.toml`` on the CPU (erac/vaml's
    pre-phase step too), then moved to the device; timed as
-   ``speed.time_criterions`` times (criterions interleaved batch by batch,
+   ``benchmarks.speed.time_criterions`` times (criterions interleaved batch by batch,
    one warm-up round), with the device synchronized around every step.  The
    "CPU" column is the same row's ratio in ``benchmarks/results/speed.json``
    (else in the other ``speed_*.json`` there; 2 CPU cores, the real Bible
@@ -38,20 +37,25 @@ run cut short still leaves the parts done; ``--time-budget`` skips the parts
 that would start after it.
 """
 
-import argparse
-import copy
-import statistics
-import sys
-import tempfile
-import time
-from pathlib import Path
+if __name__ == "__main__" and not __package__:  # python benchmarks/gpu_speed.py: as python -m benchmarks.gpu_speed
+    import os, sys  # noqa: E401
+    _repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.gpu_speed", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_repo, os.environ.get("PYTHONPATH")]))})
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from benchmarks import harness as H  # noqa: E402
-from benchmarks import speed as S  # noqa: E402
+from benchmarks import config as C  # noqa: E402
+from benchmarks.config import REPO  # noqa: E402
+from benchmarks.fixtures import Setting, quiet  # noqa: E402
+from benchmarks.speed import summarize_times  # noqa: E402
+from benchmarks.util import read_json, write_json  # noqa: E402
 
 SETTING = "gpu_bible"
 # one row per registered criterion (config rows of the bible setting), erac/vaml with their pre-phase
@@ -123,12 +127,12 @@ def timed(device, fn, repeats, warmup=1):
 # ---------------------------------------------------------------------------
 
 def bible_setting(cfg, workdir, sizes):
-    """speed.Setting of the bible task's model over synthetic Bible-sized batches."""
+    """fixtures.Setting of the bible task's model over synthetic Bible-sized batches."""
     cfg = copy.deepcopy(cfg)
     cfg["speed"]["settings"][SETTING] = {
         "task": "bible_es_en", "covers": [], "batches": sizes["batches"], "synthetic_vocab": sizes["vocab"],
         "synthetic_sentences": sizes["sentences"], "synthetic_len": sizes["len"]}
-    setting = S.Setting(cfg, SETTING, workdir)
+    setting = Setting(cfg, SETTING, workdir)
     setting.prepare_files([])
     return setting.build()
 
@@ -139,7 +143,7 @@ def cpu_ratios():
     results = REPO / "benchmarks" / "results"
     out = {}
     for path in [results / "speed.json", *sorted(results.glob("speed_*.json"))]:
-        for name, entry in (H.read_json(path, {}) or {}).items():
+        for name, entry in (read_json(path, {}) or {}).items():
             if name.startswith("_") or not isinstance(entry, dict) or out.get(name) is not None:
                 continue
             out[name] = entry.get("by_setting", {}).get("bible", {}).get("step_time_vs_mle")
@@ -198,12 +202,12 @@ def time_criterions(setting, device, names, rounds, deadline=float("inf")):
                 print(f"[gpu_speed] time budget: {r} of {rounds} rounds", flush=True)
                 break
     ok = {n: ts for n, ts in wall.items() if n not in out and ts}
-    if H.CONTROL not in ok:
+    if C.CONTROL not in ok:
         for name in names:
             out.setdefault(name, {"error": "no MLE time to compare with"})
         return {n: out[n] for n in names}
     cpu = cpu_ratios()
-    for name, r in S.summarize_times(ok).items():
+    for name, r in summarize_times(ok).items():
         out[name] = {"ms_per_step": round(1e3 * r["median_s"] / len(batches), 3),
                      "vs_mle": round(r["step_time_vs_mle"], 3),
                      "median_paired_ratio": round(r["median_paired_ratio"], 3),
@@ -317,7 +321,7 @@ def time_sampler(setting, device, spec, rounds):
             "sampler_ms_per_round": round(1e3 * med["sampler"], 3),
             "sequence_generator_ms_per_round": round(1e3 * med["sequence_generator"], 3),
             "ratio": round(med["sampler"] / med["sequence_generator"], 3),
-            "tokens_per_round": tokens, "cpu_ratio": (H.read_json(REPO / "benchmarks" / "results" / "speed.json", {})
+            "tokens_per_round": tokens, "cpu_ratio": (read_json(REPO / "benchmarks" / "results" / "speed.json", {})
                                                       or {}).get("_sampler", {}).get("ratio")}
 
 
@@ -335,7 +339,7 @@ def table(res):
              if meta["device"].startswith("cuda") else f"CPU, torch {meta['torch']}, {meta['threads']} threads")
     lines = [f"GPU speed rows: {where}; {meta['date']}"]
     if meta["tiny"]:
-        lines.append("  TINY SIZES (dry run / no CUDA): a smoke test of benchmarks/gpu_speed.py, not a measurement")
+        lines.append("  TINY SIZES (dry run / no CUDA): a smoke test of benchmarks.gpu_speed, not a measurement")
     crit = res.get("criterions")
     if crit is not None:
         s = meta["shape"]
@@ -382,7 +386,7 @@ def table(res):
 
 def write(res, args):
     if args.json:
-        H.write_json(Path(args.json), res)
+        write_json(Path(args.json), res)
     if args.table:
         Path(args.table).parent.mkdir(parents=True, exist_ok=True)
         Path(args.table).write_text(table(res))
@@ -390,7 +394,7 @@ def write(res, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    S.quiet()
+    quiet()
     device = Device(args.device)
     if args.tiny and not device.cuda:
         device.torch.set_num_threads(1)  # toy sizes: extra threads only contend (as the test suite's one_thread)
@@ -400,9 +404,9 @@ def main(argv=None):
     rounds = args.rounds or (1 if args.tiny else 5)
     names = ([c.strip() for c in args.criterions.split(",")] if args.criterions
              else (TINY_CRITERIONS if args.tiny else CRITERIONS))
-    if H.CONTROL not in names:
-        names.insert(0, H.CONTROL)
-    cfg = H.load_config(str(H.DEFAULT_CONFIG))
+    if C.CONTROL not in names:
+        names.insert(0, C.CONTROL)
+    cfg = C.load_config(C.DEFAULT_CONFIG, experiments=C.experiments_defining(names))
     res = {"meta": {**device.describe(), "tiny": args.tiny, "date": time.strftime("%Y-%m-%d %H:%M"),
                     "rounds": rounds, "reward_repeats": 1 if args.tiny else 5, "shape": sizes,
                     "model_flags": cfg["tasks"]["bible_es_en"]["model_flags"]}}

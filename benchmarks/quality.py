@@ -1,62 +1,47 @@
-#!/usr/bin/env python
 """Quality benchmark: does each criterion beat MLE when fine-tuning the same model?
 
-    python benchmarks/quality.py [--quick] [--tasks a,b] [--criterions a,b]
+    python -m benchmarks.quality [--quick] [--tasks a,b] [--criterions a,b] [--experiment NAME[,NAME]]
         [--seeds 1,2,3] [--pretrain-seeds 1,2] [--pretrain-ids 1,3] [--workdir work/bench]
         [--config benchmarks/config.toml] [--results benchmarks/results] [--force] [--force-pretrain] [--dry-run]
-    python benchmarks/quality.py --merge PIECE_DIR[,PIECE_DIR...] [--results benchmarks/results]
+    python -m benchmarks.quality --merge PIECE_DIR[,PIECE_DIR...] [--results benchmarks/results]
 
-For every task of ``benchmarks/config.toml``:
-
-1. prepare the data if missing (the task's ``prepare`` command);
-2. pre-train one MLE model per pre-training seed (``--pretrain-seeds``;
-   cached in WORKDIR/TASK/pretrain, pretrain2, ... with its ``command.txt``;
-   reused while the command is unchanged) and score it;
-3. for every pre-trained model, seed and criterion: fine-tune from it for the task's
-   ``finetune_updates`` (``fairseq_cli.train --finetune-from-model``;
-   ``mle`` continues MLE, the control), validating with ``--eval-reward`` every
-   ``validate_every`` updates, then score ``checkpoint_last.pt`` with
-   ``examples/evaluate.py`` (sacrebleu BLEU vs every reference / edit error %).
-   A run whose ``result.json`` matches its command is skipped (``--force``
-   reruns it); criterions fairseq does not know are skipped with a message;
-4. write RESULTS/quality.json (rows task, criterion, pretrain, seed, metric, value,
-   updates, wall_s), quality_curves.json, quality.md and the plots
-   quality_curves_{task}.png and cost_vs_gain.png (x from speed.json).
-
-A full run (no --tasks/--criterions/--seeds) rewrites quality.json; a partial
-one replaces only its own rows.  ``--quick`` (1 seed, short pre-training, few
-updates) uses its own workdir and results (``[quick]`` in the config), so it
-never touches the full results.
-
-Pieces run side by side write to their own ``--results`` (two processes would both
-rewrite one quality.json); ``--merge`` adds their rows and curves to RESULTS and
-rewrites the report, refusing a piece whose pre-trained model differs from the one
-RESULTS pairs under the same id.  ``--pretrain-ids`` records a model under another
-id than its pre-training seed (the same seed built at another thread count is
-another model).
+Per task: prepare the data, pre-train one MLE model per pre-training seed (cached while its
+command is unchanged), fine-tune it with every criterion and seed for the task's budget
+(``mle`` continued is the control), score the last checkpoint (benchmarks.evaluate), and
+write RESULTS/quality.json, quality.md, quality_curves.json and the plots.  Criterions: the
+config's rows, those of the --experiment files, and variants named in --criterions (their
+experiment file is overlaid).  ``--merge`` adds pieces run side by side into RESULTS.
+Details: benchmarks/README.md.  (``python benchmarks/quality.py ...`` runs the same.)
 """
 
-import argparse
-import shutil
-import sys
-import time
-from pathlib import Path
+if __name__ == "__main__" and not __package__:  # python benchmarks/quality.py: as python -m benchmarks.quality
+    import os, sys  # noqa: E401
+    _repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.quality", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_repo, os.environ.get("PYTHONPATH")]))})
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "examples"))
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from benchmarks import harness as H  # noqa: E402
+from benchmarks import checks, config as C, logs, plan as P, plots as PL, report, runs as R, stats  # noqa: E402
+from benchmarks.fixtures import quiet  # noqa: E402
+from benchmarks.util import command_text, fmt_duration, read_json, split_list, write_json  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--config", default=str(H.DEFAULT_CONFIG))
+    p.add_argument("--config", default=str(C.DEFAULT_CONFIG))
+    p.add_argument("--experiment", help="comma-separated experiment files overlaid on the config: NAME "
+                   "(benchmarks/experiments/NAME.toml), a path, or 'all'; without --criterions, runs "
+                   "their rows (and their controls)")
     p.add_argument("--quick", action="store_true", help="1 seed, short pre-training, few updates (~10 min)")
     p.add_argument("--tasks", help="comma-separated subset of the config's tasks")
-    p.add_argument("--criterions", help="comma-separated subset of the config's criterions")
+    p.add_argument("--criterions", help="comma-separated subset of the config's criterions (a variant of "
+                   "benchmarks/experiments/ brings its file)")
     p.add_argument("--seeds", help="comma-separated fine-tuning seeds (default: the config's)")
     p.add_argument("--pretrain-seeds", help="comma-separated pre-training seeds, one pre-trained MLE model "
                    "each (default: the config's run.pretrain_seeds)")
@@ -79,10 +64,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def split_list(text):
-    return [x.strip() for x in text.split(",") if x.strip()] if text else None
-
-
 def log(msg=""):
     print(msg, flush=True)
 
@@ -97,13 +78,13 @@ def select(cfg, tasks=None, criterions=None, seeds=None):
     for kind, chosen, known in (("task", tasks, all_tasks), ("criterion", criterions, all_crits)):
         for name in chosen or []:
             if name not in known:
-                raise H.ConfigError(f"--{kind}s: unknown {kind} '{name}'; known: {', '.join(known)}")
-    criterions = criterions or [c for c in all_crits if H.criterion_tasks(cfg, c)
+                raise C.ConfigError(f"--{kind}s: unknown {kind} '{name}'; known: {', '.join(known)}")
+    criterions = criterions or [c for c in all_crits if P.criterion_tasks(cfg, c)
                                 and not (cfg.get("mode") == "quick" and cfg["criterions"][c].get("skip_quick"))]
-    controls = dict.fromkeys([H.CONTROL] + [H.control_of(cfg, c) for c in criterions])
+    controls = dict.fromkeys([C.CONTROL] + [P.control_of(cfg, c) for c in criterions])
     criterions = [c for c in controls if c not in criterions] + criterions  # no Δ without its control
     default_tasks = cfg["run"].get("tasks") or all_tasks  # [run] / [quick] tasks: the default selection
-    tasks = tasks or [t for t in default_tasks if any(t in H.criterion_tasks(cfg, c) for c in criterions)]
+    tasks = tasks or [t for t in default_tasks if any(t in P.criterion_tasks(cfg, c) for c in criterions)]
     seeds = seeds or list(cfg["run"].get("seeds", [1]))
     return tasks, criterions, [int(s) for s in seeds]
 
@@ -112,7 +93,7 @@ def plan_runs(cfg, tasks, criterions, seeds, pretrains=(1,)):
     """[(task, criterion, seed, pretrain)]: pre-trained-model-major, then seed-major,
     so an interrupted run has whole seeds of whole models."""
     return [(t, c, s, p) for t in tasks for p in pretrains for s in seeds for c in criterions
-            if t in H.criterion_tasks(cfg, c)]
+            if t in P.criterion_tasks(cfg, c)]
 
 
 def pretrain_seeds(cfg, text=None):
@@ -127,9 +108,9 @@ def pretrain_ids(models, text=None):
     try:
         ids = [int(x) for x in split_list(text)]
     except ValueError:
-        raise H.ConfigError(f"--pretrain-ids: expected comma-separated integers, got {text!r}") from None
+        raise C.ConfigError(f"--pretrain-ids: expected comma-separated integers, got {text!r}") from None
     if len(ids) != len(models) or len(set(ids)) != len(ids) or min(ids) < 1:
-        raise H.ConfigError(f"--pretrain-ids: expected {len(models)} distinct positive ids, one per pre-training "
+        raise C.ConfigError(f"--pretrain-ids: expected {len(models)} distinct positive ids, one per pre-training "
                             f"seed {models}, got {text!r}")
     return dict(zip(models, ids))
 
@@ -147,7 +128,7 @@ def check_runnable(cfg, runs, workdir):
     verdict, skipped = {}, []
     for task, crit, *_ in runs:
         if (task, crit) not in verdict:
-            verdict[(task, crit)] = H.check_criterion(cfg, crit, task, workdir)
+            verdict[(task, crit)] = checks.check_criterion(cfg, crit, task, workdir)
             if verdict[(task, crit)]:
                 skipped.append(verdict[(task, crit)] + " -- skipped")
     return [r for r in runs if not verdict[(r[0], r[1])]], skipped
@@ -159,10 +140,10 @@ def check_runnable(cfg, runs, workdir):
 
 def score(cfg, task_name, checkpoint):
     """(metric name, value, all scores) of a checkpoint on the task's eval split."""
-    from evaluate import evaluate
+    from benchmarks.evaluate import evaluate
 
     task = cfg["tasks"][task_name]
-    data = H.resolve_path(task["data"])
+    data = R.resolve_path(task["data"])
     try:
         scores = evaluate(data, checkpoint, split=task.get("eval_split", "test"), beam=task["beam"],
                           langs=tuple(task["refs"]), metric=task["metric"])
@@ -175,26 +156,21 @@ def score(cfg, task_name, checkpoint):
     return "edit_error", scores["edit_error"], scores
 
 
-def final_updates(parsed):
-    updates = [e["num_updates"] for e in parsed["valid"] + parsed["train"] if "num_updates" in e]
-    return max(updates) if updates else None
-
-
 def pretrain(cfg, task_name, workdir, force=False, pretrain_seed=1):
     """Train (or reuse) the task's MLE model of this pre-training seed; returns its
     info dict (incl. the row)."""
-    pdir = H.pretrain_dir(workdir, task_name, pretrain_seed)
-    cmd = H.pretrain_command(cfg, task_name, pdir, workdir, seed=pretrain_seed)
+    pdir = P.pretrain_dir(workdir, task_name, pretrain_seed)
+    cmd = R.pretrain_command(cfg, task_name, pdir, workdir, seed=pretrain_seed)
     name = task_name if pretrain_seed == 1 else f"{task_name} pretrain {pretrain_seed}"
-    text = H.command_text(cmd)
-    info = H.read_json(pdir / "done.json")
+    text = command_text(cmd)
+    info = read_json(pdir / "done.json")
     if force and pdir.exists():
         shutil.rmtree(pdir)
         info = None
     if info is not None:
         old = (pdir / "command.txt").read_text().strip() if (pdir / "command.txt").exists() else ""
         if old != text:
-            raise H.ConfigError(
+            raise C.ConfigError(
                 f"[{name}] the cached pre-trained model in {pdir} was trained with another command:\n"
                 f"  cached: {old}\n  now:    {text}\n"
                 "rerun with --force-pretrain to retrain it (this reruns the task's fine-tuning runs too)")
@@ -210,27 +186,27 @@ def pretrain(cfg, task_name, workdir, force=False, pretrain_seed=1):
     (pdir / "command.txt").write_text(text + "\n")
     resume = (pdir / "checkpoint_last.pt").exists()
     log(f"[{name}] pre-training MLE{' (resuming)' if resume else ''}: {text}")
-    code, wall = H.run_logged(cmd, pdir / ("train.log" if not resume else f"train.resume{int(time.time())}.log"))
-    logs = sorted(pdir.glob("train*.log"))
-    parsed = H.parse_log("\n".join(p.read_text(errors="replace") for p in logs))
+    code, wall = R.run_logged(cmd, pdir / ("train.log" if not resume else f"train.resume{int(time.time())}.log"))
+    log_files = sorted(pdir.glob("train*.log"))
+    parsed = logs.parse_log("\n".join(p.read_text(errors="replace") for p in log_files))
     if code != 0:
-        raise RuntimeError(f"[{name}] pre-training failed (log {logs[-1]}):\n{H.log_tail(logs[-1])}")
+        raise RuntimeError(f"[{name}] pre-training failed (log {log_files[-1]}):\n{R.log_tail(log_files[-1])}")
     t0 = time.time()
     metric, value, scores = score(cfg, task_name, pdir / "checkpoint_last.pt")
     task = cfg["tasks"][task_name]
-    valid = H.curve(parsed["valid"], task["curve_key"], task.get("curve_scale", 1.0))
-    prev_wall = H.read_json(pdir / "wall.json", {}).get("wall_s", 0.0)  # interrupted earlier attempts
-    H.write_json(pdir / "wall.json", {"wall_s": prev_wall + wall})
+    valid = logs.curve(parsed["valid"], task["curve_key"], task.get("curve_scale", 1.0))
+    prev_wall = read_json(pdir / "wall.json", {}).get("wall_s", 0.0)  # interrupted earlier attempts
+    write_json(pdir / "wall.json", {"wall_s": prev_wall + wall})
     info = {
         "command": text, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "row": {"task": task_name, "criterion": H.PRETRAIN, "seed": int(_seed_of(cmd)), "pretrain": pretrain_seed,
+        "row": {"task": task_name, "criterion": C.PRETRAIN, "seed": int(_seed_of(cmd)), "pretrain": pretrain_seed,
                 "metric": metric,
-                "value": value, "updates": final_updates(parsed), "wall_s": round(prev_wall + wall, 1),
-                "details": {**scores, "eval_s": round(time.time() - t0, 1), "omp_threads": H.omp_threads()}},
+                "value": value, "updates": logs.final_updates(parsed), "wall_s": round(prev_wall + wall, 1),
+                "details": {**scores, "eval_s": round(time.time() - t0, 1), "omp_threads": R.omp_threads()}},
         "final_valid": valid[-1][1] if valid else None,
         "curve": valid,
     }
-    H.write_json(pdir / "done.json", info)
+    write_json(pdir / "done.json", info)
     log(f"[{name}] pre-trained: {info['row']['updates']} updates in {wall:.0f} s; "
         f"test {metric} {value:.2f}")
     return info
@@ -242,19 +218,19 @@ def _seed_of(cmd):
 
 def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False, pretrain_seed=1):
     """Run (or reuse) one fine-tuning run; returns its result dict or raises RuntimeError."""
-    rdir = H.run_dir(workdir, task_name, crit, seed, pretrain_seed)
-    ckpt = H.pretrain_dir(workdir, task_name, pretrain_seed) / "checkpoint_last.pt"
+    rdir = P.run_dir(workdir, task_name, crit, seed, pretrain_seed)
+    ckpt = P.pretrain_dir(workdir, task_name, pretrain_seed) / "checkpoint_last.pt"
     seed_name = f"seed {seed}" if pretrain_seed == 1 else f"pretrain {pretrain_seed} seed {seed}"
-    pre_cfg = H.pre_phase_of(cfg, crit)
+    pre_cfg = P.pre_phase_of(cfg, crit)
     if pre_cfg:  # e.g. erac's critic pre-training: its own run, then the fine-tuning run from its checkpoint
         pdir = rdir / pre_cfg["name"]
-        pre_cmd = H.finetune_command(cfg, task_name, crit, seed, pdir, ckpt, workdir, phase="pre")
-        cmd = H.finetune_command(cfg, task_name, crit, seed, rdir, pdir / "checkpoint_last.pt", workdir)
-        text = H.command_text(pre_cmd) + "\n" + H.command_text(cmd)
+        pre_cmd = R.finetune_command(cfg, task_name, crit, seed, pdir, ckpt, workdir, phase="pre")
+        cmd = R.finetune_command(cfg, task_name, crit, seed, rdir, pdir / "checkpoint_last.pt", workdir)
+        text = command_text(pre_cmd) + "\n" + command_text(cmd)
     else:
-        cmd = H.finetune_command(cfg, task_name, crit, seed, rdir, ckpt, workdir)
-        text = H.command_text(cmd)
-    cached = H.read_json(rdir / "result.json")
+        cmd = R.finetune_command(cfg, task_name, crit, seed, rdir, ckpt, workdir)
+        text = command_text(cmd)
+    cached = read_json(rdir / "result.json")
     if cached and not force:
         if cached.get("command") == text and cached.get("pretrain_finished") == pre["finished"]:
             log(f"[{task_name}] {crit} {seed_name}: cached ({cached['row']['metric']} "
@@ -270,21 +246,21 @@ def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False, 
     if pre_cfg:
         pdir.mkdir()
         log(f"[{task_name}] {crit} {seed_name}: {pre_cfg['name']} phase, "
-            f"{H.pre_phase_updates(cfg, task_name, pre_cfg)} updates")
-        code, pre_wall = H.run_logged(pre_cmd, pdir / "train.log")
+            f"{P.pre_phase_updates(cfg, task_name, pre_cfg)} updates")
+        code, pre_wall = R.run_logged(pre_cmd, pdir / "train.log")
         if code != 0:
             raise RuntimeError(f"[{task_name}] {crit} {seed_name}: the {pre_cfg['name']} phase failed "
-                               f"(log {pdir / 'train.log'}):\n{H.log_tail(pdir / 'train.log')}")
-        pre_parsed = H.parse_log((pdir / "train.log").read_text(errors="replace"))
-        pre_info = {"name": pre_cfg["name"], "updates": final_updates(pre_parsed), "wall_s": round(pre_wall, 1),
+                               f"(log {pdir / 'train.log'}):\n{R.log_tail(pdir / 'train.log')}")
+        pre_parsed = logs.parse_log((pdir / "train.log").read_text(errors="replace"))
+        pre_info = {"name": pre_cfg["name"], "updates": logs.final_updates(pre_parsed), "wall_s": round(pre_wall, 1),
                     "last_train": pre_parsed["train"][-1] if pre_parsed["train"] else None,
                     "last_valid": pre_parsed["valid"][-1] if pre_parsed["valid"] else None}
-    log(f"[{task_name}] {crit} {seed_name}: fine-tuning {H.finetune_updates(cfg, task_name, crit)} updates")
-    code, wall = H.run_logged(cmd, rdir / "train.log")
+    log(f"[{task_name}] {crit} {seed_name}: fine-tuning {P.finetune_updates(cfg, task_name, crit)} updates")
+    code, wall = R.run_logged(cmd, rdir / "train.log")
     if code != 0:
         raise RuntimeError(f"[{task_name}] {crit} {seed_name}: fairseq-train failed "
-                           f"(log {rdir / 'train.log'}):\n{H.log_tail(rdir / 'train.log')}")
-    parsed = H.parse_log((rdir / "train.log").read_text(errors="replace"))
+                           f"(log {rdir / 'train.log'}):\n{R.log_tail(rdir / 'train.log')}")
+    parsed = logs.parse_log((rdir / "train.log").read_text(errors="replace"))
     t0 = time.time()
     metric, value, scores = score(cfg, task_name, rdir / "checkpoint_last.pt")
     task = cfg["tasks"][task_name]
@@ -292,15 +268,15 @@ def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False, 
         "command": text, "pretrain_finished": pre["finished"],
         "row": {"task": task_name, "criterion": crit, "seed": seed, "pretrain": pretrain_seed,
                 "metric": metric, "value": value,
-                "updates": final_updates(parsed),
+                "updates": logs.final_updates(parsed),
                 # the cost of the method: a pre-phase (critic pre-training) counts
                 "wall_s": round(wall + (pre_info["wall_s"] if pre_info else 0.0), 1),
-                "details": {**scores, "eval_s": round(time.time() - t0, 1), "omp_threads": H.omp_threads(),
+                "details": {**scores, "eval_s": round(time.time() - t0, 1), "omp_threads": R.omp_threads(),
                             **({"pre_phase": pre_info} if pre_info else {})}},
-        "curve": H.curve(parsed["valid"], task["curve_key"], task.get("curve_scale", 1.0)),
+        "curve": logs.curve(parsed["valid"], task["curve_key"], task.get("curve_scale", 1.0)),
         "train_loss": [(e.get("num_updates"), e.get("loss")) for e in parsed["train"]],
     }
-    H.write_json(rdir / "result.json", result)
+    write_json(rdir / "result.json", result)
     if not keep:
         for path in [*rdir.glob("checkpoint*.pt"), *rdir.glob("*/checkpoint*.pt")]:
             path.unlink()
@@ -314,8 +290,8 @@ def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False, 
 
 def load_speed(args, results):
     for path in ([args.speed_json] if args.speed_json else
-                 [Path(results) / "speed.json", H.DEFAULT_RESULTS / "speed.json"]):
-        speed = H.read_json(path)
+                 [Path(results) / "speed.json", C.DEFAULT_RESULTS / "speed.json"]):
+        speed = read_json(path)
         if speed:
             return speed, Path(path)
     return None, None
@@ -325,26 +301,27 @@ def append_row(results, row):
     """Add (or replace) one row of quality.json as soon as a run is scored, so an
     interrupted benchmark keeps what it measured; the end of the run rewrites it."""
     path = Path(results) / "quality.json"
-    H.write_json(path, H.merge_rows(H.read_json(path, []) or [], [row]))
+    write_json(path, report.merge_rows(read_json(path, []) or [], [row]))
 
 
 def write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed, replace_all, plots=True,
                   how=None):
     results = Path(results)
     qpath = results / "quality.json"
-    all_rows = H.merge_rows(H.read_json(qpath, []) or [], rows, replace_all=replace_all)
-    H.write_json(qpath, all_rows)
+    all_rows = report.merge_rows(read_json(qpath, []) or [], rows, replace_all=replace_all)
+    write_json(qpath, all_rows)
+    cfg = report_config(cfg, all_rows)
     curves_path = results / "quality_curves.json"
-    old_curves = {} if replace_all else (H.read_json(curves_path, {}) or {})
+    old_curves = {} if replace_all else (read_json(curves_path, {}) or {})
     for (task, crit, seed, pre), points in curves.items():
-        old_curves.setdefault(task, {}).setdefault(crit, {})[H.curve_key(seed, pre)] = points
+        old_curves.setdefault(task, {}).setdefault(crit, {})[P.curve_key(seed, pre)] = points
     for task, info in pretrains.items():  # the curves' start point: the first model's last validation
         old_curves.setdefault(task, {})["_start"] = info.get("final_valid")
-    H.write_json(curves_path, old_curves)
+    write_json(curves_path, old_curves)
 
-    agg = H.aggregate(all_rows, controls={c: H.control_of(cfg, c) for c in cfg["criterions"]})
+    agg = stats.aggregate(all_rows, controls={c: P.control_of(cfg, c) for c in cfg["criterions"]})
     header = [
-        f"<!-- generated by benchmarks/quality.py ({how or cfg['mode'] + ' run'}, {time.strftime('%Y-%m-%d %H:%M')}); "
+        f"<!-- generated by python -m benchmarks.quality ({how or cfg['mode'] + ' run'}, {time.strftime('%Y-%m-%d %H:%M')}); "
         "do not edit by hand -->",
         "",
         "Fine-tuning from the pre-trained MLE model(s) of each task, the same number of updates for every "
@@ -352,12 +329,12 @@ def write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed,
         "models × fine-tuning seeds); Δ vs MLE is the mean of the differences to the continued-MLE run "
         "of the same model and seed, ± their std, with their 95% t interval: **ahead** only when it "
         "excludes 0. Step time: "
-        "forward+backward vs MLE from `benchmarks/speed.py` (– if not measured). Hyperparameters "
-        "and their sources: `benchmarks/config.toml`.",
+        "forward+backward vs MLE from `python -m benchmarks.speed` (– if not measured). Hyperparameters "
+        "and their sources: `benchmarks/config.toml` and `benchmarks/experiments/`.",
         "",
         "",
     ]
-    md = "\n".join(header) + H.markdown_report(cfg, agg, speed, skipped=skipped, failed=failed)
+    md = "\n".join(header) + report.markdown_report(cfg, agg, speed, skipped=skipped, failed=failed)
     (results / "quality.md").write_text(md)
     if plots:
         order = list(cfg["criterions"])
@@ -366,10 +343,10 @@ def write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed,
                 continue
             by_crit = {c: [pts for pts in seeds.values()] for c, seeds in old_curves.get(task_name, {}).items()
                        if not c.startswith("_")}
-            H.plot_curves(task_name, cfg["tasks"][task_name], by_crit,
+            PL.plot_curves(task_name, cfg["tasks"][task_name], by_crit,
                           results / f"quality_curves_{task_name}.png",
                           start=old_curves.get(task_name, {}).get("_start"), order=order)
-        H.plot_cost_vs_gain(H.cost_gain_points(cfg, agg, speed), results / "cost_vs_gain.png")
+        PL.plot_cost_vs_gain(PL.cost_gain_points(cfg, agg, speed), results / "cost_vs_gain.png")
     return md
 
 
@@ -379,26 +356,26 @@ def merge_pieces(cfg, results, pieces, speed, plots=True):
     model must be the one ``results`` (and the pieces before it) pair under its id.
     Raises :class:`ConfigError` before writing anything."""
     results = Path(results)
-    old = H.read_json(results / "quality.json", []) or []
-    have_start = {t for t, c in (H.read_json(results / "quality_curves.json", {}) or {}).items() if "_start" in c}
+    old = read_json(results / "quality.json", []) or []
+    have_start = {t for t, c in (read_json(results / "quality_curves.json", {}) or {}).items() if "_start" in c}
     rows, curves, starts = [], {}, {}
     for piece in pieces:
         piece = Path(piece)
-        piece_rows = H.read_json(piece / "quality.json")
+        piece_rows = read_json(piece / "quality.json")
         if not isinstance(piece_rows, list):
-            raise H.ConfigError(f"--merge: {piece / 'quality.json'} is missing or not a list of rows "
+            raise C.ConfigError(f"--merge: {piece / 'quality.json'} is missing or not a list of rows "
                                 "(expected the --results directory of a quality.py run)")
         for r in piece_rows:
-            if r["criterion"] == H.PRETRAIN:
-                H.check_same_model(H.merge_rows(old, rows), r)
-        rows = H.merge_rows(rows, piece_rows)
-        for task, by_crit in (H.read_json(piece / "quality_curves.json", {}) or {}).items():
+            if r["criterion"] == C.PRETRAIN:
+                report.check_same_model(report.merge_rows(old, rows), r)
+        rows = report.merge_rows(rows, piece_rows)
+        for task, by_crit in (read_json(piece / "quality_curves.json", {}) or {}).items():
             for crit, runs in by_crit.items():
                 if crit == "_start":
                     starts.setdefault(task, runs)
                     continue
                 for key, points in runs.items():
-                    curves[(task, crit, *H.parse_curve_key(key))] = points
+                    curves[(task, crit, *P.parse_curve_key(key))] = points
     pretrains = {t: {"final_valid": v} for t, v in starts.items() if t not in have_start}
     return rows, write_outputs(cfg, results, rows, curves, pretrains, speed, [], [], False, plots=plots,
                                how=f"--merge of {len(pieces)} piece(s) into the {cfg['mode']} results")
@@ -406,23 +383,41 @@ def merge_pieces(cfg, results, pieces, speed, plots=True):
 
 # ---------------------------------------------------------------------------
 
+def load(args):
+    """The config of ``args``: --config, its --experiment files and those defining a
+    variant named in --criterions."""
+    named = split_list(args.criterions) or []
+    own = set(C.raw_config(args.config)[1]) if named else set()
+    experiments = (split_list(args.experiment) or []) + C.experiments_defining(named, skip=own)
+    return C.load_config(args.config, quick=args.quick, experiments=experiments)
+
+
+def report_config(cfg, rows):
+    """``cfg`` with the experiment files that define criterions of ``rows`` it lacks
+    (a report of results that hold rows of other experiments keeps them)."""
+    extra = C.experiments_defining({r["criterion"] for r in rows}, skip=cfg["criterions"])
+    if not extra:
+        return cfg
+    return C.load_config(cfg["path"], quick=cfg["mode"] == "quick", experiments=(cfg.get("experiments") or []) + extra)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        cfg = H.load_config(args.config, quick=args.quick)
-        tasks, crits, seeds = select(cfg, split_list(args.tasks), split_list(args.criterions),
-                                     split_list(args.seeds))
-    except H.ConfigError as e:
+        cfg = load(args)
+        named = split_list(args.criterions) or C.experiment_criterions(split_list(args.experiment)) or None
+        tasks, crits, seeds = select(cfg, split_list(args.tasks), named, split_list(args.seeds))
+    except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    workdir = Path(args.workdir or H.resolve_path(cfg["run"].get("workdir", H.DEFAULT_WORKDIR))).resolve()
-    results = Path(args.results or H.resolve_path(cfg["run"].get("results", H.DEFAULT_RESULTS))).resolve()
-    replace_all = not (args.tasks or args.criterions or args.seeds or args.pretrain_seeds)
+    workdir = Path(args.workdir or R.resolve_path(cfg["run"].get("workdir", C.DEFAULT_WORKDIR))).resolve()
+    results = Path(args.results or R.resolve_path(cfg["run"].get("results", C.DEFAULT_RESULTS))).resolve()
+    replace_all = not (args.tasks or args.criterions or args.seeds or args.pretrain_seeds or args.experiment)
     if args.merge:
         speed, _ = load_speed(args, results)
         try:
             rows, md = merge_pieces(cfg, results, split_list(args.merge), speed, plots=not args.no_plots)
-        except H.ConfigError as e:
+        except C.ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         log(md)
@@ -431,7 +426,7 @@ def main(argv=None):
         return 0
     # --force reruns what was asked for: with --criterions, not the controls added to it
     # (two pieces side by side would otherwise both rerun mle into the same directory)
-    named = set(split_list(args.criterions) or crits)
+    named = set(named or crits)
     forced = lambda crit: args.force and crit in named
     t_start = time.time()
     try:
@@ -442,7 +437,7 @@ def main(argv=None):
         return 2
     try:
         ids = pretrain_ids(models, args.pretrain_ids)
-    except H.ConfigError as e:
+    except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -456,11 +451,11 @@ def main(argv=None):
     # what still has to run (for the estimate and the list of what is left)
     all_pre = [(t, p) for t in tasks for p in models]
     todo_pre = [tp for tp in all_pre
-                if args.force_pretrain or not (H.pretrain_dir(workdir, *tp) / "done.json").exists()]
+                if args.force_pretrain or not (P.pretrain_dir(workdir, *tp) / "done.json").exists()]
     todo = [r for r in runs if forced(r[1]) or (r[0], r[3]) in todo_pre
-            or not (H.run_dir(workdir, r[0], r[1], r[2], r[3]) / "result.json").exists()]
-    est = H.estimate_plan(cfg, todo, todo_pre, speed)
-    full_est = H.estimate_plan(cfg, runs, all_pre, speed)
+            or not (P.run_dir(workdir, r[0], r[1], r[2], r[3]) / "result.json").exists()]
+    est = P.estimate_plan(cfg, todo, todo_pre, speed)
+    full_est = P.estimate_plan(cfg, runs, all_pre, speed)
     log(f"benchmark: {cfg['mode']} run; config {cfg['path']}; workdir {workdir}; results {results}")
     log(f"tasks: {', '.join(tasks) or 'none'}; criterions: {', '.join(crits)}; seeds: {seeds}; "
         f"pre-trained models (pre-training seeds): {models}"
@@ -471,33 +466,33 @@ def main(argv=None):
     for task in tasks:
         for p in models:
             pre = full_est["pretrain"].get((task, p), 0.0)
-            log(f"  {task:<14} pre-train {p}: {H.fmt_duration(pre)}"
+            log(f"  {task:<14} pre-train {p}: {fmt_duration(pre)}"
                 + ("" if (task, p) in todo_pre else " (cached)"))
         for crit in crits:
             if (task, crit) in full_est["finetune"]:
                 n = sum(1 for r in runs if r[:2] == (task, crit))
                 left = sum(1 for r in todo if r[:2] == (task, crit))
-                log(f"  {'':<14} {crit:<14} {n} x {H.fmt_duration(full_est['finetune'][(task, crit)] / n)}"
+                log(f"  {'':<14} {crit:<14} {n} x {fmt_duration(full_est['finetune'][(task, crit)] / n)}"
                     + (f" ({left} to run)" if left else " (cached)"))
     budget = cfg["run"].get("budget_s")
-    log(f"  total {H.fmt_duration(full_est['total'])} from scratch"
-        + (f" (budget {H.fmt_duration(budget)})" if budget else "")
-        + f"; still to run: {H.fmt_duration(est['total'])}")
+    log(f"  total {fmt_duration(full_est['total'])} from scratch"
+        + (f" (budget {fmt_duration(budget)})" if budget else "")
+        + f"; still to run: {fmt_duration(est['total'])}")
     if budget and full_est["total"] > budget:
-        log(f"  WARNING: the estimate exceeds the budget by {H.fmt_duration(full_est['total'] - budget)}")
+        log(f"  WARNING: the estimate exceeds the budget by {fmt_duration(full_est['total'] - budget)}")
     if args.dry_run:
         return 0
 
     rows, curves, pretrains, failed = [], {}, {}, []
     for task in tasks:
         try:
-            H.ensure_data(cfg, task, workdir)
+            R.ensure_data(cfg, task, workdir)
             task_runs = [r for r in runs if r[0] == task]
-            needs_emb = any("token_embeddings" in H.placeholders(H.criterion_flags(cfg, c, task))
+            needs_emb = any("token_embeddings" in R.placeholders(P.criterion_flags(cfg, c, task))
                             for _, c, *_ in task_runs)
             if needs_emb:
-                H.ensure_token_embeddings(cfg, task, workdir)
-        except (RuntimeError, H.ConfigError) as e:
+                R.ensure_token_embeddings(cfg, task, workdir)
+        except (RuntimeError, C.ConfigError) as e:
             log(f"error: {e}")
             failed.append(f"{task}: data: {str(e).splitlines()[0]}")
             continue
@@ -506,8 +501,8 @@ def main(argv=None):
                 pre = pretrain(cfg, task, workdir, force=args.force_pretrain, pretrain_seed=p)
                 pre = {**pre, "row": relabel(pre["row"], ids[p])}
                 if not replace_all:  # a piece adds to quality.json: its model must be the one there
-                    H.check_same_model(H.read_json(Path(results) / "quality.json", []) or [], pre["row"])
-            except (RuntimeError, H.ConfigError) as e:
+                    report.check_same_model(read_json(Path(results) / "quality.json", []) or [], pre["row"])
+            except (RuntimeError, C.ConfigError) as e:
                 log(f"error: {e}")
                 failed.append(f"{task}: pre-training {p}: {str(e).splitlines()[0]}")
                 continue
@@ -521,7 +516,7 @@ def main(argv=None):
                 except RuntimeError as e:
                     log(f"error: {e}")
                     failed.append(f"{task} / {crit} / pretrain {p} / seed {seed}: {str(e).splitlines()[0]} "
-                                  f"(see {H.run_dir(workdir, task, crit, seed, p) / 'train.log'})")
+                                  f"(see {P.run_dir(workdir, task, crit, seed, p) / 'train.log'})")
                     continue
                 row = relabel(res["row"], ids[p])
                 rows.append(row)
@@ -534,12 +529,10 @@ def main(argv=None):
     log(md)
     log(f"wrote {results}/quality.json, quality.md, quality_curves.json"
         + ("" if args.no_plots else ", quality_curves_*.png, cost_vs_gain.png")
-        + f"; total {H.fmt_duration(time.time() - t_start)} (estimate was {H.fmt_duration(est['total'])})")
+        + f"; total {fmt_duration(time.time() - t_start)} (estimate was {fmt_duration(est['total'])})")
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    from benchmarks.speed import quiet
-
     quiet()  # the in-process fairseq import (flag checks) logs INFO lines and warnings
     sys.exit(main())

@@ -1,6 +1,6 @@
 """Speed of the batched torch rewards vs per-sentence sacrebleu / rapidfuzz loops.
 
-Usage: python benchmarks/reward_speed.py [--pairs 5000] [--repeats 5] [--json PATH] [--no-single-thread]
+Usage: python -m benchmarks.reward_speed [--pairs 5000] [--repeats 5] [--json PATH] [--no-single-thread]
            [--metrics bleu,chrf] [--chrf-pairs 1000,4000] [--chrf-prefix-subset 100]
 
 Data: synthetic but realistic pairs -- references of 10..40 tokens drawn from
@@ -27,6 +27,12 @@ first ``--chrf-prefix-subset`` sentences and extrapolated.  Torch runs single-th
 (``torch.set_num_threads(1)``), so the two compete for a core the same way.
 """
 
+if __name__ == "__main__" and not __package__:  # python benchmarks/reward_speed.py: as python -m benchmarks.reward_speed
+    import os, sys  # noqa: E401
+    _repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.reward_speed", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_repo, os.environ.get("PYTHONPATH")]))})
+
 import argparse
 import gzip
 import io
@@ -40,7 +46,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fairseq_seqlevel.rewards import edit_distance, prefix_bleu, sentence_bleu  # noqa: E402
 from fairseq_seqlevel.rewards.chrf import ChrF  # noqa: E402
 

@@ -1,90 +1,37 @@
-#!/usr/bin/env python
 """Speed benchmark: step time of each criterion relative to MLE, peak memory, reward throughput.
 
-    python benchmarks/speed.py [--quick] [--json PATH] [--settings a,b] [--criterions a,b]
-        [--config benchmarks/config.toml] [--workdir work/bench] [--no-memory] [--no-reward]
-        [--no-sampler | --sampler-only]
+    python -m benchmarks.speed [--quick] [--json PATH] [--settings a,b] [--criterions a,b]
+        [--experiment NAME[,NAME]] [--config benchmarks/config.toml] [--workdir work/bench]
+        [--no-memory] [--no-reward] [--no-sampler | --sampler-only]
 
-For every speed setting of ``benchmarks/config.toml`` ([speed.settings.*]):
-the task's model and a fixed set of batches are built once (real training
-batches of the task, or random Zipf-distributed token batches over a
-synthetic dictionary of ``synthetic_vocab`` entries), then every criterion of
-the setting is timed on exactly those batches and that model:
-
-* what is timed: ``loss = criterion(model, batch); loss.backward()`` summed
-  over the setting's batches (forward + backward, train mode, gradients
-  zeroed before each step, untimed).  The optimizer step is *not* included:
-  it costs the same for every criterion and would only pull all ratios
-  towards 1;
-* one warm-up round, then ``rounds`` rounds; a round is every batch once per
-  criterion, the criterions interleaved batch by batch in an order rotated
-  from batch to batch (the steps compared run seconds apart, which spreads
-  any load change on a shared machine over all criterions);
-* reported: the median round time per criterion, ``step_time_vs_mle`` =
-  median(criterion) / median(MLE) (wall clock), the median of the per-round
-  ratios (``median_paired_ratio``, more robust to drifting load) and the
-  ratio of median process CPU times (``cpu_time_vs_mle``, less sensitive to
-  other processes, but it counts idle-spinning threads);
-* peak memory: each (setting, criterion) again in a fresh process: build the
-  model, batches and criterion, reset the kernel's peak-RSS mark
-  (``/proc/self/clear_refs``; else fall back to ``ru_maxrss``, which then
-  also counts the construction), read the RSS (baseline), run
-  ``memory_steps`` forward+backward steps, read the peak RSS (``VmHWM``, what
-  ``ru_maxrss`` reports); ``peak_mem_mb`` is the increase (MB),
-  ``peak_rss_mb`` the absolute peak.
-
-Then, if the config has a ``[speed.sampler]`` table: the batched sampler
-(``fairseq_seqlevel.decoding.sampler.sample``, ``samples`` multinomial samples
-per source) against fairseq's ``SequenceGenerator`` with ``--sampling`` and
-beam ``samples`` (which returns that many samples per source), on the model
-and batches of its setting, the two interleaved batch by batch in ``rounds``
-rounds after one warm-up (skipped when ``--settings`` leaves its setting
-out); reported: median round times, their ratio (ours /
-fairseq), the median per-round ratio and the CPU-time ratio.  Both use the
-same caps (``max_len_a`` 0 gives every source the same one: fairseq takes the
-batch's padded source width, the sampler each source's length).  The
-setting's model is randomly initialized, so nearly every sample of both runs
-to the cap: the same decoding work for both (a trained model would let the
-sampler drop finished samples early, where fairseq waits for a source's last
-sample).  ``--sampler-only`` runs just this and merges it into an existing
-output file.
-
-Then ``benchmarks/reward_speed.py --json`` (batched torch rewards vs
-sacrebleu / rapidfuzz loops) runs and its numbers are merged in.
-
-Output (``--json``, default benchmarks/results/speed.json, or
-benchmarks/results/quick/speed.json with --quick): ``{criterion:
-{"step_time_vs_mle", "peak_mem_mb", "setting", "by_setting": {...}}}`` where the
-top-level numbers come from the criterion's main setting (the one covering
-its first quality task), plus ``_meta``, ``_targets``, ``_sampler`` and
-``_reward_speed``.
+Per speed setting (``[speed.settings.*]``): the model and fixed batches are built once
+(benchmarks.fixtures.Setting), then every criterion's forward+backward is timed on them,
+criterions interleaved batch by batch, one warm-up round then ``rounds`` rounds (median
+round time and its ratio to MLE's); peak memory per criterion in a fresh process; then the
+sampler vs fairseq's SequenceGenerator (``[speed.sampler]``) and benchmarks.reward_speed.
+Output: RESULTS/speed.json (``--json``).  A variant named in --criterions brings its
+experiment file.  Details: benchmarks/README.md.  (``python benchmarks/speed.py`` runs the same.)
 """
 
-import argparse
-import json
-import os
-import resource
-import statistics
-import subprocess
-import sys
-import time
-from pathlib import Path
+if __name__ == "__main__" and not __package__:  # python benchmarks/speed.py: as python -m benchmarks.speed
+    import os, sys  # noqa: E401
+    _repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.speed", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_repo, os.environ.get("PYTHONPATH")]))})
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from benchmarks import harness as H  # noqa: E402
-
-
-def quiet():
-    """fairseq/hydra print warnings and INFO lines on import; keep the report readable."""
-    import logging
-    import warnings
-
-    warnings.simplefilter("ignore")
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger().setLevel(logging.WARNING)
+from benchmarks import checks, config as C, plan as P  # noqa: E402
+from benchmarks.fixtures import Setting, log, quiet, step  # noqa: E402,F401  (Setting, step: used by the probes)
+from benchmarks.runs import resolve_path, subprocess_env  # noqa: E402
+from benchmarks.util import command_text, fmt_duration, read_json, split_list, write_json  # noqa: E402
 
 MEMORY_TAG = "SPEED_MEMORY_JSON "
 
@@ -92,7 +39,10 @@ MEMORY_TAG = "SPEED_MEMORY_JSON "
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--config", default=str(H.DEFAULT_CONFIG))
+    p.add_argument("--config", default=str(C.DEFAULT_CONFIG))
+    p.add_argument("--experiment", help="comma-separated experiment files overlaid on the config: NAME "
+                   "(benchmarks/experiments/NAME.toml), a path, or 'all'; without --criterions, times "
+                   "their rows (and mle)")
     p.add_argument("--quick", action="store_true", help="fewer rounds and batches, smaller reward benchmark")
     p.add_argument("--json", help="output file (default: RESULTS/speed.json)")
     p.add_argument("--settings", help="comma-separated subset of the speed settings")
@@ -100,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--workdir", help="cache for token embeddings and synthetic data (default: work/bench)")
     p.add_argument("--rounds", type=int, help="override the config's rounds")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--no-reward", action="store_true", help="skip benchmarks/reward_speed.py")
+    p.add_argument("--no-reward", action="store_true", help="skip benchmarks.reward_speed")
     p.add_argument("--no-sampler", action="store_true", help="skip the sampler vs SequenceGenerator measurement")
     p.add_argument("--sampler-only", action="store_true",
                    help="only the sampler vs SequenceGenerator measurement, merged into the existing --json file")
@@ -108,194 +58,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def log(msg=""):
-    print(msg, flush=True)
-
-
-# ---------------------------------------------------------------------------
-# building a setting: model, batches, criterions
-# ---------------------------------------------------------------------------
-
-class Setting:
-    """One speed setting: fairseq task + model + fixed batches (built once)."""
-
-    def __init__(self, cfg, name, workdir):
-        self.cfg, self.name, self.workdir = cfg, name, Path(workdir)
-        self.spec = cfg["speed"]["settings"][name]
-        self.task_name = self.spec["task"]
-        self.synthetic = "synthetic_vocab" in self.spec
-        self.quick = cfg["mode"] == "quick"
-        self.num_batches = int(cfg["speed"].get("batches", self.spec.get("batches", 4))) if self.quick \
-            else int(self.spec.get("batches", 4))
-
-    # -- argv ------------------------------------------------------------
-    def mapping(self):
-        if self.synthetic:
-            return {"python": sys.executable, "repo": H.REPO, "workdir": self.workdir,
-                    "data": self.data_dir, "token_embeddings": self.data_dir / "token_embeddings.txt"}
-        return H.task_mapping(self.cfg, self.task_name, self.workdir)
-
-    def base_argv(self):
-        task = self.cfg["tasks"][self.task_name]
-        mapping = self.mapping()
-        train_flags = (["--task", "seqlevel_translation", "-s", "src", "-t", "tgt"] if self.synthetic
-                       else task["train_flags"])
-        return [str(self.data_dir), "--user-dir", str(H.USER_DIR), "--seed", "1", "--num-workers", "0",
-                *H.expand(train_flags + task["model_flags"] + task["optim_flags"], mapping)]
-
-    def criterion_flags(self, criterion):
-        return H.expand(H.criterion_flags(self.cfg, criterion, self.task_name), self.mapping())
-
-    # -- building --------------------------------------------------------
-    def prepare_files(self, criterions):
-        """Data (real: prepared if missing; synthetic: written) and token embeddings if needed."""
-        if self.synthetic:
-            self.data_dir = write_synthetic_data(self.workdir / "speed" / f"synthetic_{self.spec['synthetic_vocab']}",
-                                                 self.spec["synthetic_vocab"])
-            return
-        self.data_dir = H.ensure_data(self.cfg, self.task_name, self.workdir)
-        if any("token_embeddings" in H.placeholders(H.criterion_flags(self.cfg, H.speed_entry(self.cfg, c)[0],
-                                                                      self.task_name))
-               for c in criterions):
-            H.ensure_token_embeddings(self.cfg, self.task_name, self.workdir)
-
-    def build(self):
-        import torch
-
-        from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-        from fairseq import tasks
-
-        args = parse_fairseq(self.base_argv() + H.criterion_flags(self.cfg, H.CONTROL, self.task_name))
-        self.fs_cfg = convert_namespace_to_omegaconf(args)
-        self.task = tasks.setup_task(self.fs_cfg.task)
-        torch.manual_seed(1)
-        self.model = self.task.build_model(self.fs_cfg.model)
-        self.trained_from = None
-        if self.spec.get("checkpoint"):
-            # a trained model: samples stop near the reference length (an untrained one
-            # runs every sample to its length cap, which inflates the sampling criterions)
-            path = Path(H.expand([self.spec["checkpoint"]], self.mapping())[0])
-            if path.exists():
-                state = torch.load(path, map_location="cpu", weights_only=False)
-                self.model.load_state_dict(state["model"])
-                self.trained_from = str(path)
-            else:
-                log(f"[{self.name}] {path} not found: timing an untrained model "
-                    "(run quality.py for the task first)")
-        self.model.train()
-        self.batches = self.synthetic_batches() if self.synthetic else self.real_batches()
-        return self
-
-    def real_batches(self):
-        from fairseq import utils
-
-        self.task.load_dataset("train")
-        dataset = self.task.dataset("train")
-        ds_cfg = self.fs_cfg.dataset
-        itr = self.task.get_batch_iterator(
-            dataset=dataset, max_tokens=ds_cfg.max_tokens, max_sentences=ds_cfg.batch_size,
-            max_positions=utils.resolve_max_positions(self.task.max_positions(), self.model.max_positions()),
-            ignore_invalid_inputs=True, required_batch_size_multiple=ds_cfg.required_batch_size_multiple,
-            seed=1, num_workers=0,
-        ).next_epoch_itr(shuffle=True)
-        return [next(itr) for _ in range(self.num_batches)]
-
-    def synthetic_batches(self):
-        import torch
-        from fairseq.data import LanguagePairDataset
-
-        dictionary = self.task.target_dictionary
-        n_sent = int(self.spec.get("synthetic_sentences", 128))
-        lo, hi = self.spec.get("synthetic_len", [10, 40])
-        gen = torch.Generator().manual_seed(0)
-        first = dictionary.nspecial
-        weights = 1.0 / torch.arange(1, len(dictionary) - first + 1, dtype=torch.float)  # Zipf
-        batches = []
-        for _ in range(self.num_batches):
-            def sentences():
-                lengths = torch.randint(lo, hi + 1, (n_sent,), generator=gen)
-                return [torch.cat([torch.multinomial(weights, int(n), replacement=True, generator=gen) + first,
-                                   torch.tensor([dictionary.eos()])]) for n in lengths]
-            src, tgt = sentences(), sentences()
-            ds = LanguagePairDataset(src, [len(s) for s in src], dictionary, tgt, [len(t) for t in tgt],
-                                     dictionary, left_pad_source=self.task.cfg.left_pad_source,
-                                     left_pad_target=self.task.cfg.left_pad_target)
-            batches.append(ds.collater([ds[i] for i in range(n_sent)]))
-        return batches
-
-    def build_criterion(self, name):
-        """The criterion of a speed.json name.  A criterion with a ``pre_phase`` (erac
-        after its critic phase) starts from the state one pre-phase step leaves, as its
-        fine-tuning run starts from the pre-phase's checkpoint; ``NAME_PRE`` is the
-        pre-phase step itself."""
-        from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
-        criterion, phase = H.speed_entry(self.cfg, name)
-        pre = H.pre_phase_of(self.cfg, criterion)
-        flags = H.expand(pre["flags"], self.mapping()) if phase == "pre" else self.criterion_flags(criterion)
-        args = parse_fairseq(self.base_argv() + flags)
-        built = self.task.build_criterion(convert_namespace_to_omegaconf(args).criterion)
-        if pre and phase is None:
-            before = self.build_criterion(H.pre_phase_speed_name(criterion, pre))
-            step(self.model, before, self.batches[0])
-            built.load_state_dict(before.state_dict())
-        return built
-
-    def describe(self):
-        sent = sum(b["nsentences"] for b in self.batches)
-        toks = sum(b["ntokens"] for b in self.batches)
-        return {"task": self.task_name, "synthetic": self.synthetic, "vocab": len(self.task.target_dictionary),
-                "batches": len(self.batches), "sentences": sent, "target_tokens": toks,
-                "params": sum(p.numel() for p in self.model.parameters()), "trained_from": self.trained_from}
-
-
-def parse_fairseq(argv):
-    from fairseq import options
-
-    H._import_plugin()
-    parser = options.get_training_parser()
-    return options.parse_args_and_arch(parser, [str(a) for a in argv])
-
-
-def write_synthetic_data(directory, vocab):
-    """A data dir with a joined dictionary of exactly ``vocab`` entries (4 specials
-    included) and random 64-d token embeddings over it; only dictionaries, no data."""
-    import torch
-
-    directory = Path(directory)
-    emb = directory / "token_embeddings.txt"
-    if emb.exists():
-        return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    n = vocab - 4  # fairseq adds <s> <pad> </s> <unk>
-    lines = [f"t{i} {n - i}" for i in range(n)]
-    for side in ("src", "tgt"):
-        (directory / f"dict.{side}.txt").write_text("\n".join(lines) + "\n")
-    gen = torch.Generator().manual_seed(0)
-    vectors = torch.randn(vocab, 64, generator=gen)
-    symbols = ["<s>", "<pad>", "</s>", "<unk>"] + [f"t{i}" for i in range(n)]
-    tmp = emb.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{vocab} 64\n")
-        for sym, row in zip(symbols, vectors.tolist()):
-            f.write(sym + " " + " ".join(f"{x:.5f}" for x in row) + "\n")
-    os.replace(tmp, emb)
-    return directory
-
-
 # ---------------------------------------------------------------------------
 # timing and memory
 # ---------------------------------------------------------------------------
-
-def step(model, criterion, batch):
-    """(wall seconds, process CPU seconds) of one forward+backward."""
-    model.zero_grad(set_to_none=True)
-    criterion.zero_grad(set_to_none=True)  # a critic's gradients
-    wall, cpu = time.perf_counter(), time.process_time()
-    loss, _, _ = criterion(model, batch)
-    loss.backward()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
 
 def time_criterions(setting, criterions, rounds, warmup=1):
     """({criterion: [wall s per round]}, {criterion: [CPU s per round]}).
@@ -325,7 +90,7 @@ def time_criterions(setting, criterions, rounds, warmup=1):
     return wall, cpu
 
 
-def summarize_times(times, control=H.CONTROL, cpu=None):
+def summarize_times(times, control=C.CONTROL, cpu=None):
     """Medians, ratio of medians and median of per-round ratios to the control
     (plus the ratio of median process CPU times when ``cpu`` is given)."""
     base = statistics.median(times[control])
@@ -387,11 +152,12 @@ def memory_worker(cfg, setting_name, criterion, workdir):
                                    "method": "VmHWM after clear_refs" if reset else "ru_maxrss"}), flush=True)
 
 
-def measure_memory(args, setting_name, criterion):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--config", args.config,
+def measure_memory(args, setting_name, criterion, experiments=()):
+    cmd = [sys.executable, "-m", "benchmarks.speed", "--config", args.config,
            "--memory-worker", setting_name, criterion] + (["--quick"] if args.quick else []) \
-        + (["--workdir", args.workdir] if args.workdir else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=H.subprocess_env())
+        + (["--workdir", args.workdir] if args.workdir else []) \
+        + (["--experiment", ",".join(experiments)] if experiments else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env())
     for line in proc.stdout.splitlines():
         if line.startswith(MEMORY_TAG):
             return json.loads(line[len(MEMORY_TAG):])
@@ -400,15 +166,15 @@ def measure_memory(args, setting_name, criterion):
 
 def run_reward_speed(args, cfg, out_dir):
     tmp = Path(out_dir) / ".reward_speed.tmp.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "reward_speed.py"), "--json", str(tmp),
+    cmd = [sys.executable, "-m", "benchmarks.reward_speed", "--json", str(tmp),
            *cfg["speed"].get("reward_speed_args", [])]
-    log(f"$ {H.command_text(cmd)}")
-    proc = subprocess.run(cmd, text=True, capture_output=True, env=H.subprocess_env())
+    log(f"$ {command_text(cmd)}")
+    proc = subprocess.run(cmd, text=True, capture_output=True, env=subprocess_env())
     print(proc.stdout.rstrip(), flush=True)
     if proc.returncode != 0:
-        log(f"reward_speed.py failed:\n{proc.stderr[-2000:]}")
+        log(f"benchmarks.reward_speed failed:\n{proc.stderr[-2000:]}")
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
-    data = H.read_json(tmp, {})
+    data = read_json(tmp, {})
     tmp.unlink(missing_ok=True)
     return data
 
@@ -507,7 +273,7 @@ def check_targets(cfg, by_setting):
     out = []
     for name, crit in cfg["criterions"].items():
         for target in crit.get("speed_targets", []):
-            sname, vs = target["setting"], target.get("vs", H.CONTROL)
+            sname, vs = target["setting"], target.get("vs", C.CONTROL)
             res = by_setting.get(sname, {})
             if name in res and vs in res and "median_s" in res[name] and "median_s" in res[vs]:
                 ratio = res[name]["median_s"] / res[vs]["median_s"]
@@ -521,7 +287,7 @@ def check_targets(cfg, by_setting):
 
 def main_setting(cfg, criterion, measured):
     """The setting whose numbers go to the top level for ``criterion``."""
-    tasks = H.criterion_tasks(cfg, H.speed_entry(cfg, criterion)[0])
+    tasks = P.criterion_tasks(cfg, P.speed_entry(cfg, criterion)[0])
     for sname, spec in cfg["speed"]["settings"].items():
         if sname in measured and tasks and tasks[0] in spec.get("covers", [spec["task"]]):
             return sname
@@ -532,9 +298,9 @@ def build_output(cfg, by_setting, meta, targets, reward):
     out = {}
     names = list(cfg["criterions"])
     for crit in cfg["criterions"]:
-        pre = H.pre_phase_of(cfg, crit)
+        pre = P.pre_phase_of(cfg, crit)
         if pre:
-            names.insert(names.index(crit), H.pre_phase_speed_name(crit, pre))
+            names.insert(names.index(crit), P.pre_phase_speed_name(crit, pre))
     for name in names:
         measured = [s for s in by_setting if name in by_setting[s]]
         if not measured:
@@ -568,7 +334,7 @@ def print_setting(name, desc, results, targets):
             continue
         tgt = [t for t in targets if t["criterion"] == crit and t["setting"] == name]
         ttext = "; ".join(
-            f"<= {t['max_ratio']}x {'MLE' if t['vs'] == H.CONTROL else t['vs']}: "
+            f"<= {t['max_ratio']}x {'MLE' if t['vs'] == C.CONTROL else t['vs']}: "
             + ("n/a" if t["ok"] is None else f"{t['ratio']:.2f} {'ok' if t['ok'] else 'MISSED'}") for t in tgt)
         log(f"  {crit:<14} {_f(r.get('median_s'), '14.3f')} {_f(r.get('step_time_vs_mle'), '6.2f')}x "
             f"{_f(r.get('median_paired_ratio'), '6.2f')}x {_f(r.get('cpu_time_vs_mle'), '6.2f')}x "
@@ -578,23 +344,35 @@ def print_setting(name, desc, results, targets):
 
 # ---------------------------------------------------------------------------
 
+def load(args):
+    """The config of ``args``: --config, its --experiment files and those defining a
+    criterion named in --criterions (or a pre-phase name such as erac_critic4_critic)."""
+    named = split_list(args.criterions) or []
+    if args.memory_worker:
+        named.append(args.memory_worker[1])
+    own = set(C.raw_config(args.config)[1]) if named else set()
+    named += [n.rsplit("_", 1)[0] for n in named]  # NAME_PRE: the criterion NAME's pre-phase step
+    experiments = (split_list(args.experiment) or []) + C.experiments_defining(named, skip=own)
+    return C.load_config(args.config, quick=args.quick, experiments=experiments)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        cfg = H.load_config(args.config, quick=args.quick)
-    except H.ConfigError as e:
+        cfg = load(args)
+    except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    workdir = Path(args.workdir or H.resolve_path(cfg["run"].get("workdir", H.DEFAULT_WORKDIR))).resolve()
+    workdir = Path(args.workdir or resolve_path(cfg["run"].get("workdir", C.DEFAULT_WORKDIR))).resolve()
     if args.memory_worker:
         memory_worker(cfg, *args.memory_worker, workdir)
         return 0
-    results_dir = H.resolve_path(cfg["run"].get("results", H.DEFAULT_RESULTS))
+    results_dir = resolve_path(cfg["run"].get("results", C.DEFAULT_RESULTS))
     out_path = Path(args.json) if args.json else results_dir / "speed.json"
     import torch
 
     settings = [s.strip() for s in args.settings.split(",")] if args.settings else list(cfg["speed"]["settings"])
-    only = [c.strip() for c in args.criterions.split(",")] if args.criterions else None
+    only = split_list(args.criterions) or C.experiment_criterions(split_list(args.experiment)) or None
     for name in settings:
         if name not in cfg["speed"]["settings"]:
             print(f"error: --settings: unknown setting '{name}'; known: {', '.join(cfg['speed']['settings'])}",
@@ -609,21 +387,21 @@ def main(argv=None):
         t0 = time.time()
         res = time_sampler(cfg, sampler_spec, workdir, rounds)
         print_sampler(res)
-        out = H.read_json(out_path, {})
+        out = read_json(out_path, {})
         out["_sampler"] = res
-        H.write_json(out_path, out)
-        log(f"\nwrote _sampler into {out_path} ({H.fmt_duration(time.time() - t0)})")
+        write_json(out_path, out)
+        log(f"\nwrote _sampler into {out_path} ({fmt_duration(time.time() - t0)})")
         return 0
     log(f"speed: {cfg['mode']} run, {rounds} rounds after 1 warm-up, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; timing forward+backward (no optimizer step)")
     by_setting, meta_settings, t0 = {}, {}, time.time()
     for sname in settings:
-        names = [c for c in H.setting_criterions(cfg, sname)
-                 if only is None or c in only or H.speed_entry(cfg, c)[0] in only or c == H.CONTROL]
+        names = [c for c in P.setting_criterions(cfg, sname)
+                 if only is None or c in only or P.speed_entry(cfg, c)[0] in only or c == C.CONTROL]
         setting = Setting(cfg, sname, workdir)
         results, runnable = {}, {}
         for crit in names:
-            message = H.check_criterion(cfg, H.speed_entry(cfg, crit)[0], setting.task_name, workdir)
+            message = checks.check_criterion(cfg, P.speed_entry(cfg, crit)[0], setting.task_name, workdir)
             if message:
                 results[crit] = {"skipped": message}
                 log(f"skip: [{sname}] {message}")
@@ -638,7 +416,7 @@ def main(argv=None):
                 results[crit] = {"skipped": f"{type(e).__name__}: {e}"}
                 log(f"skip: [{sname}] {crit}: {type(e).__name__}: {e}")
                 del runnable[crit]
-        if H.CONTROL not in runnable:
+        if C.CONTROL not in runnable:
             log(f"[{sname}] MLE cannot be built; setting skipped")
             continue
         log(f"[{sname}] timing {', '.join(runnable)} ...")
@@ -650,7 +428,7 @@ def main(argv=None):
         del setting
         if not args.no_memory:
             for crit in runnable:
-                mem = measure_memory(args, sname, crit)
+                mem = measure_memory(args, sname, crit, cfg["experiments"])
                 results[crit].update(mem)
         by_setting[sname] = {c: results[c] for c in names if c in results}
     targets = check_targets(cfg, by_setting)
@@ -673,8 +451,8 @@ def main(argv=None):
     out = build_output(cfg, by_setting, meta, targets, reward)
     if sampler is not None:
         out["_sampler"] = sampler
-    H.write_json(out_path, out)
-    log(f"\nwrote {out_path} ({H.fmt_duration(time.time() - t0)})")
+    write_json(out_path, out)
+    log(f"\nwrote {out_path} ({fmt_duration(time.time() - t0)})")
     missed = [t for t in targets if t["ok"] is False]
     if missed:
         log("targets missed: " + "; ".join(f"{t['criterion']} in {t['setting']}: {t['ratio']:.2f}x "

@@ -24,7 +24,7 @@
 #              syncs counted (the counts go to gpu_tests.json to calibrate the budgets)
 #   precision  tests/test_gpu_precision.py: --bf16, and --fp16 with fairseq's loss
 #              scaler, one Trainer update of every criterion on CUDA
-#   speed      benchmarks/gpu_speed.py: criterions vs MLE on the Bible model shape,
+#   speed      python -m benchmarks.gpu_speed: criterions vs MLE on the Bible model shape,
 #              rewards vs TensorBLEU at 256 / 1,024 tokens, sampler vs SequenceGenerator
 # then the summary, and the speed table last.  Without CUDA (and always with
 # --dry-run, which hides the GPUs) the CUDA steps print "skipped: no CUDA" after
@@ -382,7 +382,7 @@ else
 fi
 if time_left 30; then
   cap="$(limit 180)"
-  timeout "$cap" "$RUN_PY" benchmarks/gpu_speed.py "${SPEED[@]}" --time-budget $((cap - 45)) \
+  timeout "$cap" "$RUN_PY" -m benchmarks.gpu_speed "${SPEED[@]}" --time-budget $((cap - 45)) \
     --json "$OUT/gpu_speed.json" --table "$OUT/gpu_speed.txt" > "$TMP/speed.log" 2>&1
   rc=$?
   if [ "$rc" = 0 ] && [ -s "$OUT/gpu_speed.txt" ]; then

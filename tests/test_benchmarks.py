@@ -1,17 +1,18 @@
-"""The benchmark harness (benchmarks/): config validation, log parsing, aggregation,
-and one tiny end-to-end quality + speed run on the toy data (a few updates)."""
+"""The benchmark package (benchmarks/): config loading and validation, log parsing,
+aggregation, and one tiny end-to-end quality + speed run on the toy data (a few updates)."""
 
 import json
 import math
 import os
 import shutil
+import sys
 import textwrap
 import tomllib
+from pathlib import Path
 
 import pytest
 
-from benchmarks import harness as H
-from benchmarks import quality, speed
+from benchmarks import checks, config as C, logs, plan as P, plots, quality, report, runs as R, speed, stats
 
 TOY_CONFIG = """
 [run]
@@ -101,13 +102,13 @@ def toy_run(toy_bench):
 # --------------------------------------------------------------------- config
 
 def test_shipped_config_is_valid_and_complete():
-    cfg = H.load_config(H.DEFAULT_CONFIG)
+    cfg = C.load_config(C.DEFAULT_CONFIG, experiments="all")  # the main rows and every experiment's
     assert {"mle", "raml", "tok_seq", "token_smooth", "searnn_kl"} <= set(cfg["criterions"])
     assert {"bible_es_en", "spelling_0.3", "spelling_0.5"} <= set(cfg["tasks"])
     for name, crit in cfg["criterions"].items():
         assert crit["notes"].strip(), name
     assert cfg["tasks"]["bible_es_en"]["beam"] == 5 and cfg["tasks"]["spelling_0.3"]["beam"] == 1
-    quick = H.load_config(H.DEFAULT_CONFIG, quick=True)
+    quick = C.load_config(C.DEFAULT_CONFIG, quick=True, experiments="all")
     assert quick["run"]["seeds"] == [1]
     assert quick["run"]["results"] != cfg["run"].get("results", "benchmarks/results")
     for name in cfg["tasks"]:
@@ -115,11 +116,11 @@ def test_shipped_config_is_valid_and_complete():
     # --quick runs every criterion that has a task, on its default tasks, within its budget
     q_tasks, q_crits, q_seeds = quality.select(quick)
     q_runs = quality.plan_runs(quick, q_tasks, q_crits, q_seeds)
-    assert {c for c in cfg["criterions"] if H.criterion_tasks(cfg, c) and not cfg["criterions"][c].get("skip_quick")
-            and set(H.criterion_tasks(cfg, c)) & set(q_tasks)} == {r[1] for r in q_runs}
+    assert {c for c in cfg["criterions"] if P.criterion_tasks(cfg, c) and not cfg["criterions"][c].get("skip_quick")
+            and set(P.criterion_tasks(cfg, c)) & set(q_tasks)} == {r[1] for r in q_runs}
     assert "erac_critic8" not in {r[1] for r in q_runs}  # a diagnostic variant, run when named
     assert {"mle", "raml", "searnn_kl", "erac", "vaml", "interpolation", "risk", "scst"} <= {r[1] for r in q_runs}
-    assert H.estimate_plan(quick, q_runs, [(t, 1) for t in q_tasks])["total"] <= quick["run"]["budget_s"]
+    assert P.estimate_plan(quick, q_runs, [(t, 1) for t in q_tasks])["total"] <= quick["run"]["budget_s"]
     assert len(cfg["run"]["seeds"]) >= 3
     # every piece (one task's pre-training, one criterion and its MLE control, all
     # seeds: quality.py --tasks T --criterions mle,C) fits the budget, estimated
@@ -129,10 +130,10 @@ def test_shipped_config_is_valid_and_complete():
         for crit in crits:
             # a budget variant's piece is one seed (it and its control, --seeds S)
             own = cfg["criterions"][crit].get("finetune_updates") is not None
-            runs = quality.plan_runs(cfg, [task], sorted({"mle", H.control_of(cfg, crit), crit}),
+            runs = quality.plan_runs(cfg, [task], sorted({"mle", P.control_of(cfg, crit), crit}),
                                      seeds[:1] if own else seeds)
             if any(r[1] == crit for r in runs):
-                est = H.estimate_plan(cfg, runs, [task])
+                est = P.estimate_plan(cfg, runs, [task])
                 assert est["total"] <= cfg["run"]["budget_s"], (task, crit, est["total"])
 
 
@@ -140,38 +141,38 @@ def test_pre_phase_config_is_checked(toy_bench, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(toy_bench["config"].read_text().replace(
         'pre_phase = { name = "critic", updates = 3,', 'pre_phase = { name = "critic phase", updates = 0, uptades = 1,'))
-    with pytest.raises(H.ConfigError) as e:
-        H.load_config(bad)
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(bad)
     text = str(e.value)
     assert "criterions.erac.pre_phase: unknown key 'uptades' (did you mean 'updates'?)" in text
     assert "criterions.erac.pre_phase.updates: must be >= 1" in text
     assert "criterions.erac.pre_phase.name: letters, digits and _ only" in text
-    cfg = H.load_config(toy_bench["config"])
+    cfg = C.load_config(toy_bench["config"])
     cfg["criterions"]["erac"]["pre_phase"]["flags"] = ["--criterion", "erac", "--erac-phaze", "critic"]
-    message = H.check_criterion(cfg, "erac", "toy")
+    message = checks.check_criterion(cfg, "erac", "toy")
     assert message.startswith("criterion 'erac' (pre_phase critic) on toy:") and "--erac-phaze" in message
-    assert H.setting_criterions(cfg, "toy")[:1] == ["mle"]
+    assert P.setting_criterions(cfg, "toy")[:1] == ["mle"]
     # a pre-phase's task_flags follow its flags on that task only (later flags win in fairseq)
-    cfg = H.load_config(toy_bench["config"])
+    cfg = C.load_config(toy_bench["config"])
     pre = cfg["criterions"]["erac"]["pre_phase"]
     pre["task_flags"] = {"toy": ["--erac-tau", "0.5"]}
-    cmd = H.finetune_command(cfg, "toy", "erac", 1, tmp_path / "run", tmp_path / "pre.pt", tmp_path, phase="pre")
+    cmd = R.finetune_command(cfg, "toy", "erac", 1, tmp_path / "run", tmp_path / "pre.pt", tmp_path, phase="pre")
     assert " ".join(pre["flags"] + ["--erac-tau", "0.5"]) in " ".join(cmd)
-    assert H.pre_phase_flags(pre, "other") == pre["flags"]
-    assert H.check_criterion(cfg, "erac", "toy") is None
+    assert P.pre_phase_flags(pre, "other") == pre["flags"]
+    assert checks.check_criterion(cfg, "erac", "toy") is None
     pre["task_flags"] = {"nope": ["--erac-tau", "0.5"]}
-    assert "criterions.erac.pre_phase.task_flags: unknown task 'nope'" in H.validate_config(cfg)
-    cfg = H.load_config(toy_bench["config"])
-    assert H.speed_entry(cfg, "erac_critic") == ("erac", "pre") and H.speed_entry(cfg, "erac") == ("erac", None)
+    assert "criterions.erac.pre_phase.task_flags: unknown task 'nope'" in C.validate_config(cfg)
+    cfg = C.load_config(toy_bench["config"])
+    assert P.speed_entry(cfg, "erac_critic") == ("erac", "pre") and P.speed_entry(cfg, "erac") == ("erac", None)
 
 
 def test_default_task_selection_is_checked_and_used(toy_bench, tmp_path):
-    cfg = H.load_config(toy_bench["config"])
+    cfg = C.load_config(toy_bench["config"])
     cfg["run"]["tasks"] = []
     assert quality.select(cfg)[0] == ["toy"]  # empty: every task
     raw = tomllib.loads(toy_bench["config"].read_text())
     raw.setdefault("quick", {})["tasks"] = ["toy", "nope"]
-    assert any(e.startswith("quick.tasks: expected a list of task names") for e in H.validate_config(raw))
+    assert any(e.startswith("quick.tasks: expected a list of task names") for e in C.validate_config(raw))
 
 
 def test_validate_config_reports_every_problem():
@@ -181,7 +182,7 @@ def test_validate_config_reports_every_problem():
                         "beam": 1, "curve_key": "reward", "higher_is_better": True, "bogus": 1}},
         "criterions": {"raml": {"flgs": ["--criterion", "raml"], "tasks": ["t", "nope"], "notes": "n"}},
     }
-    errors = "\n".join(H.validate_config(raw))
+    errors = "\n".join(C.validate_config(raw))
     assert "needs a [criterions.mle]" in errors
     assert "tasks.t: unknown key 'bogus'" in errors
     assert "tasks.t.metric" in errors and "finetune_updates: must be >= 1" in errors
@@ -193,29 +194,92 @@ def test_validate_config_reports_every_problem():
 def test_load_config_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[tasks\n")
-    with pytest.raises(H.ConfigError, match="bad.toml"):
-        H.load_config(bad)
-    with pytest.raises(H.ConfigError, match="not found"):
-        H.load_config(tmp_path / "missing.toml")
+    with pytest.raises(C.ConfigError, match="bad.toml"):
+        C.load_config(bad)
+    with pytest.raises(C.ConfigError, match="not found"):
+        C.load_config(tmp_path / "missing.toml")
+
+
+def test_canonical_config_and_every_experiment_load_into_the_dataclasses():
+    """config.toml has one row per criterion; each experiments/*.toml opens with the
+    question it answered, holds only [criterions.*] tables and loads over it."""
+    cfg = C.load_config(C.DEFAULT_CONFIG)
+    assert isinstance(cfg, C.BenchConfig) and isinstance(cfg.run, C.RunConfig)
+    assert all(isinstance(t, C.TaskConfig) for t in cfg.tasks.values())
+    assert all(isinstance(c, C.CriterionConfig) for c in cfg.criterions.values())
+    assert isinstance(cfg.criterions["erac"].pre_phase, C.PrePhase) and cfg.criterions["erac"].pre_phase.updates == 214
+    assert isinstance(cfg.speed.settings["bible"], C.SpeedSetting) and isinstance(cfg.speed.sampler, C.SamplerConfig)
+    assert cfg.experiments == [] and cfg.tasks["spelling_0.3"].beam == 1
+    experiments = sorted(C.EXPERIMENTS.glob("*.toml"))
+    assert len(experiments) >= 5
+    seen = set(cfg.criterions)
+    for path in experiments:
+        text = path.read_text()
+        assert text.startswith("# Experiment: ") and "?" in text.split("\n\n")[0], path  # its question
+        raw = tomllib.loads(text)
+        assert set(raw) == {"criterions"} and raw["criterions"], path
+        assert not set(raw["criterions"]) & seen, path  # every variant in one file only
+        seen |= set(raw["criterions"])
+        exp = C.load_config(C.DEFAULT_CONFIG, experiments=[path.stem])
+        assert set(raw["criterions"]) <= set(exp.criterions) and str(path) in exp.experiments
+        assert all(isinstance(exp.criterions[n], C.CriterionConfig) for n in raw["criterions"])
+    everything = C.load_config(C.DEFAULT_CONFIG, quick=True, experiments="all")
+    assert set(everything.criterions) == seen and everything.mode == "quick"
+    # a variant whose `like` names a row of another experiment file brings that file
+    assert "scst_mean_mle" in C.load_config(C.DEFAULT_CONFIG, experiments="budget_e4").criterions
+
+
+def test_a_bad_key_or_type_is_a_one_line_error_naming_file_and_key(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(C.DEFAULT_CONFIG.read_text().replace("[criterions.raml]\n", "[criterions.raml]\nflgs = 1\n"))
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(bad)
+    assert str(e.value) == f"{bad}: criterions.raml: unknown key 'flgs' (did you mean 'flags'?)"
+    assert quality.main(["--config", str(bad), "--dry-run"]) == 2
+    assert capsys.readouterr().err == f"error: {bad}: criterions.raml: unknown key 'flgs' (did you mean 'flags'?)\n"
+    bad.write_text(C.DEFAULT_CONFIG.read_text().replace("beam = 5\n", 'beam = "5"\n'))
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(bad)
+    assert str(e.value) == f"{bad}: tasks.bible_es_en.beam: expected int, got '5'"
+    exp = tmp_path / "exp.toml"
+    exp.write_text('[criterions.raml_x]\nlike = "raml"\ntasks = ["spelling_0.3"]\nnotes = "n"\nest_step_cost = "low"\n')
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(C.DEFAULT_CONFIG, experiments=[str(exp)])
+    assert str(e.value) == f"{exp}: criterions.raml_x.est_step_cost: expected int/float, got 'low'"
+    exp.write_text('[tasks.x]\ndata = "d"\n[criterions.raml]\nflags = []\ntasks = []\nnotes = ""\n')
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(C.DEFAULT_CONFIG, experiments=[str(exp)])
+    assert str(e.value).splitlines() == [f"{exp}: tasks: an experiment file holds [criterions.*] tables only",
+                                         f"{exp}: criterions.raml: already defined in {C.DEFAULT_CONFIG}"]
+
+
+def test_quality_finds_a_named_variant_in_its_experiment_file(tmp_path, capsys):
+    argv = ["--dry-run", "--tasks", "bible_es_en", "--workdir", str(tmp_path / "w"), "--results", str(tmp_path / "r")]
+    assert quality.main(argv + ["--criterions", "risk_beam"]) == 0
+    assert "criterions: mle, risk_beam;" in capsys.readouterr().out
+    assert quality.main(argv + ["--experiment", "budget_e4", "--criterions", "vaml_e4"]) == 0
+    assert "criterions: mle, mle_e4, vaml_e4;" in capsys.readouterr().out
+    assert quality.main(argv + ["--experiment", "risk_beam"]) == 0  # an experiment's own rows
+    assert "criterions: mle, risk_beam;" in capsys.readouterr().out
 
 
 def test_check_criterion_messages(toy_bench):
-    cfg = H.load_config(toy_bench["config"])
-    assert H.check_criterion(cfg, "raml", "toy") is None
-    assert H.check_criterion(cfg, "mle", "toy") is None
-    msg = H.check_criterion(cfg, "typo", "toy")
+    cfg = C.load_config(toy_bench["config"])
+    assert checks.check_criterion(cfg, "raml", "toy") is None
+    assert checks.check_criterion(cfg, "mle", "toy") is None
+    msg = checks.check_criterion(cfg, "typo", "toy")
     assert "unknown flag(s): --raml-samplez (did you mean --raml-samples?)" in msg
-    msg = H.check_criterion(cfg, "unknown", "toy")
+    msg = checks.check_criterion(cfg, "unknown", "toy")
     assert "fairseq does not know --criterion no_such_criterion" in msg
     cfg["criterions"]["raml"]["flags"] += ["--raml-sampler", "gaussian"]
-    assert "invalid choice" in H.check_criterion(cfg, "raml", "toy")
+    assert "invalid choice" in checks.check_criterion(cfg, "raml", "toy")
 
 
 def test_expand_placeholders():
-    assert H.expand(["--x", "{data}/f"], {"data": "/d"}) == ["--x", "/d/f"]
-    with pytest.raises(H.ConfigError, match="unknown placeholder"):
-        H.expand(["{nope}"], {"data": "/d"})
-    assert H.placeholders(["--token-embeddings", "{token_embeddings}"]) == {"token_embeddings"}
+    assert R.expand(["--x", "{data}/f"], {"data": "/d"}) == ["--x", "/d/f"]
+    with pytest.raises(C.ConfigError, match="unknown placeholder"):
+        R.expand(["{nope}"], {"data": "/d"})
+    assert R.placeholders(["--token-embeddings", "{token_embeddings}"]) == {"token_embeddings"}
 
 
 # ------------------------------------------------------------ pure functions
@@ -226,9 +290,9 @@ def _rows(task, crit, values, metric="bleu"):
 
 
 def test_summarize():
-    assert H.summarize([]) == {"n": 0, "mean": None, "std": None}
-    assert H.summarize([2.0]) == {"n": 1, "mean": 2.0, "std": None}
-    s = H.summarize([1.0, 2.0, 3.0, 6.0])
+    assert stats.summarize([]) == {"n": 0, "mean": None, "std": None}
+    assert stats.summarize([2.0]) == {"n": 1, "mean": 2.0, "std": None}
+    s = stats.summarize([1.0, 2.0, 3.0, 6.0])
     assert s["mean"] == 3.0 and math.isclose(s["std"], math.sqrt(14 / 3))
 
 
@@ -236,61 +300,61 @@ def test_aggregate_delta_and_paired_std():
     rows = (_rows("t", "mle", {1: 20.0, 2: 22.0, 3: 21.0})
             + _rows("t", "raml", {1: 21.0, 2: 22.5, 3: 22.5})
             + _rows("t", "x", {1: 30.0})
-            + _rows("t", H.PRETRAIN, {1: 19.0}))
-    agg = H.aggregate(rows)["t"]
+            + _rows("t", C.PRETRAIN, {1: 19.0}))
+    agg = stats.aggregate(rows)["t"]
     assert agg["mle"]["mean"] == 21.0 and agg["mle"]["std"] == 1.0 and agg["mle"]["delta"] == 0.0
     raml = agg["raml"]
     assert math.isclose(raml["mean"], 22.0) and math.isclose(raml["delta"], 1.0)
-    assert math.isclose(raml["delta_std"], H.summarize([1.0, 0.5, 1.5])["std"])  # paired by seed
+    assert math.isclose(raml["delta_std"], stats.summarize([1.0, 0.5, 1.5])["std"])  # paired by seed
     assert raml["n"] == 3 and raml["seeds"] == [1, 2, 3] and raml["wall_s"] == 102.0
     # Δ is over pairs: x has only seed 1, paired with mle's seed 1 (not with mle's mean)
     assert math.isclose(agg["x"]["delta"], 10.0) and agg["x"]["delta_std"] is None
-    assert agg[H.PRETRAIN]["delta"] is None
+    assert agg[C.PRETRAIN]["delta"] is None
 
 
 def test_budget_variant_runs_longer_and_pairs_with_its_own_control(toy_bench, tmp_path):
-    cfg = H.load_config(toy_bench["config"])
+    cfg = C.load_config(toy_bench["config"])
     crits = cfg["criterions"]
     crits["mle_x4"] = {**crits["mle"], "finetune_updates": 40}
     crits["raml_x4"] = {**crits["raml"], "finetune_updates": 40, "control": "mle_x4"}
-    assert H.validate_config(cfg) == []
-    cmd = H.finetune_command(cfg, "toy", "raml_x4", 1, tmp_path / "r", tmp_path / "p.pt", tmp_path)
+    assert C.validate_config(cfg) == []
+    cmd = R.finetune_command(cfg, "toy", "raml_x4", 1, tmp_path / "r", tmp_path / "p.pt", tmp_path)
     assert cmd[cmd.index("--max-update") + 1] == "40"
-    plain = H.finetune_command(cfg, "toy", "raml", 1, tmp_path / "r", tmp_path / "p.pt", tmp_path)
+    plain = R.finetune_command(cfg, "toy", "raml", 1, tmp_path / "r", tmp_path / "p.pt", tmp_path)
     assert plain[plain.index("--max-update") + 1] == str(cfg["tasks"]["toy"]["finetune_updates"])
-    assert H.finetune_updates({**cfg, "mode": "quick"}, "toy", "raml_x4") == cfg["tasks"]["toy"]["finetune_updates"]
+    assert P.finetune_updates({**cfg, "mode": "quick"}, "toy", "raml_x4") == cfg["tasks"]["toy"]["finetune_updates"]
     # selecting the variant selects its control (and the control of every criterion)
     assert quality.select(cfg, criterions=["raml_x4"])[1] == ["mle", "mle_x4", "raml_x4"]
     rows = (_rows("toy", "mle", {1: 20.0, 2: 22.0}) + _rows("toy", "mle_x4", {1: 21.0, 2: 23.0})
             + _rows("toy", "raml_x4", {1: 21.5, 2: 23.0}))
-    agg = H.aggregate(rows, controls={c: H.control_of(cfg, c) for c in crits})["toy"]
+    agg = stats.aggregate(rows, controls={c: P.control_of(cfg, c) for c in crits})["toy"]
     assert math.isclose(agg["raml_x4"]["delta"], 0.25) and agg["raml_x4"]["control"] == "mle_x4"
     assert math.isclose(agg["mle_x4"]["delta"], 1.0) and agg["mle_x4"]["control"] == "mle"
-    md = H.markdown_report(cfg, {"toy": agg})
+    md = report.markdown_report(cfg, {"toy": agg})
     assert "| raml_x4 | 22.25 ± 1.06 | +0.25 ± 0.35 (vs mle_x4) |" in md
     # a control of another budget, or none, is a config error
     crits["raml_x4"]["finetune_updates"] = 30
-    assert any("control: 'mle_x4' has another budget (finetune_updates 40 vs 30)" in e for e in H.validate_config(cfg))
+    assert any("control: 'mle_x4' has another budget (finetune_updates 40 vs 30)" in e for e in C.validate_config(cfg))
     crits["raml_x4"]["control"] = "mle_x8"
-    assert "criterions.raml_x4.control: unknown criterion 'mle_x8'" in H.validate_config(cfg)
+    assert "criterions.raml_x4.control: unknown criterion 'mle_x8'" in C.validate_config(cfg)
 
 
 def test_markdown_report_and_cost_gain(toy_bench):
-    cfg = H.load_config(toy_bench["config"])
+    cfg = C.load_config(toy_bench["config"])
     rows = (_rows("toy", "mle", {1: 20.0, 2: 22.0}) + _rows("toy", "raml", {1: 21.0, 2: 22.5})
-            + _rows("toy", H.PRETRAIN, {1: 19.0}))
+            + _rows("toy", C.PRETRAIN, {1: 19.0}))
     speed_json = {"raml": {"step_time_vs_mle": 2.5, "by_setting": {"toy": {"step_time_vs_mle": 2.5}}}}
-    md = H.markdown_report(cfg, H.aggregate(rows), speed_json, skipped=["x -- skipped"])
+    md = report.markdown_report(cfg, stats.aggregate(rows), speed_json, skipped=["x -- skipped"])
     assert "| mle | 21.00 ± 1.41 | (control) | – | 2 (1 × 2) | 10 | 102 | – |" in md
     # 2 pairs (+1.0, +0.5): t(1) = 12.706 -> ± 12.706 · 0.354 / √2 = ± 3.18, a tie
     assert "| raml | 21.75 ± 1.06 | +0.75 ± 0.35 | [-2.43, +3.93] | 2 (1 × 2) | 10 | 102 | 2.50× |" in md
     ahead = (_rows("toy", "mle", {1: 20.0, 2: 22.0, 3: 21.0}) + _rows("toy", "raml", {1: 21.0, 2: 22.9, 3: 22.0}))
-    assert "| **[+0.82, +1.11] ahead** |" in H.markdown_report(cfg, H.aggregate(ahead))
+    assert "| **[+0.82, +1.11] ahead** |" in report.markdown_report(cfg, stats.aggregate(ahead))
     assert "pre-trained MLE (start point)* | 19.00" in md and "- x -- skipped" in md
-    points = H.cost_gain_points(cfg, H.aggregate(rows), speed_json)
+    points = plots.cost_gain_points(cfg, stats.aggregate(rows), speed_json)
     assert ("toy", "raml", 2.5, 0.75) == points[-1][:4] and points[0][1:3] == ("mle", 1.0)
     cfg["tasks"]["toy"]["higher_is_better"] = False  # an error metric: gain = -delta
-    assert H.cost_gain_points(cfg, H.aggregate(rows), speed_json)[-1][3] == -0.75
+    assert plots.cost_gain_points(cfg, stats.aggregate(rows), speed_json)[-1][3] == -0.75
 
 
 def test_pretrained_models_pair_and_interval():
@@ -299,42 +363,42 @@ def test_pretrained_models_pair_and_interval():
             for c, p, s, v in [("mle", 1, 1, 30.0), ("mle", 1, 2, 30.4), ("mle", 2, 1, 31.0), ("mle", 2, 2, 31.2),
                                ("a", 1, 1, 30.5), ("a", 1, 2, 30.9), ("a", 2, 1, 31.6), ("a", 2, 2, 31.6),
                                ("b", 1, 1, 30.1), ("b", 2, 1, 30.9),
-                               (H.PRETRAIN, 1, 1, 29.0), (H.PRETRAIN, 2, 2, 29.5)]]
-    agg = H.aggregate(rows)["t"]
+                               (C.PRETRAIN, 1, 1, 29.0), (C.PRETRAIN, 2, 2, 29.5)]]
+    agg = stats.aggregate(rows)["t"]
     a, b = agg["a"], agg["b"]
     assert a["delta_n"] == 4 and math.isclose(a["delta"], (0.5 + 0.5 + 0.6 + 0.4) / 4)
     assert a["pretrains"] == [1, 2] and a["seeds"] == [1, 2]
     diffs = [0.5, 0.5, 0.6, 0.4]
     sd = (sum((d - 0.5) ** 2 for d in diffs) / 3) ** 0.5
     assert math.isclose(a["delta_ci95"], 3.182 * sd / 2)
-    assert H.verdict(a, higher_is_better=True) == "ahead" and H.verdict(a, higher_is_better=False) == "behind"
+    assert stats.verdict(a, higher_is_better=True) == "ahead" and stats.verdict(a, higher_is_better=False) == "behind"
     # b pairs with (1, 1) and (2, 1) only: +0.1, -0.1 -> an interval around 0
     assert b["delta_n"] == 2 and math.isclose(b["delta"], 0.0, abs_tol=1e-9)
-    assert H.verdict(b, True) == "tie"
-    assert agg[H.PRETRAIN]["models"] == {1: 29.0, 2: 29.5} and agg[H.PRETRAIN]["n"] == 2
+    assert stats.verdict(b, True) == "tie"
+    assert agg[C.PRETRAIN]["models"] == {1: 29.0, 2: 29.5} and agg[C.PRETRAIN]["n"] == 2
     rows_1 = [r for r in rows if r["criterion"] == "b"][:1] + [r for r in rows if r["criterion"] == "mle"]
-    assert H.verdict(H.aggregate(rows_1)["t"]["b"], True) is None  # one pair: no interval
+    assert stats.verdict(stats.aggregate(rows_1)["t"]["b"], True) is None  # one pair: no interval
     # rows of two models with the same seed are different rows
-    merged = H.merge_rows(rows, [{**rows[0], "value": 1.0}])
+    merged = report.merge_rows(rows, [{**rows[0], "value": 1.0}])
     assert len(merged) == len(rows) and sum(r["value"] == 1.0 for r in merged) == 1
-    assert H.run_dir("/w", "t", "a", 3) == H.Path("/w/t/a/seed3")
-    assert H.run_dir("/w", "t", "a", 3, pretrain=2) == H.Path("/w/t/a/pretrain2_seed3")
-    assert H.pretrain_dir("/w", "t") == H.Path("/w/t/pretrain") and H.pretrain_dir("/w", "t", 2).name == "pretrain2"
+    assert P.run_dir("/w", "t", "a", 3) == Path("/w/t/a/seed3")
+    assert P.run_dir("/w", "t", "a", 3, pretrain=2) == Path("/w/t/a/pretrain2_seed3")
+    assert P.pretrain_dir("/w", "t") == Path("/w/t/pretrain") and P.pretrain_dir("/w", "t", 2).name == "pretrain2"
 
 
 def test_merge_rows():
     old = _rows("t", "mle", {1: 1.0, 2: 2.0}) + _rows("u", "mle", {1: 5.0})
     new = _rows("t", "mle", {2: 9.0})
-    merged = H.merge_rows(old, new)
+    merged = report.merge_rows(old, new)
     assert sorted((r["task"], r["seed"], r["value"]) for r in merged) == [("t", 1, 1.0), ("t", 2, 9.0), ("u", 1, 5.0)]
-    assert H.merge_rows(old, new, replace_all=True) == new
+    assert report.merge_rows(old, new, replace_all=True) == new
     # a piece's pre-trained model must be the model quality.json pairs under its id
-    start = {"task": "t", "criterion": H.PRETRAIN, "seed": 2, "pretrain": 2, "value": 32.75,
+    start = {"task": "t", "criterion": C.PRETRAIN, "seed": 2, "pretrain": 2, "value": 32.75,
              "details": {"omp_threads": "1"}}
-    H.check_same_model(old + [start], {**start, "value": 32.75})  # the same model: fine
-    H.check_same_model(old + [start], {**start, "pretrain": 3, "value": 32.98})  # a new id: fine
-    with pytest.raises(H.ConfigError, match="pre-trained model 2 scores 32.9800 here but 32.7500"):
-        H.check_same_model(old + [start], {**start, "value": 32.98, "details": {"omp_threads": "2"}})
+    report.check_same_model(old + [start], {**start, "value": 32.75})  # the same model: fine
+    report.check_same_model(old + [start], {**start, "pretrain": 3, "value": 32.98})  # a new id: fine
+    with pytest.raises(C.ConfigError, match="pre-trained model 2 scores 32.9800 here but 32.7500"):
+        report.check_same_model(old + [start], {**start, "value": 32.98, "details": {"omp_threads": "2"}})
 
 
 def test_curves():
@@ -342,31 +406,31 @@ def test_curves():
                {"subset": "valid", "num_updates": 1, "reward": -0.25},
                {"subset": "valid", "num_updates": 2, "reward": -0.4},  # repeated update: last wins
                {"subset": "valid", "num_updates": 3}]                  # key missing: skipped
-    assert H.curve(entries, "reward", scale=-100) == [(1, 25.0), (2, 40.0)]
-    mean = H.mean_curve([[(1, 1.0), (2, 3.0)], [(1, 3.0)]])
+    assert logs.curve(entries, "reward", scale=-100) == [(1, 25.0), (2, 40.0)]
+    mean = stats.mean_curve([[(1, 1.0), (2, 3.0)], [(1, 3.0)]])
     assert mean[0][:2] == (1, 2.0) and math.isclose(mean[0][2], math.sqrt(2)) and mean[0][3] == 2
     assert mean[1] == (2, 3.0, None, 1)
 
 
 def test_estimate_plan(toy_bench):
-    cfg = H.load_config(toy_bench["config"])
+    cfg = C.load_config(toy_bench["config"])
     # pre-train: startup 5 + 2 updates x 0.1 + 1 validation x 1 + eval 4
-    assert math.isclose(H.estimate_pretrain_s(cfg, "toy"), 5 + 0.2 + 1 + 4)
+    assert math.isclose(P.estimate_pretrain_s(cfg, "toy"), 5 + 0.2 + 1 + 4)
     # fine-tune: startup 5 + 2 updates x 0.1 x cost + 2 validations x 1 + eval 4
-    est = H.estimate_plan(cfg, [("toy", "mle", 1), ("toy", "raml", 1), ("toy", "raml", 2)], [])
+    est = P.estimate_plan(cfg, [("toy", "mle", 1), ("toy", "raml", 1), ("toy", "raml", 2)], [])
     assert math.isclose(est["finetune"][("toy", "mle")], 5 + 0.2 + 2 + 4)
     assert math.isclose(est["finetune"][("toy", "raml")], 2 * (5 + 0.4 + 2 + 4))
     speed_json = {"raml": {"by_setting": {"toy": {"step_time_vs_mle": 3.0}}}}  # measured ratio wins
-    est = H.estimate_plan(cfg, [("toy", "raml", 1)], [], speed_json)
+    est = P.estimate_plan(cfg, [("toy", "raml", 1)], [], speed_json)
     assert math.isclose(est["total"], 5 + 0.6 + 2 + 4)
     # a pre-phase adds its own run: startup 5 + 3 updates x 0.1 x 2.0 + 3 validations x 1
-    est = H.estimate_plan(cfg, [("toy", "erac", 1)], [])
+    est = P.estimate_plan(cfg, [("toy", "erac", 1)], [])
     assert math.isclose(est["total"], (5 + 2 * 0.1 * 3.0 + 2 + 4) + (5 + 3 * 0.1 * 2.0 + 3))
     speed_json = {"erac_critic": {"by_setting": {"toy": {"step_time_vs_mle": 1.0}}}}
-    est = H.estimate_plan(cfg, [("toy", "erac", 1)], [], speed_json)
+    est = P.estimate_plan(cfg, [("toy", "erac", 1)], [], speed_json)
     assert math.isclose(est["total"], (5 + 2 * 0.1 * 3.0 + 2 + 4) + (5 + 3 * 0.1 * 1.0 + 3))
-    quick = H.load_config(toy_bench["config"], quick=True)  # --quick: the task's fine-tuning updates
-    assert H.pre_phase_updates(quick, "toy", quick["criterions"]["erac"]["pre_phase"]) == 2
+    quick = C.load_config(toy_bench["config"], quick=True)  # --quick: the task's fine-tuning updates
+    assert P.pre_phase_updates(quick, "toy", quick["criterions"]["erac"]["pre_phase"]) == 2
 
 
 def test_speed_summaries(toy_bench):
@@ -375,7 +439,7 @@ def test_speed_summaries(toy_bench):
     assert out["mle"]["step_time_vs_mle"] == 1.0
     assert math.isclose(out["raml"]["step_time_vs_mle"], 3.0 / 1.5)
     assert math.isclose(out["raml"]["median_paired_ratio"], 2.0)  # median of 2.0, 1.5, 3.0
-    cfg = H.load_config(toy_bench["config"])
+    cfg = C.load_config(toy_bench["config"])
     cfg["criterions"]["raml"]["speed_targets"] = [{"setting": "toy", "max_ratio": 1.5}]
     targets = speed.check_targets(cfg, {"toy": out})
     assert targets == [{"criterion": "raml", "setting": "toy", "vs": "mle", "ratio": 2.0,
@@ -388,7 +452,7 @@ def test_quality_end_to_end(toy_run):
     assert toy_run["code"] == 0
     results = toy_run["results"]
     rows = json.loads((results / "quality.json").read_text())
-    assert {(r["criterion"], r["seed"]) for r in rows} == {("mle", 1), ("raml", 1), ("erac", 1), (H.PRETRAIN, 1)}
+    assert {(r["criterion"], r["seed"]) for r in rows} == {("mle", 1), ("raml", 1), ("erac", 1), (C.PRETRAIN, 1)}
     for row in rows:
         assert set(row) >= {"task", "criterion", "seed", "metric", "value", "updates", "wall_s"}
         assert row["task"] == "toy" and row["metric"] == "bleu" and 0.0 <= row["value"] <= 100.0
@@ -403,7 +467,7 @@ def test_quality_end_to_end(toy_run):
     curves = json.loads((results / "quality_curves.json").read_text())
     assert [p[0] for p in curves["toy"]["raml"]["1"]] == [1, 2]
     work = toy_run["work"]
-    assert (work / "toy" / "pretrain" / "command.txt").read_text().startswith(H.sys.executable)
+    assert (work / "toy" / "pretrain" / "command.txt").read_text().startswith(sys.executable)
     assert not list((work / "toy" / "raml" / "seed1").glob("*.pt"))  # scored, then deleted
 
 
@@ -428,13 +492,13 @@ def test_quality_pre_phase_runs_first_and_counts_in_the_cost(toy_run):
 
 def test_log_parsing_on_a_real_fairseq_log(toy_run):
     text = (toy_run["work"] / "toy" / "raml" / "seed1" / "train.log").read_text()
-    parsed = H.parse_log(text)
+    parsed = logs.parse_log(text)
     valid = parsed["valid"]
     assert [v["num_updates"] for v in valid] == [1, 2]
     for v in valid:
         assert v["subset"] == "valid" and v["epoch"] >= 1
         assert isinstance(v["loss"], float) and 0.0 <= v["reward"] <= 1.0 and "greedy_bleu" in v
-    assert H.curve(valid, "greedy_bleu") == [(1, float(valid[0]["greedy_bleu"])),
+    assert logs.curve(valid, "greedy_bleu") == [(1, float(valid[0]["greedy_bleu"])),
                                              (2, float(valid[1]["greedy_bleu"]))]
 
 
@@ -465,7 +529,7 @@ def test_quality_second_pretrained_model(toy_run, capsys):
     assert (work / "raml" / "pretrain2_seed1" / "result.json").exists()
     rows = json.loads((toy_run["results"] / "quality.json").read_text())
     assert {(r["criterion"], r.get("pretrain", 1)) for r in rows} >= {
-        ("mle", 1), ("mle", 2), ("raml", 1), ("raml", 2), (H.PRETRAIN, 1), (H.PRETRAIN, 2)}
+        ("mle", 1), ("mle", 2), ("raml", 1), ("raml", 2), (C.PRETRAIN, 1), (C.PRETRAIN, 2)}
     md = (toy_run["results"] / "quality.md").read_text()
     assert "| raml |" in md and "(2 × 1)" in md and "2 models" in md
 
@@ -532,21 +596,21 @@ def test_speed_sampler_only_merges_into_the_output(toy_bench, tmp_path):
     assert 0 < res["fairseq_tokens_per_round"] <= 4 * 2 * res["sources"]
     bad = tmp_path / "bad.toml"
     bad.write_text(config.read_text().replace('setting = "toy"\nsamples', 'setting = "nope"\nsampels'))
-    with pytest.raises(H.ConfigError, match=r"speed.sampler.setting: unknown speed setting 'nope'"):
-        H.load_config(bad)
-    with pytest.raises(H.ConfigError, match=r"unknown key 'sampels'"):
-        H.load_config(bad)
+    with pytest.raises(C.ConfigError, match=r"speed.sampler.setting: unknown speed setting 'nope'"):
+        C.load_config(bad)
+    with pytest.raises(C.ConfigError, match=r"unknown key 'sampels'"):
+        C.load_config(bad)
 
 
 def test_like_variants_run_their_base_s_commands_with_their_own_budget():
-    cfg = H.load_config(H.DEFAULT_CONFIG)
-    raw = tomllib.loads(H.DEFAULT_CONFIG.read_text())
+    cfg = C.load_config(C.DEFAULT_CONFIG, experiments="all")
+    raw = C.raw_config(C.DEFAULT_CONFIG, experiments="all")[0]
     variants = {n: c["like"] for n, c in cfg["criterions"].items() if "like" in c}
     assert {"mle_e4": "mle", "vaml_e4": "vaml", "tok_seq_e4": "tok_seq"}.items() <= variants.items()
     for name, base in variants.items():
         own = raw["criterions"][name]  # what the variant sets itself
         for phase in ([None, "pre"] if "pre_phase" in cfg["criterions"][base] else [None]):
-            mine, theirs = (H.finetune_command(cfg, "bible_es_en", c, 1, "/r", "/p.pt", "/w", phase=phase)
+            mine, theirs = (R.finetune_command(cfg, "bible_es_en", c, 1, "/r", "/p.pt", "/w", phase=phase)
                             for c in (name, base))
             if phase == "pre" and "pre_phase_updates" in own:  # its own pre-phase length: only that differs
                 i, j = mine.index("--max-update") + 1, theirs.index("--max-update") + 1
@@ -563,18 +627,18 @@ def test_like_variants_run_their_base_s_commands_with_their_own_budget():
                 mine = mine[:at[0]] + mine[at[0] + len(extra):]
             assert mine == theirs, (name, phase)
     raw["criterions"]["vaml_e4"]["like"] = "vaml_e4"
-    assert "criterions.vaml_e4.like: 'vaml_e4' is not a criterion without its own 'like'" in H.validate_config(raw)
+    assert "criterions.vaml_e4.like: 'vaml_e4' is not a criterion without its own 'like'" in C.validate_config(raw)
     raw["criterions"]["mle_e4"]["pre_phase_updates"] = 5
     assert "criterions.mle_e4.pre_phase_updates: no pre_phase (its own or its 'like' base's) to set" in \
-        H.validate_config(raw)
+        C.validate_config(raw)
 
 
 def test_criterion_finetune_flags_win_over_the_task_s():
-    cfg = H.load_config(H.DEFAULT_CONFIG)
-    cmd = H.finetune_command(cfg, "bible_es_en", "scst", 1, "/tmp/x", "/tmp/p.pt", H.DEFAULT_WORKDIR)
+    cfg = C.load_config(C.DEFAULT_CONFIG)
+    cmd = R.finetune_command(cfg, "bible_es_en", "scst", 1, "/tmp/x", "/tmp/p.pt", C.DEFAULT_WORKDIR)
     lrs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--lr"]
     assert lrs[-1] == "5e-5" and "0.001" in lrs  # fairseq's parser keeps the last value
-    mle = H.finetune_command(cfg, "bible_es_en", "mle", 1, "/tmp/x", "/tmp/p.pt", H.DEFAULT_WORKDIR)
+    mle = R.finetune_command(cfg, "bible_es_en", "mle", 1, "/tmp/x", "/tmp/p.pt", C.DEFAULT_WORKDIR)
     assert [mle[i + 1] for i, a in enumerate(mle) if a == "--lr"][-1] == "0.001"
 
 
@@ -582,15 +646,15 @@ def test_pretrain_ids_and_curve_keys():
     assert quality.pretrain_ids([1, 2]) == {1: 1, 2: 2}
     assert quality.pretrain_ids([2], "3") == {2: 3}
     for bad in ("3,4", "x", "1,1", "0"):
-        with pytest.raises(H.ConfigError, match="--pretrain-ids"):
+        with pytest.raises(C.ConfigError, match="--pretrain-ids"):
             quality.pretrain_ids([1, 2] if bad == "1,1" else [2], bad)
     row = {"task": "t", "criterion": "raml", "seed": 1, "pretrain": 2, "value": 1.0, "details": {"x": 1}}
     moved = quality.relabel(row, 3)
     assert moved["pretrain"] == 3 and moved["details"] == {"x": 1, "pretrain_seed": 2} and row["pretrain"] == 2
     assert quality.relabel(row, 2) is row
     for seed, pre in [(1, 1), (2, 1), (1, 3), (12, 10)]:
-        assert H.parse_curve_key(H.curve_key(seed, pre)) == (seed, pre)
-    assert H.curve_key(2) == "2" and H.curve_key(1, 3) == "pretrain3_seed1"
+        assert P.parse_curve_key(P.curve_key(seed, pre)) == (seed, pre)
+    assert P.curve_key(2) == "2" and P.curve_key(1, 3) == "pretrain3_seed1"
 
 
 def test_quality_piece_under_another_id_then_merged(toy_run, toy_bench, tmp_path, capsys):
@@ -605,7 +669,7 @@ def test_quality_piece_under_another_id_then_merged(toy_run, toy_bench, tmp_path
     assert "pre-training seeds): [2] recorded as [3]" in capsys.readouterr().out
     rows = json.loads((piece / "quality.json").read_text())
     assert {(r["criterion"], r["pretrain"], r["details"]["pretrain_seed"]) for r in rows} == {
-        (H.PRETRAIN, 3, 2), ("mle", 3, 2), ("raml", 3, 2)}
+        (C.PRETRAIN, 3, 2), ("mle", 3, 2), ("raml", 3, 2)}
 
     main = tmp_path / "main"
     shutil.copytree(toy_run["results"], main)
@@ -635,7 +699,7 @@ def test_quality_piece_under_another_id_then_merged(toy_run, toy_bench, tmp_path
     # a piece whose model 1 is another model than the one main pairs under id 1
     bad = tmp_path / "bad"
     bad.mkdir()
-    start = next(r for r in after if r["criterion"] == H.PRETRAIN and r.get("pretrain", 1) == 1)
+    start = next(r for r in after if r["criterion"] == C.PRETRAIN and r.get("pretrain", 1) == 1)
     (bad / "quality.json").write_text(json.dumps([{**start, "value": start["value"] + 1.0},
                                                    {**start, "criterion": "raml", "seed": 9}]))
     snapshot = (main / "quality.json").read_text()
@@ -660,5 +724,5 @@ def test_two_lanes_on_missing_data_prepare_it_once(tmp_path):
                            "prepare": ["{python}", "-c", script, "{data}", str(count)]}}}
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as pool:
-        got = list(pool.map(H.ensure_data, [cfg, cfg], ["t", "t"], [str(tmp_path / "a"), str(tmp_path / "b")]))
+        got = list(pool.map(R.ensure_data, [cfg, cfg], ["t", "t"], [str(tmp_path / "a"), str(tmp_path / "b")]))
     assert got == [data, data] and count.read_text() == "x"

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.closed_form_speed import autograd_critic_loss, autograd_objective, q_variance
+from benchmarks.probes.closed_form_speed import autograd_critic_loss, autograd_objective, q_variance
 from fairseq_seqlevel.criterions.vaml import soft_q_loss
 from fairseq_seqlevel.critics import (ReferenceCritic, actor_objective, continuation_returns, continuation_rows,
                                       critic_loss, erac_td_targets, step_rewards)

@@ -38,19 +38,21 @@ def test_demo_criterions_are_the_benchmarked_ones():
     """The demo fine-tunes with the flags whose Bible rows the README reports (a flag
     changed in one place and not the other would demo an unmeasured setting), and
     fairseq-train accepts every demo run's command line."""
-    from benchmarks import harness as H
+    from benchmarks.checks import check_fairseq_args
+    from benchmarks.config import DEFAULT_CONFIG, load_config
+    from benchmarks.plan import criterion_flags, pre_phase_flags, pre_phase_of
 
-    cfg = H.load_config(H.DEFAULT_CONFIG)
+    cfg = load_config(DEFAULT_CONFIG)
     for name, flags in run_demo.FINETUNE.items():
         if name != "mle" and "bible_es_en" in cfg["criterions"].get(name, {}).get("tasks", []):
-            assert flags == H.criterion_flags(cfg, name, "bible_es_en"), name
-        pre = H.pre_phase_of(cfg, name) if name in cfg["criterions"] else None
+            assert flags == criterion_flags(cfg, name, "bible_es_en"), name
+        pre = pre_phase_of(cfg, name) if name in cfg["criterions"] else None
         assert (name in run_demo.PRE_PHASE) == (pre is not None), name
         if pre:
-            assert run_demo.PRE_PHASE[name] == (pre["name"], H.pre_phase_flags(pre, "bible_es_en"))
+            assert run_demo.PRE_PHASE[name] == (pre["name"], pre_phase_flags(pre, "bible_es_en"))
     data = REPO / "data-bin" / "bible_es_en"
     for name, flags in [*run_demo.FINETUNE.items(), *((n, f) for n, (_, f) in run_demo.PRE_PHASE.items())]:
         flags = ["emb.txt" if f == "{token_embeddings}" else f for f in flags]
         argv = [data, *run_demo.COMMON, *run_demo.MODEL, *run_demo.OPTIM, *flags,
                 "--finetune-from-model", "x.pt", "--max-epoch", "1"]
-        assert H.check_fairseq_args(argv) is None, (name, H.check_fairseq_args(argv))
+        assert check_fairseq_args(argv) is None, (name, check_fairseq_args(argv))

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Diversity of K sampled outputs per source for fine-tuned checkpoints (chen2019 Table 4).
 
-    python benchmarks/diversity_eval.py --task bible_es_en --criterions mle,scst,seq_exploration
+    python -m benchmarks.probes.diversity_eval --task bible_es_en --criterions mle,scst,seq_exploration
         [--seeds 1,2,3] [--pretrain-seed 1] [--pretrain-id N] [--k 5] [--workdir work/bench]
         [--out benchmarks/results/diversity.json]
 
-Needs the checkpoints of ``quality.py --keep-checkpoints`` (WORKDIR/TASK/CRITERION/seedS/
+Needs the checkpoints of ``benchmarks.quality --keep-checkpoints`` (WORKDIR/TASK/CRITERION/seedS/
 checkpoint_last.pt; pretrain{N}_seedS from pre-training seed N); rows carry ``pretrain``
 (``--pretrain-id``, default the pre-training seed: quality.json's id of that model).  For each one:
 ``fairseq-generate --sampling --beam K --nbest K`` on the task's test split
@@ -24,13 +24,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-sys.path.insert(0, str(REPO / "examples"))
-
-from benchmarks import harness as H  # noqa: E402
-from evaluate import detokenized_groups, generate_output  # noqa: E402
+from benchmarks import config as C
+from benchmarks.config import REPO
+from benchmarks.evaluate import detokenized_groups, generate_output
+from benchmarks.plan import run_dir
+from benchmarks.runs import resolve_path
+from benchmarks.util import read_json, write_json
 
 
 def sampled_outputs(data, checkpoint, k, seed=1, split="test"):
@@ -50,19 +49,19 @@ def main(argv=None):
     p.add_argument("--pretrain-id", type=int, default=None,
                    help="the rows' pretrain field (default: --pretrain-seed; quality.json's id of the model)")
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--workdir", default=str(H.DEFAULT_WORKDIR))
-    p.add_argument("--config", default=str(H.DEFAULT_CONFIG))
-    p.add_argument("--out", default=str(H.DEFAULT_RESULTS / "diversity.json"))
+    p.add_argument("--workdir", default=str(C.DEFAULT_WORKDIR))
+    p.add_argument("--config", default=str(C.DEFAULT_CONFIG))
+    p.add_argument("--out", default=str(C.DEFAULT_RESULTS / "diversity.json"))
     args = p.parse_args(argv)
-    cfg = H.load_config(args.config)
-    data = H.resolve_path(cfg["tasks"][args.task]["data"])
+    cfg = C.load_config(args.config)
+    data = resolve_path(cfg["tasks"][args.task]["data"])
     pretrain_id = args.pretrain_seed if args.pretrain_id is None else args.pretrain_id
     rows = []
     for crit in args.criterions.split(","):
         for seed in args.seeds.split(","):
-            ckpt = H.run_dir(args.workdir, args.task, crit, int(seed), args.pretrain_seed) / "checkpoint_last.pt"
+            ckpt = run_dir(args.workdir, args.task, crit, int(seed), args.pretrain_seed) / "checkpoint_last.pt"
             if not ckpt.exists():
-                print(f"skip: {ckpt} not found (run quality.py --keep-checkpoints)", file=sys.stderr)
+                print(f"skip: {ckpt} not found (run benchmarks.quality --keep-checkpoints)", file=sys.stderr)
                 continue
             groups = sampled_outputs(data, ckpt, args.k)
             with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
@@ -78,8 +77,8 @@ def main(argv=None):
     # rows of other checkpoints already in --out stay (a run for more seeds adds to it)
     key = lambda r: (r["task"], r["criterion"], r.get("pretrain", 1), r["seed"])  # noqa: E731
     fresh = {key(r) for r in rows}
-    rows = [r for r in (H.read_json(Path(args.out), []) or []) if key(r) not in fresh] + rows
-    H.write_json(Path(args.out), rows)
+    rows = [r for r in (read_json(Path(args.out), []) or []) if key(r) not in fresh] + rows
+    write_json(Path(args.out), rows)
     for crit in args.criterions.split(","):
         mine = [r for r in rows if r["criterion"] == crit and r["task"] == args.task]
         if mine:  # pooled over every pre-trained model in --out

@@ -1,7 +1,7 @@
 """Where a sampling criterion's step goes: drawing its outputs (no grad) vs the
 whole step, on the speed settings' model and batches, MLE step alongside.
 
-    python benchmarks/sample_cost.py [--setting bible] [--criterions risk,seq_exploration] [--repeats 3]
+    python -m benchmarks.probes.sample_cost [--setting bible] [--criterions risk,seq_exploration] [--repeats 3]
 
 Medians over ``--repeats`` of the first batch; also the mean output length
 against the reference length (an untrained model's samples run to their
@@ -12,14 +12,9 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks import harness as H  # noqa: E402
-from benchmarks import speed as S  # noqa: E402
+from benchmarks import config as C
+from benchmarks.fixtures import Setting, quiet
 
 
 def draw_of(name, criterion):
@@ -41,9 +36,9 @@ def main(argv=None):
     p.add_argument("--criterions", default="risk,seq_exploration")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
-    S.quiet()
-    cfg = H.load_config(str(H.DEFAULT_CONFIG))
-    setting = S.Setting(cfg, args.setting, H.DEFAULT_WORKDIR)
+    quiet()
+    cfg = C.load_config(C.DEFAULT_CONFIG, experiments="all")  # any row, experiments' too
+    setting = Setting(cfg, args.setting, C.DEFAULT_WORKDIR)
     setting.prepare_files([])
     setting.build()
     model, batch = setting.model, setting.batches[0]
@@ -61,7 +56,7 @@ def main(argv=None):
         model.zero_grad()
         criterion(model, batch)[0].backward()
 
-    mle = setting.build_criterion(H.CONTROL)
+    mle = setting.build_criterion(C.CONTROL)
     mle_s, _ = timed(lambda: step(mle))
     ref_len = float(batch["target"].ne(pad).sum(dim=1).float().mean())
     print(f"[{args.setting}] {batch['nsentences']} sentences, reference length {ref_len:.1f}; "

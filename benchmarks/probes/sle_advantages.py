@@ -2,7 +2,7 @@
 """How often a sample beats the greedy decode: the sign of seq_exploration's / SCST's
 advantages Δ(ỹ) − Δ(greedy) on training batches of a checkpoint (no training).
 
-    python benchmarks/sle_advantages.py [--checkpoint work/bench/bible_es_en/pretrain/checkpoint_last.pt]
+    python -m benchmarks.probes.sle_advantages [--checkpoint work/bench/bible_es_en/pretrain/checkpoint_last.pt]
         [--batches 8] [--criterion seq_exploration]
 
 Uses the criterion's own draw (s samples + the greedy output in one decoding loop)
@@ -11,20 +11,16 @@ and reward, on the first ``--batches`` batches of the speed setting ``bible``.
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks import harness as H  # noqa: E402
-from benchmarks.speed import Setting, quiet  # noqa: E402
+from benchmarks import config as C
+from benchmarks.fixtures import Setting, quiet
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default=str(H.DEFAULT_WORKDIR / "bible_es_en" / "pretrain" / "checkpoint_last.pt"))
+    p.add_argument("--checkpoint", default=str(C.DEFAULT_WORKDIR / "bible_es_en" / "pretrain" / "checkpoint_last.pt"))
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--criterion", default="seq_exploration")
     p.add_argument("--seed", type=int, default=0)
@@ -32,8 +28,8 @@ def main(argv=None):
     quiet()
     from fairseq_seqlevel.criterions.base import references_of
 
-    cfg = H.load_config(H.DEFAULT_CONFIG)
-    setting = Setting(cfg, "bible", H.DEFAULT_WORKDIR)
+    cfg = C.load_config(C.DEFAULT_CONFIG, experiments="all")  # any row, experiments' too
+    setting = Setting(cfg, "bible", C.DEFAULT_WORKDIR)
     setting.num_batches = args.batches
     setting.prepare_files([args.criterion])
     setting.build()

@@ -3,7 +3,7 @@
 step's own reward, and how much does Q vary over the tokens the actor would emit
 compared with the entropy term of the actor's gradient (no training).
 
-    python benchmarks/critic_check.py CHECKPOINT [--actor ACTOR_CHECKPOINT] [--criterion erac]
+    python -m benchmarks.probes.critic_check CHECKPOINT [--actor ACTOR_CHECKPOINT] [--criterion erac]
         [--batches 4] [--tau 0.045] [--setting bible]
 
 CHECKPOINT holds the critic (its ``criterion`` state, e.g. RUN/critic/checkpoint_last.pt of
@@ -25,14 +25,11 @@ setting's batches, the criterion's own rewards:
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import harness as H  # noqa: E402
-from benchmarks import speed as S  # noqa: E402
+from benchmarks import config as C
+from benchmarks.fixtures import Setting, quiet
 
 
 def main(argv=None):
@@ -45,15 +42,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--setting", default="bible", help="speed setting of config.toml: its task and batches")
     args = p.parse_args(argv)
-    S.quiet()
+    quiet()
     from fairseq_seqlevel.criterions.base import references_of
     from fairseq_seqlevel.critics import length_scaled_rewards, policy_stats, taken
     from fairseq_seqlevel.critics.objectives import lambda_sums
     from fairseq_seqlevel.decoding.sampler import sample
     from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs
 
-    cfg = H.load_config(str(H.DEFAULT_CONFIG))
-    setting = S.Setting(cfg, args.setting, H.DEFAULT_WORKDIR)
+    cfg = C.load_config(C.DEFAULT_CONFIG, experiments="all")  # any row, experiments' too
+    setting = Setting(cfg, args.setting, C.DEFAULT_WORKDIR)
     setting.prepare_files([])
     setting.build()
     model = setting.model

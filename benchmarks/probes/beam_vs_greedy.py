@@ -2,18 +2,16 @@
 n-gram precisions: does a criterion's change show in the greedy decode (what the
 sequence-level criterions sample and score) and survive the beam?
 
-    python benchmarks/beam_vs_greedy.py mle=work/x/checkpoint_last.pt scst=... [--out F.json]
+    python -m benchmarks.probes.beam_vs_greedy mle=work/x/checkpoint_last.pt scst=... [--out F.json]
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "examples"), str(REPO)]
-
-from benchmarks.harness import write_json  # noqa: E402
-from evaluate import generate, read_refs  # noqa: E402
+from benchmarks.config import REPO
+from benchmarks.evaluate import generate, read_refs
+from benchmarks.util import write_json
 
 
 def main(argv=None):

@@ -5,19 +5,16 @@ Bible batch's shape): the actor objective through log_softmax
 (``critics.actor_objective``) and the critic loss, TD error plus variance smoothing
 (``critics.critic_loss``).
 
-    python benchmarks/closed_form_speed.py [--rows 56] [--steps 30] [--vocab 4000] [--repeats 25]
+    python -m benchmarks.probes.closed_form_speed [--rows 56] [--steps 30] [--vocab 4000] [--repeats 25]
 """
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fairseq_seqlevel.critics import actor_objective, critic_loss, policy_stats, taken  # noqa: E402
+from fairseq_seqlevel.critics import actor_objective, critic_loss, policy_stats, taken
 
 
 def autograd_objective(lprobs, q, mask, tau):
