@@ -3,38 +3,10 @@
     python -m benchmarks.gpu_speed [--device cuda] [--tiny] [--json PATH] [--table PATH]
         [--criterions a,b] [--rounds 5] [--time-budget 150]
 
-1. **Criterions vs MLE on the Bible model shape**: forward + backward of each
-   criterion (one config row per registered criterion, erac's and vaml's
-   pre-phase steps included) on the bible task's model flags (bi-LSTM-256,
-   shared embeddings) over a 4,000-entry dictionary, with synthetic batches of
-   Bible size (4 batches of 56 sentences of 10..32 tokens + eos, about 22
-   target tokens a sentence, as the real ones), because the GPU node has only
-   the working tree, not the Bible data.  The model is randomly initialized
-   (samples run to their caps, as in most of ``speed.json``'s Bible rows), the
-   rewards token-level (the real setting scores words).  Built by
-   ``benchmarks.fixtures.Setting`` from ``benchmarks/config.toml`` on the CPU (erac/vaml's
-   pre-phase step too), then moved to the device; timed as
-   ``benchmarks.speed.time_criterions`` times (criterions interleaved batch by batch,
-   one warm-up round), with the device synchronized around every step.  The
-   "CPU" column is the same row's ratio in ``benchmarks/results/speed.json``
-   (else in the other ``speed_*.json`` there; 2 CPU cores, the real Bible
-   batches, mostly an untrained model; searnn_kl was never timed on Bible there).
-2. **Rewards vs TensorBLEU** (``rxlm.metrics.tensorbleu.tensor_sentence_bleu``,
-   Filipek 2025) on the same device at 256 and 1,024 tokens (TensorBLEU's own
-   benchmark lengths), batches of 32, 128 and 512: random ids over 4,000
-   (Zipf), hypothesis = reference with 10 % of the tokens replaced, one
-   reference; medians of 5 calls after a warm-up.  ``prefix_bleu`` and
-   ``edit_distance`` on the same pairs alongside (no TensorBLEU counterpart).
-3. **Sampler vs SequenceGenerator**: ``decoding.sampler.sample`` against
-   fairseq's ``SequenceGenerator`` with ``--sampling`` on the model and
-   batches of 1., with ``[speed.sampler]``'s settings (5 samples per source,
-   the same 40-token cap for both).
-
-``--tiny`` (what ``gpu_check.sh --dry-run`` and a CUDA-less machine run): the
-same code at toy sizes on any device, a smoke test of the script, not a
-measurement.  Each part writes ``--json`` / ``--table`` when it ends, so a
-run cut short still leaves the parts done; ``--time-budget`` skips the parts
-that would start after it.
+Three parts: criterions vs MLE on the Bible model shape (synthetic Bible-size
+batches), rewards vs TensorBLEU, the sampler vs SequenceGenerator.  ``--tiny``
+is a smoke test at toy sizes.  What each part measures and why:
+benchmarks/README.md, "gpu_speed.py".
 """
 
 if __name__ == "__main__" and not __package__:  # python benchmarks/gpu_speed.py: as python -m benchmarks.gpu_speed

@@ -3,28 +3,9 @@
 Usage: python -m benchmarks.reward_speed [--pairs 5000] [--repeats 5] [--json PATH] [--no-single-thread]
            [--metrics bleu,chrf] [--chrf-pairs 1000,4000] [--chrf-prefix-subset 100]
 
-Data: synthetic but realistic pairs -- references of 10..40 tokens drawn from
-a Zipf distribution over a 4k vocabulary, hypotheses = references with ~10%
-each of substitutions, deletions and insertions; the R=2 variant adds a
-second reference (another noisy copy of the first).  Torch times are the
-median of ``--repeats`` (>= 5) runs after a warm-up, first with torch's
-default thread count (the machine default), then with 1 thread (skip with
-``--no-single-thread``).  The sacrebleu loop (median of repeats//2 runs) and
-the rapidfuzz loop run on pre-built strings / id lists (building them is not
-timed); the sacrebleu loop over all prefixes is timed on a subset of the
-sentences and extrapolated per sentence (stated in the output).  The 1-minute
-load average is printed: on a shared 2-core machine other processes make the
-multi-threaded torch numbers much worse (threads wait for a free core).
-
-chrF / chrF++ (``--metrics chrf``): real Bible pairs (``examples/bible_es_en``, all verses but
-the 3 damaged rows, in a seeded random order), token ids of a sentencepiece unigram model
-(4k pieces, trained here on WEB + KJV verses; not timed) in a fairseq-style dictionary,
-targets ending with eos.  Hypothesis = the WEB verse with ~10% of its words deleted, ~10%
-replaced by words of other verses, ~5% inserted; references WEB (R1) and WEB + KJV (R2).
-sacrebleu's ``CHRF()`` / ``CHRF(word_order=2)`` sentence loops run on the decoded strings
-(built beforehand, not timed); the prefix loop (every token prefix, decoded) is timed on the
-first ``--chrf-prefix-subset`` sentences and extrapolated.  Torch runs single-threaded
-(``torch.set_num_threads(1)``), so the two compete for a core the same way.
+Synthetic Zipf pairs (10..40 tokens, ~10 % edits), medians after a warm-up,
+torch at the default and at 1 thread.  Data, timing rules and outputs:
+benchmarks/README.md, "reward_speed.py".
 """
 
 if __name__ == "__main__" and not __package__:  # python benchmarks/reward_speed.py: as python -m benchmarks.reward_speed

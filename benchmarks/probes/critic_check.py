@@ -6,22 +6,7 @@ compared with the entropy term of the actor's gradient (no training).
     python -m benchmarks.probes.critic_check CHECKPOINT [--actor ACTOR_CHECKPOINT] [--criterion erac]
         [--batches 4] [--tau 0.045] [--setting bible]
 
-CHECKPOINT holds the critic (its ``criterion`` state, e.g. RUN/critic/checkpoint_last.pt of
-``quality.py``); the actor is the speed setting's pre-trained model (or ``--actor``; the
-``spelling`` setting has none, pass one).  One multinomial trajectory per source of the
-setting's batches, the criterion's own rewards:
-
-* mean Q of the taken tokens vs mean step reward r_t and mean return G_t = Σ_k≥t r_k, and the
-  correlation of Q with each (a critic that bootstraps from a target network that has barely
-  moved regresses r_t);
-* the critic's advantage of the taken token, Q(ŷ_<t, ŷ_t) − E_π Q, against what the return
-  says of it, G_t − E_π Q (eq. 20 follows Q's differences between tokens, not its level);
-* per state, the std of Q under π (what Σ_w π(w)·Q(w) can push the actor by) against
-  τ · the std of log π under π (what the entropy term pushes by), and the std of Q over the
-  vocabulary (what the variance smoothing penalizes);
-* at the state where each trajectory stopped, Q(eos) − E_π Q (eos has no future term in its TD
-  target: a critic that overvalues continuing teaches the actor not to stop), π(eos) there, and
-  the mean trajectory length.
+What it measures: benchmarks/README.md, "probes/critic_check.py".
 """
 
 import argparse
