@@ -48,10 +48,17 @@ def forward_through(model, body, *args, **kwargs):
 @contextlib.contextmanager
 def eval_mode(model):
     """No-grad inference on ``model``: eval mode (no dropout), beam size 1 for
-    decoders that keep one (fairseq's lstm), both restored afterwards."""
+    decoders that keep one (fairseq's lstm), all restored afterwards.  Also
+    restored: the beam size a generator leaves on every attention module and
+    the encoder's ``reorder_encoder_out`` that BART's ``set_beam_size`` swaps
+    (left set, teacher forcing after a beam search would read every beam-th
+    key: wrong attention, or a shape error when the rows are not a multiple)."""
     was_training = model.training
     decoder = getattr(model, "decoder", None)
     beam_size = getattr(decoder, "_beam_size", None)
+    beams = [(m, m.beam_size) for m in model.modules() if isinstance(getattr(m, "beam_size", None), int)]
+    encoder = getattr(model, "encoder", None)
+    own_reorder = None if encoder is None else encoder.__dict__.get("reorder_encoder_out")
     model.eval()
     if hasattr(decoder, "set_beam_size"):
         decoder.set_beam_size(1)
@@ -62,6 +69,13 @@ def eval_mode(model):
         model.train(was_training)
         if beam_size is not None and beam_size != 1:
             decoder.set_beam_size(beam_size)
+        for module, size in beams:
+            module.beam_size = size
+        if encoder is not None:
+            if own_reorder is None:
+                encoder.__dict__.pop("reorder_encoder_out", None)
+            else:
+                encoder.reorder_encoder_out = own_reorder
 
 
 def _architecture(model):
