@@ -370,7 +370,7 @@ CRITERIONS = {  # every criterion that takes a reward, with its own small settin
     "erac": CRITIC + ["--erac-samples", "2"],
     "vaml": CRITIC,
 }
-NEEDS_PREFIX = {"erac": "--erac-reward", "vaml": "--vaml-reward", "interpolation": "--interp-reward"}
+NEEDS_PREFIX = {"erac": "--erac-reward", "vaml": "--vaml-reward", "interpolation": "--interpolation-reward"}
 
 
 def _criterion_args(criterion, reward):
