@@ -16,7 +16,7 @@ from fairseq.logging import metrics
 
 from fairseq_seqlevel.decoding.layout import batch_layout, task_output
 from fairseq_seqlevel.decoding.model import check_autoregressive
-from fairseq_seqlevel.decoding.teacher_forcing import token_nll
+from fairseq_seqlevel.decoding.teacher_forcing import pad_right, token_nll  # noqa: F401 (pad_right: the kit's name)
 from fairseq_seqlevel.rewards.binding import bind_reward
 from fairseq_seqlevel.perturbation.vocab import never_sampled_ids
 from fairseq_seqlevel.rewards.output_view import viewed
@@ -53,13 +53,6 @@ def references_of(sample):
     """B x R x T references: the task's multi-reference tensor, else the target."""
     refs = sample.get("references")
     return refs if refs is not None else sample["target"].unsqueeze(1)
-
-
-def pad_right(tokens, width, pad):
-    """Right-pad a B x T tensor to B x width (unchanged if already as wide)."""
-    if tokens.size(1) >= width:
-        return tokens
-    return torch.cat([tokens, tokens.new_full((tokens.size(0), width - tokens.size(1)), pad)], dim=1)
 
 
 def unforced(rows, prefix_len, pad):

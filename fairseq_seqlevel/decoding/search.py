@@ -22,7 +22,7 @@ from fairseq_seqlevel.decoding import rollouts
 from fairseq_seqlevel.decoding.gumbel import gumbel_topk
 from fairseq_seqlevel.decoding.layout import OutputLayout
 from fairseq_seqlevel.decoding.model import eval_mode
-from fairseq_seqlevel.decoding.teacher_forcing import encode, reorder_encoder_out
+from fairseq_seqlevel.decoding.teacher_forcing import encode, pad_right, reorder_encoder_out
 from fairseq_seqlevel.rewards._common import valid_token_mask
 from fairseq_seqlevel.rewards.output_view import OutputView, viewed
 
@@ -78,13 +78,6 @@ class SearchResult(NamedTuple):
     hyp_cells: Tensor
     hyp_columns: Tensor
     num_decoded: int
-
-
-def _pad_right(tokens, width, pad):
-    """Right-pad a B x T tensor to B x width (unchanged if already as wide)."""
-    if tokens.size(1) >= width:
-        return tokens
-    return torch.cat([tokens, tokens.new_full((tokens.size(0), width - tokens.size(1)), pad)], dim=1)
 
 
 # ------------------------------------------------------- roll-ins, cells, tokens
@@ -240,7 +233,7 @@ def roll_in(model, encoder_out, target, caps, reference_in, layout: OutputLayout
                                         bos=layout.bos.to(learned.device).index_select(0, learned),
                                         prefix=layout.prefix.to(learned.device).index_select(0, learned))
         width = max(target.size(1), greedy.size(1))
-        rows = _pad_right(target, width, pad).index_copy(0, learned, _pad_right(greedy, width, pad))
+        rows = pad_right(target, width, pad).index_copy(0, learned, pad_right(greedy, width, pad))
     used = int(rows.ne(pad).sum(dim=1).max())
     return rows[:, :used]
 
@@ -338,7 +331,7 @@ def _search(model, sample, refs, layout, cfg: SearchSettings, reward, allowed, p
     # forced prefix): blocks is not empty.
     hyp_width = max(b[3].size(1) for b in blocks)
     hyp_cells, hyp_columns, hyp_rows, hyps = (torch.cat(x) for x in zip(
-        *[(i, c, r, _pad_right(h, hyp_width, pad)) for i, c, r, h in blocks]))
+        *[(i, c, r, pad_right(h, hyp_width, pad)) for i, c, r, h in blocks]))
     costs = torch.full((num_cells, width), math.inf, device=device)
     costs[hyp_cells, hyp_columns] = reward.cost(hyps, refs.index_select(0, hyp_rows)).float()
     rollin_cost = reward.cost(rolled, refs).float()

@@ -11,6 +11,13 @@ import torch
 from fairseq_seqlevel.decoding.model import unwrap
 
 
+def pad_right(tokens, width, pad):
+    """Right-pad a B x T tensor to B x width (unchanged if already as wide)."""
+    if tokens.size(1) >= width:
+        return tokens
+    return torch.cat([tokens, tokens.new_full((tokens.size(0), width - tokens.size(1)), pad)], dim=1)
+
+
 def prev_output_tokens_from_target(target, pad, bos):
     """fairseq's decoder input for right-padded targets.
 
