@@ -27,6 +27,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from benchmarks import checks, config as C, logs, plan as P, plots as PL, report, runs as R, stats  # noqa: E402
+from benchmarks import significance as S  # noqa: E402
 from benchmarks.fixtures import quiet  # noqa: E402
 from benchmarks.util import command_text, fmt_duration, read_json, split_list, write_json  # noqa: E402
 
@@ -139,21 +140,38 @@ def check_runnable(cfg, runs, workdir):
 # ---------------------------------------------------------------------------
 
 def score(cfg, task_name, checkpoint):
-    """(metric name, value, all scores) of a checkpoint on the task's eval split."""
-    from benchmarks.evaluate import evaluate
+    """(metric name, value, all scores, translations) of a checkpoint on the task's eval split."""
+    from benchmarks import evaluate as E
 
     task = cfg["tasks"][task_name]
     data = R.resolve_path(task["data"])
+    split = task.get("eval_split", "test")
     try:
-        scores = evaluate(data, checkpoint, split=task.get("eval_split", "test"), beam=task["beam"],
-                          langs=tuple(task["refs"]), metric=task["metric"])
+        hyps = E.generate(data, checkpoint, split=split, beam=task["beam"])
+        refs = E.read_refs(data, split, tuple(task["refs"]))
+        scores = E.bleu_scores(hyps, refs) if task["metric"] == "bleu" else E.edit_error(hyps, refs)
     except SystemExit as e:  # evaluate.py exits with a message on failure
         raise RuntimeError(f"evaluation of {checkpoint} failed: {e}") from None
     if task["metric"] == "bleu":
         refs = task["refs"]
         key = "bleu_" + ("+".join(refs) if len(refs) > 1 else refs[0])
-        return "bleu", scores[key], scores
-    return "edit_error", scores["edit_error"], scores
+        return "bleu", scores[key], scores, hyps
+    return "edit_error", scores["edit_error"], scores, hyps
+
+
+def reference_lists(cfg, task_name):
+    """The task's eval-split references, one list per reference set."""
+    from benchmarks import evaluate as E
+
+    task = cfg["tasks"][task_name]
+    return list(E.read_refs(R.resolve_path(task["data"]), task.get("eval_split", "test"), tuple(task["refs"])).values())
+
+
+def keep_translations(results, row, hyps):
+    """The run's test translations beside quality.json, for the paired bootstrap."""
+    if hyps is not None:
+        S.write_translations(S.translations_path(results, row["task"], row["criterion"], row.get("pretrain", 1),
+                                                 row["seed"]), hyps)
 
 
 def pretrain(cfg, task_name, workdir, force=False, pretrain_seed=1):
@@ -192,7 +210,7 @@ def pretrain(cfg, task_name, workdir, force=False, pretrain_seed=1):
     if code != 0:
         raise RuntimeError(f"[{name}] pre-training failed (log {log_files[-1]}):\n{R.log_tail(log_files[-1])}")
     t0 = time.time()
-    metric, value, scores = score(cfg, task_name, pdir / "checkpoint_last.pt")
+    metric, value, scores, hyps = score(cfg, task_name, pdir / "checkpoint_last.pt")
     task = cfg["tasks"][task_name]
     valid = logs.curve(parsed["valid"], task["curve_key"], task.get("curve_scale", 1.0))
     prev_wall = read_json(pdir / "wall.json", {}).get("wall_s", 0.0)  # interrupted earlier attempts
@@ -204,7 +222,7 @@ def pretrain(cfg, task_name, workdir, force=False, pretrain_seed=1):
                 "value": value, "updates": logs.final_updates(parsed), "wall_s": round(prev_wall + wall, 1),
                 "details": {**scores, "eval_s": round(time.time() - t0, 1), "omp_threads": R.omp_threads()}},
         "final_valid": valid[-1][1] if valid else None,
-        "curve": valid,
+        "curve": valid, "hyps": hyps,
     }
     write_json(pdir / "done.json", info)
     log(f"[{name}] pre-trained: {info['row']['updates']} updates in {wall:.0f} s; "
@@ -262,7 +280,7 @@ def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False, 
                            f"(log {rdir / 'train.log'}):\n{R.log_tail(rdir / 'train.log')}")
     parsed = logs.parse_log((rdir / "train.log").read_text(errors="replace"))
     t0 = time.time()
-    metric, value, scores = score(cfg, task_name, rdir / "checkpoint_last.pt")
+    metric, value, scores, hyps = score(cfg, task_name, rdir / "checkpoint_last.pt")
     task = cfg["tasks"][task_name]
     result = {
         "command": text, "pretrain_finished": pre["finished"],
@@ -275,6 +293,7 @@ def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False, 
                             **({"pre_phase": pre_info} if pre_info else {})}},
         "curve": logs.curve(parsed["valid"], task["curve_key"], task.get("curve_scale", 1.0)),
         "train_loss": [(e.get("num_updates"), e.get("loss")) for e in parsed["train"]],
+        "hyps": hyps,
     }
     write_json(rdir / "result.json", result)
     if not keep:
@@ -319,22 +338,27 @@ def write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed,
         old_curves.setdefault(task, {})["_start"] = info.get("final_valid")
     write_json(curves_path, old_curves)
 
-    agg = stats.aggregate(all_rows, controls={c: P.control_of(cfg, c) for c in cfg["criterions"]})
+    controls = {c: P.control_of(cfg, c) for c in cfg["criterions"]}
+    agg = stats.aggregate(all_rows, controls=controls)
+    boot = S.bootstrap_counts(cfg, all_rows, controls, results, lambda task: reference_lists(cfg, task))
     header = [
         f"<!-- generated by python -m benchmarks.quality ({how or cfg['mode'] + ' run'}, {time.strftime('%Y-%m-%d %H:%M')}); "
         "do not edit by hand -->",
         "",
         "Fine-tuning from the pre-trained MLE model(s) of each task, the same number of updates for every "
         "criterion; `mle` continues MLE (the control). Mean ± sample std over runs (pre-trained "
-        "models × fine-tuning seeds); Δ vs MLE is the mean of the differences to the continued-MLE run "
-        "of the same model and seed, ± their std, with their 95% t interval: **ahead** only when it "
-        "excludes 0. Step time: "
+        "models × fine-tuning seeds); Δ vs MLE: the differences to the continued-MLE run of the same "
+        "model and seed (± their std), averaged per pre-trained model, then over models, with the 95% t "
+        "interval over models (runs that share a model are not independent; one model: no interval): "
+        "**ahead** only when it excludes 0. Bootstrap: sacrebleu-style paired bootstrap over the test "
+        "sentences (1,000 resamples) of each run against its control run, counted as ahead/tie/behind "
+        "(– where the translations were not kept). Step time: "
         "forward+backward vs MLE from `python -m benchmarks.speed` (– if not measured). Hyperparameters "
         "and their sources: `benchmarks/config.toml` and `benchmarks/experiments/`.",
         "",
         "",
     ]
-    md = "\n".join(header) + report.markdown_report(cfg, agg, speed, skipped=skipped, failed=failed)
+    md = "\n".join(header) + report.markdown_report(cfg, agg, speed, skipped=skipped, failed=failed, bootstrap=boot)
     (results / "quality.md").write_text(md)
     if plots:
         order = list(cfg["criterions"])
@@ -358,7 +382,7 @@ def merge_pieces(cfg, results, pieces, speed, plots=True):
     results = Path(results)
     old = read_json(results / "quality.json", []) or []
     have_start = {t for t, c in (read_json(results / "quality_curves.json", {}) or {}).items() if "_start" in c}
-    rows, curves, starts = [], {}, {}
+    rows, curves, starts, kept = [], {}, {}, []
     for piece in pieces:
         piece = Path(piece)
         piece_rows = read_json(piece / "quality.json")
@@ -369,6 +393,7 @@ def merge_pieces(cfg, results, pieces, speed, plots=True):
             if r["criterion"] == C.PRETRAIN:
                 report.check_same_model(report.merge_rows(old, rows), r)
         rows = report.merge_rows(rows, piece_rows)
+        kept.extend((piece / "translations").glob("*/*.txt.gz"))
         for task, by_crit in (read_json(piece / "quality_curves.json", {}) or {}).items():
             for crit, runs in by_crit.items():
                 if crit == "_start":
@@ -377,6 +402,10 @@ def merge_pieces(cfg, results, pieces, speed, plots=True):
                 for key, points in runs.items():
                     curves[(task, crit, *P.parse_curve_key(key))] = points
     pretrains = {t: {"final_valid": v} for t, v in starts.items() if t not in have_start}
+    for path in kept:  # the pieces' translations, for the paired bootstrap
+        target = results / "translations" / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
     return rows, write_outputs(cfg, results, rows, curves, pretrains, speed, [], [], False, plots=plots,
                                how=f"--merge of {len(pieces)} piece(s) into the {cfg['mode']} results")
 
@@ -509,6 +538,7 @@ def main(argv=None):
             pretrains.setdefault(task, pre)  # the curves' start point: the first model
             rows.append(pre["row"])
             append_row(results, pre["row"])
+            keep_translations(results, pre["row"], pre.get("hyps"))
             for _, crit, seed, _ in (r for r in task_runs if r[3] == p):
                 try:
                     res = finetune(cfg, task, crit, seed, workdir, pre, force=forced(crit) or args.force_pretrain,
@@ -522,6 +552,7 @@ def main(argv=None):
                 rows.append(row)
                 curves[(task, crit, seed, ids[p])] = res["curve"]
                 append_row(results, row)
+                keep_translations(results, row, res.get("hyps"))
 
     md = write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed, replace_all,
                        plots=not args.no_plots)

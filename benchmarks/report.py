@@ -1,7 +1,7 @@
 """quality.json rows and the Markdown report: merging rows of pieces, refusing a piece
 whose pre-trained model is another model than the one already recorded under its id,
-and one table per task (mean ± std, Δ vs MLE with its interval, runs, wall time,
-measured step time vs MLE)."""
+and one table per task (mean ± std, Δ vs MLE with its interval over pre-trained models,
+the sentence-level paired bootstrap, runs, wall time, measured step time vs MLE)."""
 
 import math
 
@@ -51,9 +51,11 @@ def metric_title(task_cfg):
             f"({'greedy' if task_cfg['beam'] == 1 else 'beam ' + str(task_cfg['beam'])}), lower is better")
 
 
-def markdown_report(cfg, agg, speed=None, skipped=(), failed=(), order=None):
-    """Markdown: one table per task (criterion, mean ± std, Δ vs MLE, seeds,
-    fine-tune wall s, step time vs MLE) plus skipped / failed runs."""
+def markdown_report(cfg, agg, speed=None, skipped=(), failed=(), order=None, bootstrap=None):
+    """Markdown: one table per task (criterion, mean ± std, Δ vs MLE, its 95% interval over
+    pre-trained models, the paired bootstrap's verdicts per run pair (``bootstrap``, from
+    significance.bootstrap_counts), runs, fine-tune wall s, step time vs MLE) plus skipped /
+    failed runs."""
     lines = []
     order = order or list(cfg["criterions"])
     for task_name, task_cfg in cfg["tasks"].items():
@@ -62,15 +64,16 @@ def markdown_report(cfg, agg, speed=None, skipped=(), failed=(), order=None):
         by_crit = agg[task_name]
         lines.append(f"### {task_name}: {metric_title(task_cfg)}")
         lines.append("")
-        lines.append("| criterion | metric (mean ± std) | Δ vs MLE (± std of paired Δ) | 95% CI of Δ "
-                     "| runs (models × seeds) | updates | fine-tune wall s | step time vs MLE |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("| criterion | metric (mean ± std) | Δ vs MLE (± std of paired Δ) | 95% CI of Δ over models "
+                     "| bootstrap per pair (ahead/tie/behind) | runs (models × seeds) | updates | fine-tune wall s "
+                     "| step time vs MLE |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         if PRETRAIN in by_crit:
             e = by_crit[PRETRAIN]
             own = ", ".join(f"{v:.2f}" for v in e.get("models", {}).values())
             lines.append(f"| *pre-trained MLE (start point{'s' if e['n'] > 1 else ''})* | {_fmt(e['mean'])}"
                          + (f" ({own})" if e["n"] > 1 and own else "")
-                         + f" | | | {e['n']} model{'s' if e['n'] > 1 else ''} | {e['updates']} "
+                         + f" | | | | {e['n']} model{'s' if e['n'] > 1 else ''} | {e['updates']} "
                          f"| {_fmt(e['wall_s'], 0)} (pre-training) | |")
         for crit in order:
             if crit not in by_crit:
@@ -93,9 +96,11 @@ def markdown_report(cfg, agg, speed=None, skipped=(), failed=(), order=None):
                 ci += f" {word}" if word != "tie" else ""
                 if word == "ahead":
                     ci = f"**{ci}**"
+            counts = (bootstrap or {}).get(task_name, {}).get(crit)
+            boot = "/".join(str(counts[k]) for k in ("ahead", "tie", "behind")) if counts else "–"
             runs = f"{e['n']} ({len(e['pretrains'])} × {len(e['seeds'])})"
             ratio = step_ratio(speed, crit, task_name, cfg)
-            lines.append(f"| {crit} | {mean_std} | {delta} | {ci} | {runs} | {e['updates']} "
+            lines.append(f"| {crit} | {mean_std} | {delta} | {ci} | {boot} | {runs} | {e['updates']} "
                          f"| {_fmt(e['wall_s'], 0)} | {_fmt(ratio) + '×' if ratio is not None else '–'} |")
         lines.append("")
     for what, items in (("Not run (skipped)", skipped), ("Failed", failed)):

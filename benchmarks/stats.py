@@ -1,5 +1,6 @@
 """Statistics of quality.json rows: mean and sample std, Δ against the control paired by
-(pre-trained model, seed) with its 95% t interval and verdict, and mean curves."""
+(pre-trained model, seed), its 95% t interval over pre-trained models (the independent
+units) and verdict, and mean curves."""
 
 import math
 import statistics
@@ -37,13 +38,17 @@ def aggregate(rows, control=CONTROL, controls=None):
     """Per task and criterion: metric summary, Δ vs the control, wall time.
 
     Returns {task: {criterion: {"metric", "n", "mean", "std", "seeds",
-    "pretrains", "delta", "delta_std", "delta_n", "delta_ci95", "wall_s",
-    "updates"}}}.  Runs pair by (pre-trained model, seed): ``delta`` is the
-    mean of the paired differences criterion − control (every run of the
-    criterion that has its control run), ``delta_std`` their std and
-    ``delta_ci95`` the half-width of their 95% t interval (None with < 2
-    pairs).  For the pre-trained models' own rows (``PRETRAIN``) ``n`` counts
-    the models.
+    "pretrains", "delta", "delta_std", "delta_n", "delta_models",
+    "delta_ci95", "delta_ci95_runs", "wall_s", "updates"}}}.  Runs pair by
+    (pre-trained model, seed); ``delta_std`` is the std of the paired
+    differences criterion − control.  Runs that share a pre-trained model are
+    correlated, so the estimate and its interval count models, not runs:
+    ``delta_models`` is each model's mean Δ over its seeds, ``delta`` their
+    mean (the mean of all pairs when each model has as many seeds) and
+    ``delta_ci95`` the half-width of the 95% t interval over them (None with
+    < 2 models).  ``delta_ci95_runs`` is the old interval that took every run as
+    independent (too narrow; kept to show which verdicts it changed).  For the
+    pre-trained models' own rows (``PRETRAIN``) ``n`` counts the models.
     """
     groups = {}
     for row in rows:
@@ -61,26 +66,39 @@ def aggregate(rows, control=CONTROL, controls=None):
             own_control = (controls or {}).get(crit, control)
             ctrl = {run_key(r): r["value"] for r in by_crit.get(own_control, [])}
             entry["control"] = own_control
+            none = dict(delta_std=None, delta_models={}, delta_ci95=None, delta_ci95_runs=None)
             if crit == control:
-                entry.update(delta=0.0, delta_std=None, delta_n=s["n"], delta_ci95=None)
+                entry.update(none, delta=0.0, delta_n=s["n"])
             elif crit != PRETRAIN and s["mean"] is not None:
-                paired = [values[k] - ctrl[k] for k in values if k in ctrl]
-                d = summarize(paired)
-                ci = t975(d["n"] - 1) * d["std"] / math.sqrt(d["n"]) if d["std"] is not None else None
-                entry.update(delta=d["mean"], delta_std=d["std"], delta_n=d["n"], delta_ci95=ci)
+                paired = {k: values[k] - ctrl[k] for k in values if k in ctrl}
+                d = summarize(paired.values())
+                by_model = {}
+                for (model, _), diff in paired.items():
+                    by_model.setdefault(model, []).append(diff)
+                models = {m: statistics.fmean(v) for m, v in sorted(by_model.items())}
+                entry.update(delta=statistics.fmean(models.values()) if models else None, delta_std=d["std"], delta_n=d["n"], delta_models=models,
+                             delta_ci95=half_width(list(models.values())),
+                             delta_ci95_runs=half_width(list(paired.values())))
             else:
-                entry.update(delta=None, delta_std=None, delta_n=0, delta_ci95=None)
+                entry.update(none, delta=None, delta_n=0)
             if crit == PRETRAIN:  # each pre-trained model's own score
                 entry["models"] = {k[0]: v for k, v in sorted(values.items())}
             out[task][crit] = entry
     return out
 
 
-def verdict(entry, higher_is_better):
-    """"ahead" / "behind" when the 95% interval of Δ excludes 0, else "tie" (None: too few pairs)."""
-    if entry.get("delta_ci95") is None or entry.get("delta") is None:
+def half_width(values):
+    """Half-width of the 95% t interval of the mean of ``values`` (None with < 2)."""
+    s = summarize(values)
+    return t975(s["n"] - 1) * s["std"] / math.sqrt(s["n"]) if s["std"] is not None else None
+
+
+def verdict(entry, higher_is_better, key="delta_ci95"):
+    """"ahead" / "behind" when the 95% interval of Δ excludes 0, else "tie" (None: fewer than
+    two pre-trained models). ``key="delta_ci95_runs"``: the old verdict over runs."""
+    if entry.get(key) is None or entry.get("delta") is None:
         return None
-    lo, hi = entry["delta"] - entry["delta_ci95"], entry["delta"] + entry["delta_ci95"]
+    lo, hi = entry["delta"] - entry[key], entry["delta"] + entry[key]
     if lo > 0 or hi < 0:
         better = (lo > 0) == higher_is_better
         return "ahead" if better else "behind"

@@ -345,11 +345,16 @@ def test_markdown_report_and_cost_gain(toy_bench):
             + _rows("toy", C.PRETRAIN, {1: 19.0}))
     speed_json = {"raml": {"step_time_vs_mle": 2.5, "by_setting": {"toy": {"step_time_vs_mle": 2.5}}}}
     md = report.markdown_report(cfg, stats.aggregate(rows), speed_json, skipped=["x -- skipped"])
-    assert "| mle | 21.00 ± 1.41 | (control) | – | 2 (1 × 2) | 10 | 102 | – |" in md
-    # 2 pairs (+1.0, +0.5): t(1) = 12.706 -> ± 12.706 · 0.354 / √2 = ± 3.18, a tie
-    assert "| raml | 21.75 ± 1.06 | +0.75 ± 0.35 | [-2.43, +3.93] | 2 (1 × 2) | 10 | 102 | 2.50× |" in md
-    ahead = (_rows("toy", "mle", {1: 20.0, 2: 22.0, 3: 21.0}) + _rows("toy", "raml", {1: 21.0, 2: 22.9, 3: 22.0}))
-    assert "| **[+0.82, +1.11] ahead** |" in report.markdown_report(cfg, stats.aggregate(ahead))
+    assert "| mle | 21.00 ± 1.41 | (control) | – | – | 2 (1 × 2) | 10 | 102 | – |" in md
+    # one pre-trained model: its two seeds are not independent units, so no interval
+    assert "| raml | 21.75 ± 1.06 | +0.75 ± 0.35 | – | – | 2 (1 × 2) | 10 | 102 | 2.50× |" in md
+    two = lambda crit, values: [{**r, "pretrain": p} for p in (1, 2)  # noqa: E731
+                                for r in _rows("toy", crit, {s: v + p for s, v in values.items()})]
+    # per model Δ: model 1 (+1.0, +0.9, +1.0), model 2 the same -> a zero-width interval
+    ahead = two("mle", {1: 20.0, 2: 22.0, 3: 21.0}) + two("raml", {1: 21.0, 2: 22.9, 3: 22.0})
+    boot = {"toy": {"raml": {"ahead": 4, "tie": 2, "behind": 0}}}
+    md2 = report.markdown_report(cfg, stats.aggregate(ahead), bootstrap=boot)
+    assert "| **[+0.97, +0.97] ahead** | 4/2/0 | 6 (2 × 3) |" in md2
     assert "pre-trained MLE (start point)* | 19.00" in md and "- x -- skipped" in md
     points = plots.cost_gain_points(cfg, stats.aggregate(rows), speed_json)
     assert ("toy", "raml", 2.5, 0.75) == points[-1][:4] and points[0][1:3] == ("mle", 1.0)
@@ -358,26 +363,35 @@ def test_markdown_report_and_cost_gain(toy_bench):
 
 
 def test_pretrained_models_pair_and_interval():
-    """Runs pair by (pre-trained model, seed); Δ's 95% t interval decides 'ahead'."""
+    """Runs pair by (pre-trained model, seed); the 95% t interval counts pre-trained models
+    (the independent units), not runs, and decides 'ahead'."""
     rows = [{"task": "t", "criterion": c, "pretrain": p, "seed": s, "metric": "bleu", "value": v}
             for c, p, s, v in [("mle", 1, 1, 30.0), ("mle", 1, 2, 30.4), ("mle", 2, 1, 31.0), ("mle", 2, 2, 31.2),
-                               ("a", 1, 1, 30.5), ("a", 1, 2, 30.9), ("a", 2, 1, 31.6), ("a", 2, 2, 31.6),
-                               ("b", 1, 1, 30.1), ("b", 2, 1, 30.9),
+                               ("a", 1, 1, 30.5), ("a", 1, 2, 30.9), ("a", 2, 1, 31.6), ("a", 2, 2, 31.4),
+                               ("b", 1, 1, 30.1), ("b", 2, 1, 30.9), ("c", 1, 1, 30.3), ("c", 1, 2, 30.7),
+                               ("c", 2, 1, 31.2),
                                (C.PRETRAIN, 1, 1, 29.0), (C.PRETRAIN, 2, 2, 29.5)]]
     agg = stats.aggregate(rows)["t"]
     a, b = agg["a"], agg["b"]
-    assert a["delta_n"] == 4 and math.isclose(a["delta"], (0.5 + 0.5 + 0.6 + 0.4) / 4)
-    assert a["pretrains"] == [1, 2] and a["seeds"] == [1, 2]
-    diffs = [0.5, 0.5, 0.6, 0.4]
-    sd = (sum((d - 0.5) ** 2 for d in diffs) / 3) ** 0.5
-    assert math.isclose(a["delta_ci95"], 3.182 * sd / 2)
-    assert stats.verdict(a, higher_is_better=True) == "ahead" and stats.verdict(a, higher_is_better=False) == "behind"
+    diffs = [0.5, 0.5, 0.6, 0.2]
+    assert a["delta_n"] == 4 and a["pretrains"] == [1, 2] and a["seeds"] == [1, 2]
+    assert a["delta_models"] == pytest.approx({1: 0.5, 2: 0.4}) and math.isclose(a["delta"], 0.45)
+    # over models: t(1) = 12.706 · std(0.5, 0.4) / √2 -> a tie
+    assert math.isclose(a["delta_ci95"], 12.706 * stats.summarize([0.5, 0.4])["std"] / math.sqrt(2))
+    assert stats.verdict(a, higher_is_better=True) == "tie"
+    # the old interval took the four runs as independent: t(3) · sd / 2 -> "ahead"
+    assert math.isclose(a["delta_ci95_runs"], 3.182 * stats.summarize(diffs)["std"] / 2)
+    assert stats.verdict(a, True, key="delta_ci95_runs") == "ahead"
+    assert stats.verdict(a, False, key="delta_ci95_runs") == "behind"
     # b pairs with (1, 1) and (2, 1) only: +0.1, -0.1 -> an interval around 0
     assert b["delta_n"] == 2 and math.isclose(b["delta"], 0.0, abs_tol=1e-9)
     assert stats.verdict(b, True) == "tie"
+    # unbalanced: model 1 has two seeds (+0.3, +0.3), model 2 one (+0.2): Δ = mean of the models' means
+    assert math.isclose(agg["c"]["delta"], 0.25) and agg["c"]["delta_models"] == pytest.approx({1: 0.3, 2: 0.2})
     assert agg[C.PRETRAIN]["models"] == {1: 29.0, 2: 29.5} and agg[C.PRETRAIN]["n"] == 2
-    rows_1 = [r for r in rows if r["criterion"] == "b"][:1] + [r for r in rows if r["criterion"] == "mle"]
-    assert stats.verdict(stats.aggregate(rows_1)["t"]["b"], True) is None  # one pair: no interval
+    rows_1 = [r for r in rows if r["criterion"] == "a" and r["pretrain"] == 1] + \
+        [r for r in rows if r["criterion"] == "mle"]
+    assert stats.verdict(stats.aggregate(rows_1)["t"]["a"], True) is None  # one model: no interval
     # rows of two models with the same seed are different rows
     merged = report.merge_rows(rows, [{**rows[0], "value": 1.0}])
     assert len(merged) == len(rows) and sum(r["value"] == 1.0 for r in merged) == 1
