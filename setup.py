@@ -19,7 +19,13 @@ setup(
     # benchmarks: for the seqlevel-evaluate entry point (the benchmark package runs from
     # the repository root: python -m benchmarks.quality)
     packages=find_packages(include=["fairseq_seqlevel", "fairseq_seqlevel.*", "benchmarks", "benchmarks.*"]),
-    entry_points={"console_scripts": ["seqlevel-evaluate = benchmarks.evaluate:main"]},
+    entry_points={"console_scripts": [
+        "seqlevel-evaluate = benchmarks.evaluate:main",
+        # the stock fairseq CLIs with --user-dir set to the installed plugin (fairseq_seqlevel/cli.py)
+        "seqlevel-train = fairseq_seqlevel.cli:train",
+        "seqlevel-generate = fairseq_seqlevel.cli:generate",
+        "seqlevel-interactive = fairseq_seqlevel.cli:interactive",
+    ]},
     python_requires=">=3.8",
     install_requires=[
         "torch>=1.13",
@@ -33,5 +39,7 @@ setup(
         "bench": ["matplotlib", "rapidfuzz"],
         # examples/iwslt14_de_en, examples/wmt14: Moses tokenization and BPE without Perl
         "recipes": ["sacremoses", "subword-nmt"],
+        # fairseq-train --tensorboard-logdir (fairseq writes with torch.utils.tensorboard): docs/monitoring.md
+        "tensorboard": ["tensorboard"],
     },
 )

@@ -3,6 +3,9 @@
     seqlevel-evaluate DATA CHECKPOINT [--split test] [--beam 5] [--refs en,kjv] [--metric bleu|edit]
     (or python -m benchmarks.evaluate ..., or python examples/evaluate.py ...)
 
+--refs and --metric default to what ``DATA/manifest.json`` says (see
+:func:`manifest_defaults`).
+
 DATA is a directory made by ``examples/prepare_*.py`` (binarized data plus
 ``raw/{split}.{lang}`` plain-text references).  BLEU is sacrebleu's corpus
 BLEU (13a tokenization) on detokenized text, against each reference set alone
@@ -20,6 +23,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+METRICS = ("bleu", "edit")
 
 
 def generate_output(data, checkpoint, split="test", beam=5, batch_size=128, extra_args=()):
@@ -96,16 +100,59 @@ def evaluate(data, checkpoint, split="test", beam=5, langs=("en",), metric="bleu
     return bleu_scores(hyps, refs) if metric == "bleu" else edit_error(hyps, refs)
 
 
+def dictionary_target(data, split="test"):
+    """The target language of DATA's binaries ``{split}.{src}-{tgt}.{tgt}.idx`` (as
+    fairseq-preprocess names them, beside ``dict.{tgt}.txt``), or None if not one."""
+    found = set()
+    for path in Path(data).glob(f"{split}.*-*.*.idx"):
+        m = re.fullmatch(rf"{re.escape(split)}\.([^.-]+)-([^.-]+)\.([^.]+)\.idx", path.name)
+        if m and m.group(2) == m.group(3) and (Path(data) / f"dict.{m.group(2)}.txt").exists():
+            found.add(m.group(2))
+    return found.pop() if len(found) == 1 else None
+
+
+def manifest_defaults(data, split="test"):
+    """``{"refs": [...], "metric": ...}`` for DATA when no flag says otherwise.
+
+    From ``DATA/manifest.json`` (examples/prepare_*.py): the target language (``tgt``),
+    then every extra reference set of ``extra_refs`` that has ``split``; the manifest's
+    ``metric``, else ``edit`` for prepare_spelling.py's data, else ``bleu``.  Without a
+    manifest: the target language of the binaries (:func:`dictionary_target`), else
+    ``en``, and ``bleu``.
+    """
+    path = Path(data) / "manifest.json"
+    if not path.exists():
+        return {"refs": [dictionary_target(data, split) or "en"], "metric": "bleu"}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {path}: {e} (pass --refs and --metric)")
+    tgt = manifest.get("tgt") or dictionary_target(data, split) or "en"
+    extra = manifest.get("extra_refs") or {}
+    if isinstance(extra, dict):  # {ref: [splits that have it]}, as prepare_text.py writes it
+        extra = [r for r, splits in extra.items() if split in splits]
+    metric = manifest.get("metric") or ("edit" if manifest.get("script") == "prepare_spelling.py" else "bleu")
+    if metric not in METRICS:
+        sys.exit(f"error: {path}: metric {metric!r} is not one of {', '.join(METRICS)} (pass --metric)")
+    return {"refs": [tgt, *(r for r in extra if r != tgt)], "metric": metric}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data")
     p.add_argument("checkpoint")
     p.add_argument("--split", default="test")
     p.add_argument("--beam", type=int, default=5)
-    p.add_argument("--refs", default="en", help="comma-separated reference languages under DATA/raw")
-    p.add_argument("--metric", choices=["bleu", "edit"], default="bleu")
+    p.add_argument("--refs", default=None,
+                   help="comma-separated reference languages under DATA/raw (default: DATA/manifest.json's "
+                        "target language and extra references, else the binaries' target language, else en)")
+    p.add_argument("--metric", choices=METRICS, default=None,
+                   help="default: DATA/manifest.json's (edit for prepare_spelling.py's data), else bleu")
     a = p.parse_args(argv)
-    print(json.dumps(evaluate(a.data, a.checkpoint, a.split, a.beam, a.refs.split(","), a.metric), indent=1))
+    defaults = manifest_defaults(a.data, a.split) if a.refs is None or a.metric is None else {}
+    langs = a.refs.split(",") if a.refs is not None else defaults["refs"]
+    metric = a.metric or defaults["metric"]
+    print(json.dumps(evaluate(a.data, a.checkpoint, a.split, a.beam, langs, metric), indent=1))
 
 
 if __name__ == "__main__":
