@@ -1,12 +1,14 @@
 """python -m fairseq_seqlevel.flags: a criterion's flags, which fairseq-train --help cannot list."""
 
+import dataclasses
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO, USER_DIR
-from fairseq_seqlevel.flags import config_class, format_flags, own_fields
+from fairseq_seqlevel.flags import DOCS, config_class, format_flags, generated_docs, main, own_fields, stale_tables
 
 CRITERIONS = ["raml", "token_smooth", "searnn_kl", "risk", "seq_exploration", "interpolation", "erac", "vaml"]
 
@@ -72,3 +74,65 @@ def test_deprecated_flag_names_set_the_new_fields(toy_data, name, caplog):
         got = getattr(args, aliases[old][2:].replace("-", "_"))
         assert str(got) == v or got == type(got)(v), (old, got, v)
         assert f"{old} is deprecated: use {aliases[old]}" in caplog.text
+
+
+def test_the_flag_tables_of_docs_flags_md_are_the_generated_ones():
+    """docs/flags.md's tables are what the config dataclasses generate: a help string or a
+    default changed without ``python -m fairseq_seqlevel.flags --write-docs`` fails here.
+    Hidden deprecated aliases are in no table."""
+    from fairseq.registry import REGISTRIES
+
+    assert DOCS == REPO / "docs" / "flags.md"
+    text = DOCS.read_text()
+    stale = stale_tables(text)
+    assert not stale, f"stale tables {stale} in docs/flags.md: run python -m fairseq_seqlevel.flags --write-docs"
+    assert generated_docs(text) == text
+    tables = "".join(re.findall(r"<!-- flags:\S+ -->\n.*?<!-- /flags:\S+ -->", text, re.S))
+    for name in CRITERIONS:
+        for old in REGISTRIES["criterion"]["registry"][name].deprecated_flags:
+            assert f"`{old}`" not in tables and f"`{old} " not in tables, old
+
+
+def test_check_docs_names_the_table_a_changed_field_makes_stale(tmp_path, monkeypatch, capsys):
+    copy = tmp_path / "flags.md"
+    copy.write_text(DOCS.read_text())
+    assert main(["--check-docs", str(copy)]) == 0
+    field = next(f for f in dataclasses.fields(config_class("risk")) if f.name == "risk_candidates")
+    monkeypatch.setattr(field, "default", 9)
+    assert main(["--check-docs", str(copy)]) == 1
+    assert "stale flag tables: risk;" in capsys.readouterr().err
+    monkeypatch.setattr(field, "default", 8)
+    monkeypatch.setattr(field, "metadata", {"help": "n: candidates | per source"})
+    assert stale_tables(copy.read_text()) == ["risk"]
+    assert main(["--write-docs", str(copy)]) == 0
+    written = copy.read_text()
+    assert "| `--risk-candidates` | `8` | n: candidates \\| per source |\n" in written
+    assert stale_tables(written) == [] and len(written.splitlines()) == len(DOCS.read_text().splitlines())
+
+
+def test_a_missing_or_unpaired_marker_is_refused(tmp_path, capsys):
+    text = DOCS.read_text()
+    unclosed = text.replace("<!-- /flags:risk -->\n", "", 1)
+    with pytest.raises(ValueError, match="unpaired .*markers: risk$"):
+        generated_docs(unclosed)
+    no_vaml = re.sub(r"<!-- flags:vaml -->\n.*?<!-- /flags:vaml -->\n", "", text, flags=re.S)
+    with pytest.raises(ValueError, match="table for vaml$"):
+        generated_docs(no_vaml)
+    copy = tmp_path / "flags.md"
+    copy.write_text(unclosed)
+    assert main(["--write-docs", str(copy)]) == 1 and copy.read_text() == unclosed
+    assert "markers: risk" in capsys.readouterr().err
+
+
+def test_each_criterion_page_links_to_the_section_of_its_flag_table():
+    """docs/criterions/NAME.md links to the heading above NAME's table in docs/flags.md
+    (GitHub's anchors: lower case, punctuation but - and _ dropped, spaces as -)."""
+    section, heading = {}, None
+    for line in DOCS.read_text().splitlines():
+        if line.startswith("#"):
+            heading = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        elif line.startswith("<!-- flags:"):
+            section[line.split()[1][len("flags:"):]] = heading
+    for name in CRITERIONS:
+        page = (REPO / "docs" / "criterions" / f"{name}.md").read_text()
+        assert f"](../flags.md#{section[name]})" in page, (name, section[name])

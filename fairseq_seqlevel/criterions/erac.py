@@ -37,22 +37,31 @@ class EracConfig(CriticConfig):
     erac_phase: ChoiceEnum(list(PHASES)) = field(
         default="critic", metadata={"help": "critic: pre-train the critic, actor frozen (start from an MLE "
                                     "checkpoint); joint: actor and critic (start from a critic checkpoint)"})
-    erac_samples: int = field(default=1, metadata={"help": "trajectories per source (multinomial)"})
-    erac_tau: float = field(default=0.01, metadata={"help": "τ: entropy weight (0 = actor-critic, AC)"})
-    erac_target_rate: float = field(default=0.001, metadata={"help": "β: target network φ̄ ← β·φ + (1-β)·φ̄"})
-    erac_var_weight: float = field(default=0.001, metadata={"help": "λ_var: critic variance smoothing"})
+    erac_samples: int = field(default=1, metadata={"help": "trajectories per source (multinomial, "
+                                                           "the shared sampler)"})
+    erac_tau: float = field(default=0.01, metadata={"help": "τ: entropy weight (0 = the actor-critic "
+                                                            "of Bahdanau et al. 2017, AC)"})
+    erac_target_rate: float = field(default=0.001, metadata={"help": "β: target network φ̄ ← β·φ + (1-β)·φ̄, "
+                                                                     "once per update"})
+    erac_var_weight: float = field(default=0.001, metadata={
+        "help": "λ_var: critic variance smoothing Σ_w (Q(w) - mean Q)² (the paper's sum; the authors' code takes "
+                "the mean over the vocabulary, so their 0.001 is 0.001/|V| here)"})
     erac_mle_weight: float = field(default=0.1, metadata={"help": "λ_mle: weight of the reference NLL (joint)"})
     erac_reward: Optional[str] = field(
         default=None, metadata={"help": "R of the per-step rewards (prefix values on target tokens): default "
                                 "the task's --reward (bleu in a stock task)"})
     erac_continuations: int = field(
         default=0, metadata={"help": "k: where a trajectory ends, also regress the critic's Q of the actor's k "
-                             "likeliest other tokens onto the exact return of taking that token, then eos "
-                             "(not in dai2018; 0 = off, the paper)"})
+                             "likeliest tokens other than eos onto the exact return of taking that token, then "
+                             "eos (the critic otherwise never sees a trajectory go on past its end; not in "
+                             "dai2018; 0 = off, the paper)"})
     erac_td_lambda: float = field(
-        default=0.0, metadata={"help": "λ: the critic's target is the λ-return along the sampled trajectory "
-                               "(not in dai2018; 0 = the one-step target of eq. 19, the paper; 1 = the sampled "
-                               "return, no bootstrap)"})
+        default=0.0, metadata={"help": "λ: the critic's target is the λ-return of the same soft value along the "
+                               "sampled trajectory, Q̂_t = r_t + τ·H_{t+1} + (1-λ)·Σ_w π·Q_φ̄(ŷ_≤t, w) + "
+                               "λ·Q̂_{t+1} (not in dai2018; 0 = the one-step target of eq. 19, the paper; 1 = "
+                               "the sampled return plus the later entropy bonus, no bootstrap: ahead on "
+                               "spelling, 3.6 BLEU behind on Bible, docs/benchmarks.md; check the critic with "
+                               "benchmarks/probes/critic_check.py first)"})
     erac_max_len_ref_a: float = field(
         default=1.5, metadata={"help": "trajectories: at most a·|y*| + b tokens, y* the reference "
                                  "(never fewer than |y*|)"})

@@ -44,24 +44,28 @@ SAME_LENGTH_SAMPLERS = {"hamming", "ngram"}
 @dataclass
 class RamlConfig(TokenSmoothConfig):
     raml_sampler: ChoiceEnum(list(SAMPLERS)) = field(
-        default="hamming", metadata={"help": "how sequences around the reference are drawn"}
+        default="hamming", metadata={"help": "how sequences around the reference are drawn: hamming, edit: "
+                                     "stratified sampling of the Hamming / edit distance d from exp(-d/τ); "
+                                     "ngram: one random n-gram (n ≤ 4) replaced"}
     )
     raml_vocab: ChoiceEnum(["full", "batch", "refs"]) = field(
         default="batch",
-        metadata={"help": "substitution vocabulary: whole dictionary (V), target tokens of "
+        metadata={"help": "substitution vocabulary: whole dictionary but special symbols (V), target tokens of "
                   "the mini-batch (V_batch) or of this example's references (V_refs)"},
     )
     raml_reward: Optional[str] = field(
         default=None,
         metadata={"help": "importance-sample r ∝ exp(reward/τ) with the sampler as proposal "
-                  "(e.g. bleu); unset: hamming and edit sample r directly (reward = -distance), "
+                  "(e.g. bleu; eq. 11-12; logs raml_ess); unset: hamming and edit sample r directly "
+                  "(reward = -distance), "
                   "ngram (a proposal only) is weighted with the task's --reward (bleu in a stock task)"},
     )
     raml_samples: int = field(default=5, metadata={"help": "L: samples per example"})
     raml_temperature: float = field(
         default=0.1,
         metadata={"help": "τ of r ∝ exp(-d/τ) (the sampler's prior; p(d) ∝ C(T,d)(|V_sub|-1)^d "
-                  "e^{-d/τ}, so τ must be below 1/ln(|V_sub|-1) for samples to stay near y*)"},
+                  "e^{-d/τ}, so τ must be below 1/ln(|V_sub|-1) for samples to stay near y*; "
+                  "the mean distance is logged as raml_dist)"},
     )
     raml_reward_temperature: Optional[float] = field(
         default=None, metadata={"help": "τ of exp(reward/τ) for --raml-reward (default: --raml-temperature)"}
@@ -69,12 +73,13 @@ class RamlConfig(TokenSmoothConfig):
     raml_alpha: float = field(default=0.3, metadata={"help": "α of eq. 15 (0 = MLE)"})
     raml_lazy: bool = field(
         default=False,
-        metadata={"help": "score samples with the reference's hidden states (eq. 19); "
-                  "same-length samplers only"},
+        metadata={"help": "score samples with the reference's hidden states (eq. 19): one forward "
+                  "pass in all; same-length samplers (hamming, ngram) only"},
     )
     # Tok-Seq is off unless asked for (overrides token_smooth's default).
     token_smooth_alpha: float = field(
-        default=0.0, metadata={"help": "Tok-Seq: α2 of eq. 17, token smoothing inside raml (0 = off)"}
+        default=0.0, metadata={"help": "Tok-Seq: α2 of eq. 17, token smoothing of the reference and of "
+                               "every sample inside raml (0 = off)"}
     )
 
 

@@ -32,12 +32,13 @@ SEARCHES = ["sample", "beam"]
 
 @dataclass
 class RiskConfig(FairseqDataclass):
-    risk_candidates: int = field(default=8, metadata={"help": "n: candidates per source in U(x)"})
+    risk_candidates: int = field(default=8, metadata={"help": "n: candidates per source in U(x); "
+                                                              "duplicates count once"})
     risk_search: ChoiceEnum(SEARCHES) = field(
         default="sample", metadata={"help": "sample: n multinomial samples (the shared sampler); "
                                     "beam: the n-best of fairseq's beam search (beam n)"})
     risk_include_reference: bool = field(default=False, metadata={"help": "add the reference y* to U(x)"})
-    risk_sharpness: float = field(default=1.0, metadata={"help": "α of Q ∝ exp(α·s(u|x))"})
+    risk_sharpness: float = field(default=1.0, metadata={"help": "α of Q(u|x) ∝ exp(α·s(u|x)) over U(x)"})
     risk_length_normalize: bool = field(
         default=False, metadata={"help": "s(u|x) = log-probability / length (Edunov et al. 2018)"})
     risk_mle_weight: float = field(
@@ -45,7 +46,8 @@ class RiskConfig(FairseqDataclass):
                                "label_smoothed_cross_entropy)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "ε of the NLL term (as label_smoothed_cross_entropy)"})
     risk_reward: Optional[str] = field(
-        default=None, metadata={"help": "cost = the reward's cost (1 - BLEU, normalized edit/Hamming); "
+        default=None, metadata={"help": "cost = the reward's cost (1 - BLEU, normalized edit/Hamming; every "
+                                "reference); "
                                 "default: the task's --reward, bleu in a stock task"})
     risk_max_len_src_a: float = field(
         default=1.2, metadata={"help": "candidates: at most a·|x| + b tokens, x the source "

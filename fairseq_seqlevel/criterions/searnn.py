@@ -48,15 +48,16 @@ class SearnnConfig(FairseqDataclass):
                                 "ll: log-loss of the min-cost token (eq. 3)"}
     )
     searnn_scale: float = field(
-        default=200.0, metadata={"help": "α of eq. 4 (the paper uses 200 with 1 - BLEU costs)"}
+        default=200.0, metadata={"help": "α of eq. 4 (the paper uses 200 with 1 - BLEU costs; "
+                                 "~10-20 suits normalized edit costs)"}
     )
     searnn_roll_in: ChoiceEnum(POLICIES) = field(
-        default="learned", metadata={"help": "roll-in policy: reference (teacher forcing), learned (greedy), "
-                                     "mixed (per sequence)"}
+        default="learned", metadata={"help": "roll-in policy, the prefix the cells are taken from: reference "
+                                     "(teacher forcing), learned (greedy), mixed (either, per sequence)"}
     )
     searnn_roll_out: ChoiceEnum(POLICIES) = field(
-        default="mixed", metadata={"help": "roll-out policy: reference (see --searnn-ref-policy), "
-                                   "learned (greedy), mixed (per sequence)"}
+        default="mixed", metadata={"help": "roll-out policy, how a (cell, token) is completed: reference (see "
+                                   "--searnn-ref-policy), learned (greedy), mixed (either, per sequence)"}
     )
     searnn_mix_prob: float = field(
         default=0.5, metadata={"help": "mixed roll-in/roll-out: probability of the reference policy "
@@ -71,10 +72,11 @@ class SearnnConfig(FairseqDataclass):
     )
     searnn_token_sampling: ChoiceEnum(TOKEN_SAMPLINGS) = field(
         default="topk", metadata={"help": "how the K tokens are drawn: uniform, policy (model), "
-                                  "biased (policy mixed with uniform), topk (model's best)"}
+                                  "biased (half policy, half uniform), topk (model's best)"}
     )
     searnn_neighbours: int = field(
-        default=0, metadata={"help": "w: also score the ground-truth tokens within ±w positions (K > 0)"}
+        default=0, metadata={"help": "w: also score the ground-truth tokens within ±w positions "
+                             "(K > 0; the paper's NMT setting)"}
     )
     searnn_max_len_ref_b: int = field(
         default=5, metadata={"help": "learned roll-ins and roll-outs stop at |y*| + b tokens, y* the reference "
@@ -87,20 +89,23 @@ class SearnnConfig(FairseqDataclass):
     )
     searnn_cost_unit: ChoiceEnum(COST_UNITS) = field(
         default="sentence", metadata={"help": "sentence: the reward library's normalized cost; token: times "
-                                      "the target length (Hamming/edit count errors, Appendix C.1)"}
+                                      "the target length (Hamming/edit count token errors: the label-smoothing "
+                                      "equivalence of Appendix C.1)"}
     )
     searnn_eos_candidate: ChoiceEnum(EOS_CANDIDATES) = field(
         default="always", metadata={"help": "always: eos is scored at every cell; gt: only where it is "
                                     "the ground truth (fixed-length setting)"}
     )
     searnn_reward: Optional[str] = field(
-        default=None, metadata={"help": "reward for the costs (default: the task's --reward; hamming in a "
-                                "task without one)"}
+        default=None, metadata={"help": "reward for the costs, cost = the reward's cost (1 - BLEU, "
+                                "normalized edit/Hamming distance); default: the task's --reward, hamming in a "
+                                "task without one"}
     )
     searnn_mle_weight: float = field(
         default=0.0, metadata={"help": "w: loss = (1 - w)·SeaRnn + w·NLL(y*), a sentence's mean token NLL "
-                               "counted once per scored cell of it; anchors the tokens a restricted "
-                               "softmax (K > 0) never scores"}
+                               "counted once per scored cell of it (a sum over sentences, so data parallelism "
+                               "splits it exactly; w = 1 with reference roll-in and all cells is MLE); "
+                               "anchors the tokens a restricted softmax (K > 0) never scores"}
     )
     sentence_avg: bool = II("optimization.sentence_avg")
 

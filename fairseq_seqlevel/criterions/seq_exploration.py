@@ -28,20 +28,27 @@ from fairseq_seqlevel.rewards import PAIRWISE_DISTANCES, pairwise_distances
 
 @dataclass
 class SeqExplorationConfig(FairseqDataclass):
-    seq_exploration_samples: int = field(default=5, metadata={"help": "s: samples per source"})
-    seq_exploration_alpha: float = field(default=0.75, metadata={"help": "α: weight of the reward term (1 = SCST)"})
+    seq_exploration_samples: int = field(default=5, metadata={"help": "s: samples per source (one sampler call "
+                                                                      "with the greedy baseline)"})
+    seq_exploration_alpha: float = field(default=0.75, metadata={
+        "help": "α of eq. 8: α·reward + (1 - α)·diversity (1 = SCST, Rennie et al. 2017; the paper's SLL)"})
     seq_exploration_distance: ChoiceEnum(list(PAIRWISE_DISTANCES)) = field(
-        default="bleu34", metadata={"help": "d between samples: bleu34 = 1 - (BLEU-3 + BLEU-4)/2, "
-                                    "edit = normalized edit distance"})
+        default="bleu34", metadata={"help": "d between samples, on target ids: bleu34 = 1 - (BLEU-3 + BLEU-4)/2 "
+                                    "(§4.3), edit = normalized edit distance"})
     seq_exploration_entropy_weight: float = field(
-        default=0.0, metadata={"help": "β: minus β x per-token entropy along the samples (SLL-ME)"})
+        default=0.0, metadata={"help": "β: minus β x per-token entropy along the samples (SLL-ME; the "
+                               "paper tuned 1e-2)"})
     seq_exploration_baseline: ChoiceEnum(["greedy", "mean"]) = field(
-        default="greedy", metadata={"help": "b: reward of the greedy output (chen2019, SCST) or mean reward "
-                                    "of the source's other samples (needs --seq-exploration-samples >= 2)"})
+        default="greedy", metadata={"help": "b: reward of the greedy output (chen2019, SCST) or, not in the paper, "
+                                    "mean reward of the source's other samples (Kool et al. 2019; Luo 2020: "
+                                    "advantages sum to 0 per source, no greedy decode; needs "
+                                    "--seq-exploration-samples >= 2)"})
     seq_exploration_mle_weight: float = field(
-        default=0.0, metadata={"help": "w: train (1 - w) x the eq. 16 loss + w x NLL of the reference"})
+        default=0.0, metadata={"help": "w: train (1 - w) x the eq. 16 loss + w x NLL of the reference (not "
+                               "in the paper: Wu et al. 2016's mixed objective; 1 = fairseq's cross-entropy)"})
     seq_exploration_reward: Optional[str] = field(
-        default=None, metadata={"help": "Δ: default the task's --reward (bleu in a stock task)"})
+        default=None, metadata={"help": "Δ, against every reference (also the baseline b's, see "
+                                "--seq-exploration-baseline): default the task's --reward (bleu in a stock task)"})
     seq_exploration_max_len_src_a: float = field(
         default=1.2, metadata={"help": "samples: at most a·|x| + b tokens, x the source "
                                  "(as fairseq-generate's --max-len-a/b)"})

@@ -35,7 +35,8 @@ class VamlConfig(CriticConfig):
         default="q", metadata={"help": "q: train the critic by soft Q-learning; actor: train the model "
                                "towards softmax(Q/τ) with the critic fixed (start from a q checkpoint)"})
     vaml_tau: float = field(default=0.1, metadata={"help": "τ of the soft values and of softmax(Q/τ)"})
-    vaml_alpha: float = field(default=0.5, metadata={"help": "α: weight of softmax(Q/τ) against the one-hot token"})
+    vaml_alpha: float = field(default=0.5, metadata={
+        "help": "α: weight of softmax(Q/τ) against the one-hot token, actor targets (1 - α)·one-hot + α·softmax(Q/τ)"})
     vaml_samples: int = field(default=5, metadata={"help": "RAML samples per reference (Hamming, V_batch)"})
     vaml_sample_temperature: float = field(default=0.1, metadata={"help": "temperature of the Hamming RAML sampler"})
     vaml_actor_reference: bool = field(

@@ -33,10 +33,11 @@ SUBWORD_STYLES = ChoiceEnum(["auto", "sentencepiece", "subword_nmt", "none"])
 class SeqlevelTranslationConfig(TranslationConfig):
     reward: str = field(
         default="bleu",
-        metadata={"help": "sequence reward used by criterions and --eval-reward: a name "
-                  "(see fairseq_seqlevel.rewards.available_rewards()), python:MODULE:FUNCTION "
+        metadata={"help": "sequence reward used by criterions and --eval-reward: a name such as bleu, chrf, "
+                  "edit or hamming (all: fairseq_seqlevel.rewards.available_rewards(); an unknown name "
+                  "fails at start-up listing them), python:MODULE:FUNCTION "
                   "(fairseq_seqlevel.rewards.user; imported only when named on this command line), "
-                  "or a mix NAME:WEIGHT,NAME:WEIGHT (fairseq_seqlevel.rewards.mixed)"},
+                  "or a mix NAME:WEIGHT,NAME:WEIGHT such as bleu:0.8,chrf:0.2 (fairseq_seqlevel.rewards.mixed)"},
     )
     reward_level: REWARD_LEVELS = field(
         default="token",
@@ -52,14 +53,15 @@ class SeqlevelTranslationConfig(TranslationConfig):
     extra_references: Optional[str] = field(
         default=None,
         metadata={"help": "comma-separated extra reference sets, loaded from "
-                  "{split}.{src}-{tgt}.{name}.bin/.idx (binarized with the target dict); "
-                  "every split loaded must have them"},
+                  "{split}.{src}-{tgt}.{name}.bin/.idx (binarized with the target dict); batches "
+                  "carry them as sample['references'], B x R x T; a split loaded without them is an "
+                  "error naming the missing file"},
     )
     eval_reward: bool = field(
         default=False,
         metadata={"help": "validation: greedy-decode and log the mean sentence reward "
-                  "(all references) as 'reward', corpus BLEU as 'greedy_bleu' and mean "
-                  "sentence chrF as 'greedy_chrf'"},
+                  "(all references) as 'reward' and, whichever reward trains, corpus BLEU as "
+                  "'greedy_bleu' and mean sentence chrF as 'greedy_chrf'"},
     )
     eval_reward_max_len_b: int = field(
         default=20, metadata={"help": "greedy validation decoding: max length = a*src_len + b (a=1.2)"}
