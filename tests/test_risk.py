@@ -39,6 +39,8 @@ def test_reference_only_gives_zero_risk_and_gradient(toy_data):
     loss, _, log, grads = _loss_and_grads(model, risk, batch)
     assert log["risk_candidates"] == target.size(0)  # every copy of y* counted once
     assert float(loss) == 0.0 and float(log["risk_sum"]) == 0.0
+    # one candidate per source: Q = 1 on it, no spread to measure
+    assert float(log["risk_q_max_sum"]) == target.size(0) and log["risk_spread_sources"] == 0
     assert grads and all(float(g.abs().max()) == 0.0 for g in grads.values())
 
 
@@ -52,10 +54,10 @@ def _enumerated(dictionary, eos, pad, batch_size, symbols=("w1", "w2", "w3")):
 
 
 def _brute_force(model, batch, candidates, reward, pad, eos, sharpness, length_normalize, w, eps):
-    """One forward per (source, candidate), Python loops, autograd."""
+    """One forward per (source, candidate), Python loops, autograd; also each source's Q."""
     src, src_len, target = batch["net_input"]["src_tokens"], batch["net_input"]["src_lengths"], batch["target"]
     refs = batch["references"]
-    total = 0.0
+    total, qs = 0.0, []
     for b in range(target.size(0)):
         x = src[b][src[b].ne(pad)].unsqueeze(0)  # this source alone, unpadded
         distinct = []
@@ -72,13 +74,14 @@ def _brute_force(model, batch, candidates, reward, pad, eos, sharpness, length_n
             scores.append(s / len(seq) if length_normalize else s)
             costs.append(float(reward.cost(tokens, refs[b:b + 1])[0]))
         q = torch.softmax(sharpness * torch.stack(scores), dim=0)
+        qs.append(q.detach())
         ref_len = int(target[b].ne(pad).sum())
         total = total + (1 - w) * ref_len * (q * torch.tensor(costs)).sum()
         tgt = target[b:b + 1, :ref_len]
         net_output = model(x, src_len[b:b + 1], prev_output_tokens_from_target(tgt, pad, eos))
         lp = model.get_normalized_probs(net_output, log_probs=True)
         total = total + w * label_smoothed_nll_loss(lp, tgt, eps, ignore_index=pad)[0]
-    return total
+    return total, qs
 
 
 @pytest.mark.parametrize("arch,normalize,w", [("lstm", False, 0.0), ("lstm", True, 0.3), ("transformer", False, 0.3)])
@@ -96,9 +99,14 @@ def test_loss_and_gradient_equal_brute_force(toy_data, arch, normalize, w):
     assert got[2]["risk_candidates"] == batch["target"].size(0) * (one.size(0) - 1)
 
     model.zero_grad()
-    expected = _brute_force(model, batch, one, risk.reward, d.pad(), d.eos(), sharpness, normalize, w, 0.1)
+    expected, qs = _brute_force(model, batch, one, risk.reward, d.pad(), d.eos(), sharpness, normalize, w, 0.1)
     expected.backward()
     torch.testing.assert_close(got[0], expected.detach(), rtol=1e-5, atol=1e-5)
+    # the logged spread of Q: Σ max Q and Σ H(Q)/log n over the sources
+    entropy = sum(float(-(q * q.log()).sum() / torch.log(torch.tensor(float(len(q))))) for q in qs)
+    assert got[2]["risk_spread_sources"] == len(qs)
+    torch.testing.assert_close(float(got[2]["risk_q_max_sum"]), sum(float(q.max()) for q in qs), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(float(got[2]["risk_q_entropy_sum"]), entropy, rtol=1e-5, atol=1e-6)
     # fp32 both ways: the criterion's length buckets sum in another order than this
     # per-sentence loop (largest difference 1.6e-6 on gradients up to 2.2, transformer)
     for name, p in model.named_parameters():
@@ -164,3 +172,14 @@ def test_beam_candidates_are_the_generator_nbest(toy_data):
     # the generator holds the model: kept on the criterion, it would make the model's weights
     # parameters (and checkpoint state) of the criterion
     assert not list(risk.parameters()) and not risk.state_dict()
+
+
+def test_q_spread_one_hot_uniform_and_single():
+    from fairseq_seqlevel.criterions.risk import q_spread
+
+    q = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    valid = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    q_max, entropy = q_spread(q, valid)
+    assert q_max.tolist() == [1.0, 0.25, 0.5, 1.0]
+    torch.testing.assert_close(entropy[:3], torch.tensor([0.0, 1.0, 1.0]))  # n = 2 valid for the third
+    assert torch.isnan(entropy[3])

@@ -99,6 +99,18 @@ def expected_risk(scores, costs, valid, sharpness):
     return (q * costs.float().masked_fill(~valid, 0.0)).sum(dim=1), q
 
 
+def q_spread(q, valid):
+    """(max Q [B], H(Q)/log n [B]) per source, n = its valid candidates; sources with one
+    candidate have no spread to measure and get NaN entropy. Max Q near 1 and a normalized
+    entropy near 0 mean that Q is one-hot: the risk compares the top candidate, not an
+    expectation over U(x) (issue 44)."""
+    q = q.float()
+    count = valid.sum(dim=1)
+    entropy = -(q * q.clamp(min=1e-30).log()).masked_fill(~valid, 0.0).sum(dim=1)
+    normalized = entropy / count.clamp(min=2).float().log()
+    return q.max(dim=1).values, normalized.masked_fill(count < 2, math.nan)
+
+
 # ------------------------------------------------------------------ criterion
 
 
@@ -163,11 +175,15 @@ class RiskCriterion(SeqlevelCriterion):
 
         loss, row_nll = forward_through(model, self._score, sample["net_input"], rows, n + 1, risk_of, target,
                                         layout.bos, scored)
-        risk, _ = expected_risk(scores_of(row_nll), costs, valid, cfg.risk_sharpness)
+        risk, q = expected_risk(scores_of(row_nll), costs, valid, cfg.risk_sharpness)
+        q_max, q_entropy = q_spread(q.detach(), valid)
+        spread = ~q_entropy.isnan()
         nll = row_nll.view(batch_size, n + 1)[:, 0].sum()
         extra = {
             "risk_sum": risk.sum().detach(), "risk_cost_sum": costs.masked_fill(~valid, 0.0).sum().detach(),
             "risk_candidates": int(valid.sum()), "risk_sources": batch_size,
+            "risk_q_max_sum": q_max.sum(), "risk_q_entropy_sum": q_entropy[spread].sum(),
+            "risk_spread_sources": int(spread.sum()),
         }
         return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size, **extra)
 
@@ -193,3 +209,6 @@ class RiskCriterion(SeqlevelCriterion):
         log_mean(logging_outputs, "risk", "risk_sum", "risk_sources")  # expected cost under Q
         log_mean(logging_outputs, "risk_cost", "risk_cost_sum", "risk_candidates")  # mean candidate cost
         log_mean(logging_outputs, "risk_distinct", "risk_candidates", "risk_sources", round=2)
+        # is Q an expectation over U(x) or one-hot? mean max Q, mean H(Q)/log n (sources with ≥ 2 candidates)
+        log_mean(logging_outputs, "risk_q_max", "risk_q_max_sum", "risk_sources")
+        log_mean(logging_outputs, "risk_q_entropy", "risk_q_entropy_sum", "risk_spread_sources")
