@@ -17,7 +17,7 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 STAMP="$VENV/.fairseq_seqlevel_stamp"
 WANT="$(cat "$ROOT/setup.py" "$ROOT/scripts/install.sh" | sha1sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] \
-   && "$VENV/bin/python" -c "import fairseq, fairseq_seqlevel, sentencepiece, sacremoses, subword_nmt" 2>/dev/null; then
+   && "$VENV/bin/python" -c "import fairseq, fairseq_seqlevel, sentencepiece, sacremoses, subword_nmt, tensorboard" 2>/dev/null; then
   exit 0
 fi
 
@@ -47,7 +47,8 @@ if ! "$VENV/bin/python" -c "import fairseq" 2>/dev/null; then
   log "building fairseq-fixed==0.12.3.1 (about 2.5 minutes the first time)"
   quiet "${PIP[@]}" --no-build-isolation --no-deps "fairseq-fixed==0.12.3.1"
 fi
-quiet "${PIP[@]}" -e "$ROOT[test,bench,recipes]"
+# tensorboard: fairseq-train --tensorboard-logdir (docs/monitoring.md)
+quiet "${PIP[@]}" -e "$ROOT[test,bench,recipes,tensorboard]"
 # TensorBLEU (benchmarks/reward_speed.py compares against it): --no-deps, its
 # package's other requirements are a training framework we do not use
 "$VENV/bin/python" -c "import rxlm.metrics.tensorbleu" 2>/dev/null \

@@ -153,14 +153,16 @@ def worker_rng():
 
 
 def log_stock_metrics(logging_outputs):
-    """loss / nll_loss / ppl exactly as fairseq's label_smoothed_cross_entropy."""
+    """loss / nll_loss / ppl exactly as fairseq's label_smoothed_cross_entropy; no nll_loss
+    (and no ppl) from steps that do not run the model (a critic-only phase leaves it out)."""
     loss_sum = sum(log.get("loss", 0) for log in logging_outputs)
     nll_loss_sum = sum(log.get("nll_loss", 0) for log in logging_outputs)
-    ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
+    ntokens = sum(log.get("ntokens", 0) for log in logging_outputs if "nll_loss" in log)
     sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
     metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
-    metrics.log_scalar("nll_loss", nll_loss_sum / ntokens / math.log(2), ntokens, round=3)
-    metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
+    if ntokens > 0:
+        metrics.log_scalar("nll_loss", nll_loss_sum / ntokens / math.log(2), ntokens, round=3)
+        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
 
 
 def log_objective(logging_outputs):
@@ -301,10 +303,12 @@ class SeqlevelCriterion(FairseqCriterion):
         return sample["ntokens"] if tokens is None else tokens
 
     def stock_logging_output(self, loss, nll_loss, sample, sample_size, **extra):
-        return {
-            "loss": loss.data, "nll_loss": nll_loss.data, "ntokens": sample["ntokens"],
-            "nsentences": sample["target"].size(0), "sample_size": sample_size, **extra,
-        }
+        """fairseq's keys; ``nll_loss=None``: the step did not run the model (no nll_loss logged)."""
+        out = {"loss": loss.data, "ntokens": sample["ntokens"], "nsentences": sample["target"].size(0),
+               "sample_size": sample_size, **extra}
+        if nll_loss is not None:
+            out["nll_loss"] = nll_loss.data
+        return out
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

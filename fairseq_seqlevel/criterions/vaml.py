@@ -147,7 +147,6 @@ class VamlCriterion(CriticPhases, SeqlevelCriterion):
         extra = {"vaml_ntokens": int(mask.sum()), "vaml_q_sum": taken(q.detach(), rows).masked_fill(~mask, 0.0).sum()}
         if actor:
             loss, nll, sample_size = self.actor_loss(model, sample, rows, per_source, q, mask, layout)
-            extra["vaml_actor_sum"] = loss.detach()
         else:
             with torch.no_grad():
                 rewards, scale = length_scaled_rewards(
@@ -156,7 +155,7 @@ class VamlCriterion(CriticPhases, SeqlevelCriterion):
             loss = soft_q_loss(q, rows, rewards, mask, cfg.vaml_tau)
             extra.update(vaml_td_sum=loss.detach(), vaml_reward_sum=(rewards.sum(dim=1) / scale).sum(),
                          vaml_nrows=rows.size(0))
-            nll = loss.new_zeros(())  # the actor is not run in this phase
+            nll = None  # the actor is not run in this phase: no nll_loss (it read 0, ppl 1)
             self.count_critic_batch()
             sample_size = batch_size if self.sentence_avg else int(mask.sum())
         return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size, **extra)
