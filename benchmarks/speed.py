@@ -45,6 +45,9 @@ def parse_args(argv=None):
                    "their rows (and mle)")
     p.add_argument("--quick", action="store_true", help="fewer rounds and batches, smaller reward benchmark")
     p.add_argument("--json", help="output file (default: RESULTS/speed.json)")
+    p.add_argument("--update", action="store_true",
+                   help="replace only the timed criterions' entries of the --json file (their ratios are to "
+                        "this run's MLE), keep the rest, and record this run under _meta.remeasured_runs")
     p.add_argument("--settings", help="comma-separated subset of the speed settings")
     p.add_argument("--criterions", help="comma-separated subset of criterions (mle is always timed)")
     p.add_argument("--workdir", help="cache for token embeddings and synthetic data (default: work/bench)")
@@ -318,6 +321,22 @@ def build_output(cfg, by_setting, meta, targets, reward):
     return out
 
 
+def updated(old, new, argv):
+    """``old`` speed.json with ``new``'s criterion entries (except MLE's: every ratio in ``old``
+    is to its own run's MLE), its targets for those criterions, and a record of the run."""
+    timed = [name for name in new if not name.startswith("_") and name != C.CONTROL]
+    out = {**old, **{name: new[name] for name in timed}}
+    out["_targets"] = [t for t in old.get("_targets", []) if t["criterion"] not in timed] + \
+        [t for t in new.get("_targets", []) if t["criterion"] in timed]
+    meta = dict(old.get("_meta", {}))
+    mle = {s: e.get("median_s") for s, e in new.get(C.CONTROL, {}).get("by_setting", {}).items()}
+    meta.setdefault("remeasured_runs", []).append(
+        {"criterions": timed, "date": new["_meta"]["date"], "command": f"python -m benchmarks.speed {argv}",
+         "threads": new["_meta"]["threads"], "mle_median_s": mle, "settings": new["_meta"]["settings"]})
+    out["_meta"] = meta
+    return out
+
+
 def _f(value, fmt):
     return format(value, fmt) if isinstance(value, (int, float)) else "–"
 
@@ -451,6 +470,8 @@ def main(argv=None):
     out = build_output(cfg, by_setting, meta, targets, reward)
     if sampler is not None:
         out["_sampler"] = sampler
+    if args.update:
+        out = updated(read_json(out_path, {}), out, " ".join(sys.argv[1:]))
     write_json(out_path, out)
     log(f"\nwrote {out_path} ({fmt_duration(time.time() - t0)})")
     missed = [t for t in targets if t["ok"] is False]

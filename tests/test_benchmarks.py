@@ -740,3 +740,18 @@ def test_two_lanes_on_missing_data_prepare_it_once(tmp_path):
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as pool:
         got = list(pool.map(R.ensure_data, [cfg, cfg], ["t", "t"], [str(tmp_path / "a"), str(tmp_path / "b")]))
     assert got == [data, data] and count.read_text() == "x"
+
+
+def test_speed_update_replaces_only_the_timed_criterions():
+    old = {"mle": {"step_time_vs_mle": 1.0}, "raml": {"step_time_vs_mle": 2.2}, "risk": {"step_time_vs_mle": 14.5},
+           "_targets": [{"criterion": "risk", "ratio": 14.5, "ok": False}, {"criterion": "raml", "ratio": 2.2, "ok": True}],
+           "_meta": {"date": "old", "rounds": 7}}
+    new = {"mle": {"step_time_vs_mle": 1.0, "by_setting": {"bible": {"median_s": 1.3}}},
+           "risk": {"step_time_vs_mle": 6.3}, "_targets": [{"criterion": "risk", "ratio": 6.3, "ok": True}],
+           "_meta": {"date": "new", "threads": 2, "settings": {"bible": {}}}}
+    out = speed.updated(old, new, "--settings bible --criterions risk --update")
+    assert out["risk"]["step_time_vs_mle"] == 6.3 and out["raml"] == old["raml"] and out["mle"] == old["mle"]
+    assert sorted(t["criterion"] for t in out["_targets"]) == ["raml", "risk"]
+    assert next(t for t in out["_targets"] if t["criterion"] == "risk")["ok"] is True
+    run = out["_meta"]["remeasured_runs"][-1]
+    assert out["_meta"]["date"] == "old" and run["criterions"] == ["risk"] and run["mle_median_s"] == {"bible": 1.3}
