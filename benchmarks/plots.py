@@ -1,6 +1,7 @@
 """The quality benchmark's plots (matplotlib, Agg): validation curves during
 fine-tuning per task (mean over runs ± std, from the pre-trained model's value),
-and cost vs gain (step time vs MLE against the gain over MLE)."""
+and cost vs gain (step time vs MLE against the gain over MLE), one panel per task.
+Both show the main rows (config.toml's criterions); variants stay in the tables."""
 
 from pathlib import Path
 
@@ -28,10 +29,9 @@ def plot_curves(task_name, task_cfg, curves_by_crit, path, start=None, order=Non
     pre-trained model's value, drawn at update 0 for every criterion.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for crit in order or sorted(curves_by_crit):
-        if crit not in curves_by_crit:
-            continue
+    fig, ax = plt.subplots(figsize=(8.6, 4.4))
+    colors = plt.get_cmap("tab20").colors
+    for i, crit in enumerate(c for c in (order or sorted(curves_by_crit)) if c in curves_by_crit):
         mean = mean_curve(curves_by_crit[crit])
         if start is not None:
             mean = [(0, start, None, 1)] + [p for p in mean if p[0] != 0]
@@ -39,7 +39,7 @@ def plot_curves(task_name, task_cfg, curves_by_crit, path, start=None, order=Non
             continue
         xs = [p[0] for p in mean]
         ys = [p[1] for p in mean]
-        style = dict(color="black", linestyle="--") if crit == CONTROL else {}
+        style = dict(color="black", linestyle="--") if crit == CONTROL else dict(color=colors[i % len(colors)])
         n = max(p[3] for p in mean)
         (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"{crit} (n={n})", **style)
         lo = [p[1] - (p[2] or 0.0) for p in mean]
@@ -47,9 +47,10 @@ def plot_curves(task_name, task_cfg, curves_by_crit, path, start=None, order=Non
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12, linewidth=0)
     ax.set_xlabel("fine-tuning updates (from the pre-trained MLE model)")
     ax.set_ylabel(task_cfg.get("curve_label", task_cfg["curve_key"]))
-    ax.set_title(f"{task_name}: validation during fine-tuning (mean over seeds ± std)")
+    ax.set_title(f"{task_name}: validation during fine-tuning (mean over runs ± std)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # outside the axes: a legend over the curves hid them
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -77,29 +78,28 @@ def cost_gain_points(cfg, agg, speed):
 
 
 def plot_cost_vs_gain(points, path):
+    """One panel per task (their metrics differ), criterion names beside their points."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    tasks = sorted({p[0] for p in points})
-    markers = "osD^v<>"
-    for i, task in enumerate(tasks):
-        pts = [p for p in points if p[0] == task]
-        ax.errorbar([p[2] for p in pts], [p[3] for p in pts],
-                    yerr=[p[4] or 0.0 for p in pts], fmt=markers[i % len(markers)],
-                    capsize=3, label=task)
+    tasks = sorted({p[0] for p in points}) or ["(no data)"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        pts = sorted((p for p in points if p[0] == task and p[1] != CONTROL), key=lambda p: (p[2], p[3]))
+        ax.errorbar([p[2] for p in pts], [p[3] for p in pts], yerr=[p[4] or 0.0 for p in pts], fmt="o",
+                    capsize=3, markersize=4)
         for p in pts:
-            if p[1] != CONTROL or i == 0:  # label the control (1x, 0) once
-                ax.annotate(p[1], (p[2], p[3]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.axhline(0.0, color="gray", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("step time vs MLE (forward+backward, python -m benchmarks.speed)")
-    ax.set_ylabel("gain over MLE (BLEU points; edit-error points removed)")
-    ax.set_title("cost vs gain (mean over seeds; bars: std of the paired Δ)")
-    ax.grid(alpha=0.3, which="both")
-    if points:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no data (run benchmarks.speed and benchmarks.quality)", transform=ax.transAxes,
-                ha="center")
+            ax.annotate(p[1], (p[2], p[3]), textcoords="offset points", xytext=(5, -3), fontsize=7)
+        ax.axhline(0.0, color="gray", linewidth=0.8)  # MLE, the control
+        ax.set_xscale("log")
+        ax.set_xticks([1, 2, 4, 8, 16], ["1×", "2×", "4×", "8×", "16×"])
+        ax.minorticks_off()
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("step time vs MLE")
+        ax.grid(alpha=0.3, which="both")
+        if not pts:
+            ax.text(0.5, 0.5, "no data (run benchmarks.speed and benchmarks.quality)", transform=ax.transAxes,
+                    ha="center")
+    axes[0][0].set_ylabel("gain over MLE (BLEU points; edit-error points removed)")
+    fig.suptitle("cost vs gain (mean Δ over runs; bars: std of the paired Δ)", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep fine-tuned checkpoints (default: deleted once scored)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, run nothing")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite quality.md and the plots from --results' quality.json; runs nothing")
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
 
@@ -360,8 +362,9 @@ def write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed,
     ]
     md = "\n".join(header) + report.markdown_report(cfg, agg, speed, skipped=skipped, failed=failed, bootstrap=boot)
     (results / "quality.md").write_text(md)
-    if plots:
-        order = list(cfg["criterions"])
+    if plots:  # the main rows (config.toml's), not the experiments' variants
+        main = set(C.raw_config(cfg["path"])[0].get("criterions") or {})
+        order = [c for c in cfg["criterions"] if c in main]
         for task_name in agg:
             if task_name not in cfg["tasks"]:
                 continue
@@ -370,7 +373,8 @@ def write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed,
             PL.plot_curves(task_name, cfg["tasks"][task_name], by_crit,
                           results / f"quality_curves_{task_name}.png",
                           start=old_curves.get(task_name, {}).get("_start"), order=order)
-        PL.plot_cost_vs_gain(PL.cost_gain_points(cfg, agg, speed), results / "cost_vs_gain.png")
+        PL.plot_cost_vs_gain([p for p in PL.cost_gain_points(cfg, agg, speed) if p[1] in main],
+                             results / "cost_vs_gain.png")
     return md
 
 
@@ -442,6 +446,12 @@ def main(argv=None):
     workdir = Path(args.workdir or R.resolve_path(cfg["run"].get("workdir", C.DEFAULT_WORKDIR))).resolve()
     results = Path(args.results or R.resolve_path(cfg["run"].get("results", C.DEFAULT_RESULTS))).resolve()
     replace_all = not (args.tasks or args.criterions or args.seeds or args.pretrain_seeds or args.experiment)
+    if args.report_only:
+        speed, _ = load_speed(args, results)
+        md = write_outputs(cfg, results, [], {}, {}, speed, [], [], False, plots=not args.no_plots,
+                           how="--report-only")
+        log(md)
+        return 0
     if args.merge:
         speed, _ = load_speed(args, results)
         try:
