@@ -370,15 +370,17 @@ def test_tok_seq_equals_hand_computation_with_dense_targets(toy_data, sharp, wor
     _assert_matches_hand(got, hand)
 
 
-def test_importance_weights_equal_softmax_of_reward_over_tau_minus_log_q(toy_data, sharp, monkeypatch):
+@pytest.mark.parametrize("weighting", ["importance", "reward"])
+def test_importance_weights_equal_softmax_of_reward_over_tau_minus_log_q(toy_data, sharp, monkeypatch, weighting):
     """--raml-reward bleu: per example the weights are softmax_l(BLEU(y_l, refs)/τ_r
     - log q(y_l)) with BLEU recomputed row by row from the reward library
-    against all references, and the loss is the sum weighted by them."""
+    against all references, and the loss is the sum weighted by them; with
+    --raml-weighting reward, softmax_l(BLEU/τ_r) without the proposal's log q."""
     task, model, _ = sharp
     alpha, L, tau_r = 0.7, 4, 0.05
     _, _, _, raml = _setup(toy_data, "--criterion", "raml", "--raml-alpha", str(alpha),
                            "--raml-reward", "bleu", "--raml-reward-temperature", str(tau_r),
-                           "--raml-samples", str(L), "--raml-temperature", "0.4")
+                           "--raml-samples", str(L), "--raml-temperature", "0.4", "--raml-weighting", weighting)
     batch = first_batch(task, n=8)
     pad, eos = task.target_dictionary.pad(), task.target_dictionary.eos()
     used = []
@@ -394,8 +396,8 @@ def test_importance_weights_equal_softmax_of_reward_over_tau_minus_log_q(toy_dat
     for b in range(batch["target"].size(0)):
         rows = range(b * L, (b + 1) * L)
         scores = torch.cat([bleu(drawn.tokens[i:i + 1], refs[b:b + 1], pad, eos) for i in rows])
-        expected[b * L:(b + 1) * L] = torch.softmax(scores.double() / tau_r - drawn.log_q[b * L:(b + 1) * L].double(),
-                                                    dim=0).float()
+        log_q = drawn.log_q[b * L:(b + 1) * L].double() if weighting == "importance" else 0.0
+        expected[b * L:(b + 1) * L] = torch.softmax(scores.double() / tau_r - log_q, dim=0).float()
     torch.testing.assert_close(weights, expected, atol=1e-5, rtol=1e-4)
     spread = expected.view(-1, L).max(1).values - expected.view(-1, L).min(1).values
     assert spread.max() > 0.2  # really non-uniform

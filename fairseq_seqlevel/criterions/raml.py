@@ -70,6 +70,13 @@ class RamlConfig(TokenSmoothConfig):
     raml_reward_temperature: Optional[float] = field(
         default=None, metadata={"help": "τ of exp(reward/τ) for --raml-reward (default: --raml-temperature)"}
     )
+    raml_weighting: ChoiceEnum(["importance", "reward"]) = field(
+        default="importance",
+        metadata={"help": "weights of the samples when a reward scores them: importance = exp(reward/τ_r) / q "
+                  "(eq. 11, the paper); reward = softmax(reward/τ_r) over each example's samples, no 1/q "
+                  "(Ma et al. 2017, texar's RAML): with ngram's exact q, 1/q ∝ |V_sub|^n hands nearly all "
+                  "weight to 4-gram replacements"},
+    )
     raml_alpha: float = field(default=0.3, metadata={"help": "α of eq. 15 (0 = MLE)"})
     raml_lazy: bool = field(
         default=False,
@@ -159,7 +166,8 @@ class RamlCriterion(SeqlevelCriterion):
         else:
             with torch.no_grad():
                 scores = self.reward(drawn.tokens, refs.repeat_interleave(num_samples, dim=0))
-            weights = raml_sampling.importance_weights(scores / self.reward_temperature, drawn.log_q, num_samples)
+            log_q = drawn.log_q if self.cfg.raml_weighting == "importance" else torch.zeros_like(drawn.log_q)
+            weights = raml_sampling.importance_weights(scores / self.reward_temperature, log_q, num_samples)
             ess = raml_sampling.effective_sample_size(weights, num_samples)
         return drawn, weights, ess
 
