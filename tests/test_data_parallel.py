@@ -180,6 +180,15 @@ def fixed_risk_candidates(criterion):
     criterion.candidates = partial(_fixed_candidates, criterion)
 
 
+def _fixed_preference_candidates(criterion, model, sample):
+    return _fixed_rows(criterion, sample, criterion.cfg.preference_candidates)[0]
+
+
+def fixed_preference_candidates(criterion):
+    """``patch``: preference's sampled candidates replaced by :func:`_fixed_rows`."""
+    criterion.candidates = partial(_fixed_preference_candidates, criterion)
+
+
 def fixed_sle_outputs(criterion):
     """``patch``: seq_exploration's samples and greedy outputs replaced by :func:`_fixed_rows`."""
     criterion.draw = partial(_fixed_outputs, criterion)
@@ -195,7 +204,7 @@ CASES = [
     "interpolation", "interpolation_sampled", "interpolation_transformer",
     "erac_critic", "erac_joint", "erac_joint_sampled", "erac_joint_transformer", "vaml_q", "vaml_actor",
     "vaml_actor_transformer", "multilingual_risk_beam", "multilingual_seq_exploration_sampled",
-    "multilingual_raml_sampled",
+    "multilingual_raml_sampled", "preference",
 ]
 SELF_TESTS = ["bypass", "unused_parameter"]
 
@@ -215,6 +224,8 @@ def make_cases(toy_data, embeddings, multilingual_data=None):
     sle = ["--criterion", "seq_exploration", "--sle-samples", "3"]
     erac = ["--criterion", "erac", "--erac-samples", "2", "--critic-embed-dim", "8", "--critic-hidden-size", "8"]
     vaml = ["--criterion", "vaml", "--vaml-samples", "2", "--critic-embed-dim", "8", "--critic-hidden-size", "8"]
+    preference = ["--criterion", "preference", "--preference-candidates", "3", "--preference-pairs", "all",
+                  "--preference-mle-weight", "0.3"]
     interp = ["--criterion", "interpolation", "--interp-lambdas", "0.3,0.3,0.4", "--interp-anneal", "none"]
     det = dict(deterministic_check=True)
     fixed = dict(deterministic_check=True, patch=fixed_raml_samples)
@@ -278,6 +289,8 @@ def make_cases(toy_data, embeddings, multilingual_data=None):
                                                     "--risk-max-len-b", "8"), **det),
         Case("multilingual_seq_exploration_sampled", multilingual(*sle)),
         Case("multilingual_raml_sampled", multilingual(*raml)),
+        # DPO against the frozen π_ref (criterion buffers, not parameters): π = π_ref at the first update
+        Case("preference", base(*preference), deterministic_check=True, patch=fixed_preference_candidates),
         Case("bypass", base("--criterion", "ddp_test_bypass"), **det, **ours),
         Case("unused_parameter", base("--criterion", "ddp_test_unused"), **det, **ours),
     ]

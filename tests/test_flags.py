@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO, USER_DIR
 from fairseq_seqlevel.flags import DOCS, config_class, format_flags, generated_docs, main, own_fields, stale_tables
 
-CRITERIONS = ["raml", "token_smooth", "searnn_kl", "risk", "seq_exploration", "interpolation", "erac", "vaml"]
+CRITERIONS = ["raml", "token_smooth", "searnn_kl", "risk", "seq_exploration", "interpolation", "erac", "vaml",
+              "preference"]
 
 
 @pytest.mark.parametrize("name", CRITERIONS)

@@ -38,11 +38,14 @@ CASES = [
     "searnn_reference", "risk", "risk_transformer", "seq_exploration", "scst",
     "interpolation", "interpolation_transformer", "erac_critic", "erac_joint", "erac_joint_transformer",
     "vaml_q", "vaml_actor", "vaml_actor_transformer", "risk_only", "seq_exploration_only_diversity",
+    "preference", "preference_ipo_only",
 ]
 # settings whose whole gradient comes from reward differences (the first place a
-# bf16 reward would show): risk without its NLL term, seq_exploration's diversity term alone
+# bf16 reward would show): risk without its NLL term, seq_exploration's diversity term alone,
+# preference's IPO (the largest gradients: 2·(h − 1/(2β))) without the NLL term
 EXTRA = {"risk_only": ("risk", ["--risk-mle-weight", "0"]),
-         "seq_exploration_only_diversity": ("seq_exploration", ["--sle-alpha", "0"])}
+         "seq_exploration_only_diversity": ("seq_exploration", ["--sle-alpha", "0"]),
+         "preference_ipo_only": ("preference", ["--preference-loss", "ipo", "--preference-mle-weight", "0"])}
 
 
 @pytest.fixture(scope="module")

@@ -7,3 +7,4 @@ from fairseq_seqlevel.criterions import seq_exploration  # noqa: F401
 from fairseq_seqlevel.criterions import interpolation  # noqa: F401
 from fairseq_seqlevel.criterions import erac  # noqa: F401
 from fairseq_seqlevel.criterions import vaml  # noqa: F401
+from fairseq_seqlevel.criterions import preference  # noqa: F401
