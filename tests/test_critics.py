@@ -269,3 +269,30 @@ def test_critic_reads_the_reference_and_masks_its_pads():
     assert torch.isfinite(critic(torch.full((2, 4), PAD), prev)).all()
     with pytest.raises(ValueError, match="--critic-embed-dim"):
         critic.init_embeddings(torch.zeros(V + 4, 16))
+
+
+def test_actor_objective_l2_scale_is_the_authors_signal():
+    """entropy_scale="l2": the gradient w.r.t. log π is π·(Q − τ·log π/‖log π‖₂) held constant
+    (ERAC-VAML's train_erac.py), not eq. 20's; a token the actor cannot emit stays finite."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, V, generator=g)
+    logits[1, 0, 2] = -math.inf
+    q = torch.randn(2, 3, V, generator=g)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    tau = 0.7
+    lp = logits.log_softmax(-1).requires_grad_(True)
+    actor_objective(lp, q, mask, tau, entropy_scale="l2").backward()
+    finite = lp.detach().masked_fill(lp.detach().isinf(), 0.0)
+    signal = q - tau * lp.detach() / (1e-8 + finite.norm(dim=-1, keepdim=True))
+    pi = lp.detach().exp()
+    expected = -(pi * signal).nan_to_num(0.0) * mask.unsqueeze(-1)
+    torch.testing.assert_close(lp.grad, expected, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(lp.grad).all()
+    plain = lp.detach().clone().requires_grad_(True)
+    actor_objective(plain, q, mask, tau).backward()
+    assert not torch.allclose(plain.grad, lp.grad)  # the two scales differ
+    zero = lp.detach().clone().requires_grad_(True)
+    actor_objective(zero, q, mask, 0.0, entropy_scale="l2").backward()
+    none = lp.detach().clone().requires_grad_(True)
+    actor_objective(none, q, mask, 0.0).backward()
+    torch.testing.assert_close(zero.grad, none.grad)  # τ = 0: AC either way

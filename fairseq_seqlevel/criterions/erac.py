@@ -41,6 +41,10 @@ class EracConfig(CriticConfig):
                                                            "the shared sampler)"})
     erac_tau: float = field(default=0.01, metadata={"help": "τ: entropy weight (0 = the actor-critic "
                                                             "of Bahdanau et al. 2017, AC)"})
+    erac_entropy_scale: ChoiceEnum(["plain", "l2"]) = field(
+        default="plain", metadata={"help": "the actor's entropy term: plain = τ·∇H of eq. 20 (the paper); l2 = the "
+                                   "authors' code, τ·log π divided by its L2 norm over the vocabulary (their τ = "
+                                   "0.045 is that much weaker: ~60x on spelling, >1,000x on word vocabularies)"})
     erac_target_rate: float = field(default=0.001, metadata={"help": "β: target network φ̄ ← β·φ + (1-β)·φ̄, "
                                                                      "once per update"})
     erac_var_weight: float = field(default=0.001, metadata={
@@ -75,6 +79,8 @@ def check_erac_config(cfg):
     check(str(cfg.erac_phase) in PHASES, f"--erac-phase must be one of {', '.join(PHASES)}, got {cfg.erac_phase}")
     check(cfg.erac_samples >= 1, f"--erac-samples must be >= 1, got {cfg.erac_samples}")
     check(cfg.erac_tau >= 0, f"--erac-tau must be >= 0, got {cfg.erac_tau}")
+    check(str(cfg.erac_entropy_scale) in ("plain", "l2"),
+          f"--erac-entropy-scale must be plain or l2, got {cfg.erac_entropy_scale}")
     check(0 < cfg.erac_target_rate <= 1, f"--erac-target-rate must be in (0, 1], got {cfg.erac_target_rate}")
     check(cfg.erac_var_weight >= 0 and cfg.erac_mle_weight >= 0,
           f"--erac-var-weight and --erac-mle-weight must be >= 0, got {cfg.erac_var_weight}, {cfg.erac_mle_weight}")
@@ -84,17 +90,19 @@ def check_erac_config(cfg):
           f"--erac-max-len-ref-a/-b must be >= 0, got {cfg.erac_max_len_ref_a}, {cfg.erac_max_len_ref_b}")
 
 
-def erac_losses(q, q_target, lprobs, tokens, rewards, mask, tau, var_weight, continuations=None, lam=0.0):
+def erac_losses(q, q_target, lprobs, tokens, rewards, mask, tau, var_weight, continuations=None, lam=0.0,
+                entropy_scale="plain"):
     """(critic loss, actor objective, TD error sum, policy entropy sum) summed over
     the trajectories' tokens; ``q`` carries the critic's gradient, ``lprobs`` the
     actor's; ``continuations``: more regressed entries of Q (``critic_loss``'s
-    ``extra``, from :meth:`EracCriterion.continuations`); ``lam``: λ of the target."""
+    ``extra``, from :meth:`EracCriterion.continuations`); ``lam``: λ of the target;
+    ``entropy_scale``: the actor's entropy term as eq. 20 or the authors' (``actor_objective``)."""
     with torch.no_grad():  # π and H(π) once, for the TD target and the logged entropy
         stats = policy_stats(lprobs.detach())
         target = erac_td_targets(q_target, lprobs.detach(), rewards, mask, tau, stats=stats, lam=lam)
     critic, td = critic_loss(q, tokens, target, mask, var_weight, extra=continuations)
     entropy = stats[1].masked_fill(~mask, 0.0).sum()
-    return critic, actor_objective(lprobs, q, mask, tau, probs=stats[0]), td, entropy
+    return critic, actor_objective(lprobs, q, mask, tau, probs=stats[0], entropy_scale=entropy_scale), td, entropy
 
 
 @register_criterion("erac", dataclass=EracConfig)
@@ -190,7 +198,8 @@ class EracCriterion(CriticPhases, SeqlevelCriterion):
         continuations = self.continuations(end_lprobs, tokens, ends, sample, critic_ref, layout)
         critic_loss, actor_loss, td, entropy = erac_losses(q, q_target, lprobs, tokens, rewards, mask,
                                                            cfg.erac_tau, cfg.erac_var_weight, continuations,
-                                                           lam=cfg.erac_td_lambda)
+                                                           lam=cfg.erac_td_lambda,
+                                                           entropy_scale=cfg.erac_entropy_scale)
         # sums over tokens, so that batches and workers add up; fairseq divides
         # by the trajectories' tokens (sentences with --sentence-avg)
         traj_tokens = int(mask.sum())

@@ -212,14 +212,18 @@ class _ActorObjective(torch.autograd.Function):
     five [N, T, V] intermediates and runs a backward through each; this keeps one."""
 
     @staticmethod
-    def forward(ctx, lprobs, q, mask, tau, probs):
+    def forward(ctx, lprobs, q, mask, tau, probs, l2=False):
         lp = lprobs.detach().float()
         probs = lp.exp() if probs is None else probs
-        weights = lp.mul(-tau).add_(q.float()).sub_(tau) if tau else q.to(torch.float32, copy=True)
+        if tau and l2:  # the authors' signal Q − τ·log π/‖log π‖₂ (over the vocabulary), held constant
+            norm = lp.masked_fill(lp.isinf(), 0.0).norm(p=2, dim=-1, keepdim=True)
+            weights = lp.div(norm.add_(1e-8)).mul_(-tau).add_(q.float())
+        else:
+            weights = lp.mul(-tau).add_(q.float()).sub_(tau) if tau else q.to(torch.float32, copy=True)
         weights = _zero_nan(weights.mul_(probs)).masked_fill_(~mask.unsqueeze(-1), 0.0)
         # Σ_w π (Q − τ log π) = Σ_w weights + τ Σ_w π
         per_step = weights.sum(dim=-1)
-        if tau:
+        if tau and not l2:
             per_step = per_step + tau * (probs.sum(dim=-1) * mask)
         ctx.save_for_backward(weights)
         ctx.lprobs_dtype = lprobs.dtype
@@ -228,12 +232,16 @@ class _ActorObjective(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (weights,) = ctx.saved_tensors
-        return (weights * -grad).to(ctx.lprobs_dtype), None, None, None, None
+        return (weights * -grad).to(ctx.lprobs_dtype), None, None, None, None, None
 
 
-def actor_objective(lprobs: Tensor, q: Tensor, mask: Tensor, tau: float, probs: Tensor = None) -> Tensor:
+def actor_objective(lprobs: Tensor, q: Tensor, mask: Tensor, tau: float, probs: Tensor = None,
+                    entropy_scale: str = "plain") -> Tensor:
     """−Σ_t [Σ_w π(w|s_t)·Q(s_t, w) + τ·H(π(·|s_t))] with Q constant: its gradient
     is minus eq. 20 (the expectation over the whole vocabulary, no sampled
     action, hence no baseline); ``probs`` = exp(lprobs) in fp32 if already
-    computed (:func:`policy_stats`).  0·log 0 = 0 for tokens the actor cannot emit."""
-    return _ActorObjective.apply(lprobs, q.detach(), mask, float(tau), probs)
+    computed (:func:`policy_stats`).  0·log 0 = 0 for tokens the actor cannot emit.
+    ``entropy_scale="l2"``: −Σ_t Σ_w π_w·(Q_w − τ·log π_w/‖log π‖₂) with the bracket
+    constant, the authors' code (ERAC-VAML mt/erac/train_erac.py), whose entropy
+    gradient is 1/‖log π‖₂ times eq. 20's."""
+    return _ActorObjective.apply(lprobs, q.detach(), mask, float(tau), probs, entropy_scale == "l2")
