@@ -164,6 +164,52 @@ def test_validation_reward_drives_the_schedule(toy_data, monkeypatch):
     assert len(decodes) == 3  # one validation decode per batch: the task's
 
 
+@pytest.mark.parametrize("rollback", [False, True])
+def test_rollback_restores_the_best_validated_weights(toy_data, monkeypatch, rollback):
+    """--interpolation-rollback (tan2019 C.2): a validation no better than the best since the last move
+    puts back the weights that best validation saw, then moves; a new best keeps its weights."""
+    _, task, model, crit = _build(toy_data, "--criterion", "interpolation",
+                                  *(["--interpolation-rollback"] if rollback else []))
+    valid, train = first_batch(task, "valid"), first_batch(task)
+
+    def validate(value):
+        monkeypatch.setattr(crit, "validation_reward", lambda hyp, refs: torch.full((hyp.size(0),), value))
+        with torch.no_grad():
+            _, _, log = task.valid_step(valid, model, crit)
+        with metrics.aggregate():
+            task.reduce_metrics([log], crit)
+        crit.train()
+
+    def nudge():  # a training step's change of the weights
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+
+    weights = lambda: {n: p.detach().clone() for n, p in model.named_parameters()}  # noqa: E731
+    validate(0.5)
+    validated = weights()
+    crit(model, train)  # consumes the validation: a new best
+    nudge()
+    nudged = weights()
+    validate(0.4)  # no better: a move (and, with rollback, the best's weights back)
+    crit(model, train)
+    assert crit.schedule == {"moves": 1, "best": None}
+    expected = validated if rollback else nudged
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=0, atol=0, msg=name)
+    assert (crit.training_state_dict().get("best_weights") is None)  # the next validation starts afresh
+    validate(0.6)
+    crit(model, train)
+    assert ("best_weights" in crit.training_state_dict()) == rollback
+
+
+def test_rollback_refuses_fp16_master_weights(toy_data):
+    with pytest.raises(ConfigError, match="--interpolation-rollback cannot restore weights under --fp16"):
+        _build(toy_data, "--criterion", "interpolation", "--interpolation-rollback", "--bf16")
+    with pytest.raises(ConfigError, match="needs --interpolation-anneal validation"):
+        _build(toy_data, "--criterion", "interpolation", "--interpolation-rollback", "--interpolation-anneal", "none")
+
+
 def test_validation_annealing_needs_the_task_hook(toy_data):
     cfg, task, _, crit = _build(toy_data, "--criterion", "interpolation")
     task.hands_validation_reward = False  # a task without the hook (fairseq's translation)

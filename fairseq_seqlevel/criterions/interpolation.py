@@ -46,6 +46,12 @@ class InterpolationConfig(FairseqDataclass):
                                         "docs/benchmarks.md); updates: one move every "
                                         "--interpolation-anneal-every updates; inverse_sigmoid: scheduled sampling, "
                                         "λ = (1-ε, 0, ε), ε = k/(k+exp(updates/k)); none: fixed λ"})
+    interpolation_rollback: bool = field(
+        default=False, metadata={"help": "with --interpolation-anneal validation: when a validation does not improve "
+                                 "on the best since the last move, restore the model's weights of that best "
+                                 "validation before moving (tan2019 C.2: the authors restore the previous "
+                                 "checkpoint; the optimizer's moments are kept); the weights are held as one fp32 "
+                                 "copy and saved with the checkpoint"})
     interpolation_anneal_every: int = field(
         default=1000, metadata={"help": "updates between moves (--interpolation-anneal updates)"})
     interpolation_anneal_step: float = field(default=0.06, metadata={
@@ -62,6 +68,12 @@ class InterpolationConfig(FairseqDataclass):
     interpolation_max_len_ref_b: int = field(
         default=10, metadata={"help": "at most a·|y*| + b tokens, y* the reference (never fewer than |y*|)"})
     sentence_avg: bool = II("optimization.sentence_avg")
+    # --interpolation-rollback writes the model's weights: fairseq's --fp16 / --bf16 keep fp32 master
+    # copies in the optimizer that would overwrite them at the next step
+    fp16: bool = II("common.fp16")
+    bf16: bool = II("common.bf16")
+    memory_efficient_fp16: bool = II("common.memory_efficient_fp16")
+    memory_efficient_bf16: bool = II("common.memory_efficient_bf16")
 
 
 def parse_lambdas(text: str) -> Tuple[float, float, float]:
@@ -86,6 +98,13 @@ def check_interpolation_config(cfg):
     check(cfg.interpolation_reward_moves >= 0,
           f"--interpolation-reward-moves must be >= 0, got {cfg.interpolation_reward_moves}")
     check(cfg.interpolation_ss_k >= 1, f"--interpolation-ss-k must be >= 1, got {cfg.interpolation_ss_k}")
+    check(not cfg.interpolation_rollback or str(cfg.interpolation_anneal) == "validation",
+          "--interpolation-rollback needs --interpolation-anneal validation (it acts on a validation's result)")
+    master_copies = (getattr(cfg, "fp16", False) or getattr(cfg, "bf16", False)) and not (
+        getattr(cfg, "memory_efficient_fp16", False) or getattr(cfg, "memory_efficient_bf16", False))
+    check(not (cfg.interpolation_rollback and master_copies),
+          "--interpolation-rollback cannot restore weights under --fp16/--bf16 (the optimizer's fp32 master "
+          "copy would overwrite them): use --amp or --memory-efficient-fp16/--memory-efficient-bf16")
     a, b = cfg.interpolation_max_len_ref_a, cfg.interpolation_max_len_ref_b
     check(a >= 0 and b >= 0, f"--interpolation-max-len-ref-a and -b must be >= 0, got {a}, {b}")
 
@@ -121,7 +140,8 @@ def inverse_sigmoid_lambdas(num_updates: int, k: float) -> Tuple[float, float, f
 def after_validation(state: dict, reward: float) -> dict:
     """One validation result: a move when it does not improve on the best
     reward since the last move (then the next validation starts afresh, as in
-    the authors' code); the new state."""
+    the authors' code); the new state (``moves`` grew: a move; else ``best`` is
+    this validation's reward, a new best)."""
     best = state.get("best")
     if best is not None and not reward > best:
         return {"moves": state["moves"] + 1, "best": None}
@@ -255,6 +275,7 @@ class InterpolationCriterion(SeqlevelCriterion):
             [i for i in self.special_ids.tolist() if i != self.eos], dtype=torch.long), persistent=False)
         self.schedule = {"moves": 0, "best": None}
         self._validation = [0.0, 0]  # summed over a validation's batches and workers, until the next step
+        self.best_weights = None  # --interpolation-rollback: fp32 weights of the best validation since the last move
 
     def add_validation_reward(self, total, count):
         """The task's hook (seqlevel_translation.reduce_metrics): a validation
@@ -264,10 +285,14 @@ class InterpolationCriterion(SeqlevelCriterion):
 
     # ---- schedule state (saved through compat.keep_criterion_training_state)
     def training_state_dict(self):
-        return dict(self.schedule)
+        state = dict(self.schedule)
+        if self.best_weights is not None:
+            state["best_weights"] = self.best_weights
+        return state
 
     def load_training_state_dict(self, state):
         self.schedule = {"moves": int(state.get("moves", 0)), "best": state.get("best")}
+        self.best_weights = state.get("best_weights")
 
     def current_lambdas(self):
         cfg = self.cfg
@@ -292,16 +317,29 @@ class InterpolationCriterion(SeqlevelCriterion):
                                    self.cfg.interpolation_max_len_ref_b,
                                    layout=self.output_layout(model, sample))
 
-    def _consume_validation(self):
+    def _consume_validation(self, model):
+        """The first step after a validation: the schedule's move, and with --interpolation-rollback the
+        weights it was validated with (a new best) kept, or those of the best restored (a move). The
+        validation reward is summed over workers, so every worker does the same."""
         total, count = self._validation
         if count > 0:
             self._validation = [0.0, 0]
+            moves = self.schedule["moves"]
             self.schedule = after_validation(self.schedule, total / count)
+            if self.cfg.interpolation_rollback:
+                params = dict(unwrap(model).named_parameters())
+                with torch.no_grad():
+                    if self.schedule["moves"] == moves:  # a new best: these weights were validated
+                        self.best_weights = {n: p.detach().float().clone() for n, p in params.items()}
+                    elif self.best_weights is not None:  # no better than the best: back to it, then move
+                        for name, value in self.best_weights.items():
+                            params[name].copy_(value)
+                        self.best_weights = None  # the next validation starts afresh (after_validation)
 
     def training_loss(self, model, sample):
         pad, target = self.padding_idx, sample["target"]
         layout = self.output_layout(model, sample)
-        self._consume_validation()
+        self._consume_validation(model)
         lambdas = self.current_lambdas()
         with worker_rng():
             tokens, z = self.construct(model, sample, lambdas)
