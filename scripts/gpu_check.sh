@@ -310,7 +310,8 @@ import fairseq
 import fairseq_seqlevel  # noqa: F401  (registers the criterions)
 from fairseq.criterions import CRITERION_REGISTRY
 import rxlm.metrics.tensorbleu  # noqa: F401
-ours = ["raml", "token_smooth", "searnn_kl", "risk", "seq_exploration", "interpolation", "erac", "vaml"]
+ours = ["raml", "token_smooth", "searnn_kl", "risk", "seq_exploration", "interpolation", "erac", "vaml",
+        "preference"]
 absent = [c for c in ours if c not in CRITERION_REGISTRY]
 assert not absent, f"criterions not registered: {absent}"
 import importlib

@@ -363,6 +363,7 @@ def test_mixed_with_a_user_part(trusted, make_module):
 CRITIC = ["--critic-embed-dim", "8", "--critic-hidden-size", "8"]
 CRITERIONS = {  # every criterion that takes a reward, with its own small settings
     "risk": ["--risk-candidates", "3"],
+    "preference": ["--preference-candidates", "3"],
     "seq_exploration": [],
     "raml": ["--raml-samples", "2", "--raml-reward", "REWARD"],
     "searnn_kl": [],
