@@ -90,7 +90,7 @@ def test_dry_run_skips_the_cuda_steps_and_runs_the_rest(dry_run):
     assert re.search(r"\] speed: skipped: no CUDA; CPU smoke run ok", log), log[-3000:]
     assert "] python: ok (torch" in log and "no CUDA device visible" in log
     assert "] install: ok (nothing to install)" in log
-    assert re.search(r"\] imports: ok \(fairseq [\d.]+ .*8 criterions", log)
+    assert re.search(r"\] imports: ok \(fairseq [\d.]+ .*9 criterions", log)
     assert re.search(r"\[gpu_check \d+:\d\d / 8:00\] == speed \(budget 2:00\) ==", log)  # the budget as it goes
     assert "FAILED" not in log
     # well inside the minute it is planned for (a loaded 2-core machine: twice that)
