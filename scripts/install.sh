@@ -53,6 +53,10 @@ quiet "${PIP[@]}" -e "$ROOT[test,bench,recipes,tensorboard]"
 # package's other requirements are a training framework we do not use
 "$VENV/bin/python" -c "import rxlm.metrics.tensorbleu" 2>/dev/null \
   || quiet "${PIP[@]}" --no-deps "rxlm==0.3.80" || log "rxlm (TensorBLEU) not installed: reward_speed.py skips it"
+# mbrs (benchmarks/mbr_speed.py compares MBR decoding against it) and its Rust chrF: --no-deps, the
+# package's requirements include COMET, BERTScore and BLEURT stacks that would replace numpy
+"$VENV/bin/python" -c "import mbrs, fastchrf" 2>/dev/null \
+  || quiet "${PIP[@]}" --no-deps "mbrs==0.1.8" fastchrf || log "mbrs not installed: mbr_speed.py skips it"
 "$VENV/bin/python" -c "import fairseq, fairseq_seqlevel, sentencepiece, sacrebleu" 2>/dev/null \
   || { log "error: the venv at $VENV cannot import fairseq_seqlevel"; exit 1; }
 echo "$WANT" > "$STAMP"

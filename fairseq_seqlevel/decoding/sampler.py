@@ -1,6 +1,6 @@
 """n samples per source from a fairseq encoder-decoder, all decoded in one
-batched incremental loop: greedy, multinomial, top-k, nucleus, or a caller's
-rule, under ``SequenceGenerator``'s length limits.
+batched incremental loop: greedy, multinomial, top-k, nucleus, epsilon, or a
+caller's rule, under ``SequenceGenerator``'s length limits.
 
 Length limits, per source: eos is forced at step
 ``min(int(max_len_a * src_len + max_len_b), max_decoder_positions - 1)``
@@ -21,7 +21,7 @@ from fairseq_seqlevel.decoding.model import eval_mode, unwrap
 from fairseq_seqlevel.decoding.rollouts import IncrementalState, _shrink, decoder_step
 from fairseq_seqlevel.decoding.teacher_forcing import encode, expand_encoder_out
 
-STRATEGIES = ("greedy", "multinomial", "topk", "nucleus")
+STRATEGIES = ("greedy", "multinomial", "topk", "nucleus", "epsilon")
 
 # choose(step, lprobs [rows, V], prefix [rows, step], rows [rows]) -> tokens [rows]
 Choose = Callable[[int, Tensor, Tensor, Tensor], Tensor]
@@ -77,12 +77,16 @@ def _draw(logits: Tensor) -> Tensor:
     return draw(logits.softmax(dim=-1))
 
 
-def pick(masked: Tensor, strategy: str, temperature: float = 1.0, topk: int = 0, topp: float = 1.0) -> Tensor:
+def pick(masked: Tensor, strategy: str, temperature: float = 1.0, topk: int = 0, topp: float = 1.0,
+         epsilon: float = 0.0) -> Tensor:
     """Tokens ``[rows]`` drawn from ``masked [rows, V]`` (log-probs, -inf = excluded).
 
-    The top-k and nucleus sets are taken from the tempered distribution
+    The top-k, nucleus and epsilon sets are taken from the tempered distribution
     softmax(masked / temperature), as fairseq's ``Sampling`` search does
-    (the top-k set does not depend on the temperature).
+    (the top-k set does not depend on the temperature).  Epsilon sampling
+    (Hewitt et al. 2022) keeps the tokens of probability >= ``epsilon`` and the
+    most likely token (never an empty set), renormalized; ``epsilon`` 0 is
+    multinomial sampling, the same draws.
     """
     if strategy == "greedy":
         return masked.argmax(dim=-1)
@@ -96,10 +100,14 @@ def pick(masked: Tensor, strategy: str, temperature: float = 1.0, topk: int = 0,
         # the smallest prefix of the sorted tokens with mass >= topp: those preceded by < topp
         probs = probs.masked_fill(mass_before >= topp, 0.0)
         return ids.gather(1, draw(probs).unsqueeze(1)).squeeze(1)
+    if strategy == "epsilon" and epsilon > 0:
+        probs = logits.softmax(dim=-1)
+        keep = probs.ge(epsilon).scatter_(1, probs.argmax(dim=-1, keepdim=True), True)
+        return draw(probs.masked_fill(~keep, 0.0))
     return _draw(logits)
 
 
-def _check(n, strategy, temperature, topk, topp, min_len, choose):
+def _check(n, strategy, temperature, topk, topp, min_len, choose, epsilon=0.0):
     if n < 1:
         raise ValueError(f"sample: n must be >= 1, got {n}")
     if choose is None and strategy not in STRATEGIES:
@@ -112,11 +120,14 @@ def _check(n, strategy, temperature, topk, topp, min_len, choose):
         raise ValueError(f"sample: topp must be in (0, 1], got {topp}")
     if min_len < 0:
         raise ValueError(f"sample: min_len must be >= 0, got {min_len}")
+    if not 0 <= epsilon < 1:
+        raise ValueError(f"sample: epsilon must be in [0, 1), got {epsilon}")
 
 
 def sample(model, net_input, n: int = 1, strategy: str = "greedy", temperature: float = 1.0, topk: int = 0,
            topp: float = 1.0, max_len_a: float = 0, max_len_b: float = 200, min_len: int = 1,
-           choose: Optional[Choose] = None, last_step: Optional[Tensor] = None, layout=None) -> Samples:
+           choose: Optional[Choose] = None, last_step: Optional[Tensor] = None, layout=None,
+           epsilon: float = 0.0) -> Samples:
     """``n`` outputs per source of ``net_input`` (``src_tokens``, ``src_lengths``).
 
     Args:
@@ -125,7 +136,10 @@ def sample(model, net_input, n: int = 1, strategy: str = "greedy", temperature: 
         strategy: ``greedy`` (arg-max), ``multinomial`` (softmax(lprobs /
             temperature)), ``topk`` (the ``topk`` most likely tokens, then
             sampled at the temperature), ``nucleus`` (the smallest set whose
-            tempered probability reaches ``topp``, then sampled).
+            tempered probability reaches ``topp``, then sampled), ``epsilon``
+            (the tokens of tempered probability >= ``epsilon``, and the most
+            likely one, then sampled: Hewitt et al. 2022; ``epsilon`` 0 is
+            ``multinomial``).
         max_len_a, max_len_b, min_len: ``SequenceGenerator``'s limits (module
             docstring), eos forced at the limit.
         choose: replaces the strategy: ``choose(step, lprobs, prefix, rows)``
@@ -149,17 +163,17 @@ def sample(model, net_input, n: int = 1, strategy: str = "greedy", temperature: 
     Returns :class:`Samples`; ``lprobs`` holds the unmasked temperature-1
     model log-prob of each emitted token, whatever chose it.
     """
-    _check(n, strategy, temperature, topk, topp, min_len, choose)
+    _check(n, strategy, temperature, topk, topp, min_len, choose, epsilon)
     inner = unwrap(model)
     # eval mode on the inner model: a wrapper that does not forward attributes
     # (plain DDP) would hide the decoder whose beam size eval_mode resets to 1
     with eval_mode(inner):
         return _decode(inner, net_input, n, strategy, temperature, topk, topp, max_len_a, max_len_b, min_len,
-                       choose, last_step, layout)
+                       choose, last_step, layout, epsilon)
 
 
 def _decode(model, net_input, n, strategy, temperature, topk, topp, max_len_a, max_len_b, min_len, choose,
-            last_step=None, layout=None):
+            last_step=None, layout=None, epsilon=0.0):
     dictionary = model.decoder.dictionary
     pad = dictionary.pad()
     eos = dictionary.eos() if layout is None else layout.eos
@@ -199,7 +213,7 @@ def _decode(model, net_input, n, strategy, temperature, topk, topp, max_len_a, m
             chosen = prefix[:, step]
         elif choose is None:
             masked = constrain(lprobs, step, min_len, at_limit, pad, eos)
-            chosen = pick(masked, strategy, temperature, topk, topp)
+            chosen = pick(masked, strategy, temperature, topk, topp, epsilon)
         else:
             masked = constrain(lprobs, step, min_len, at_limit, pad, eos)
             chosen = choose(step, masked, inputs[:, 1:], rows)

@@ -4,11 +4,14 @@ Adds ``--reward`` (``task.reward(hyp, refs)`` on raw padded target ids, bound
 to pad/eos and optionally to a word merger), ``--extra-references`` (batches
 carry ``sample["references"]``, B x R x T'; a missing file is an error) and
 ``--eval-reward`` (greedy validation logging ``reward``, ``greedy_bleu`` and
-``greedy_chrf``).
+``greedy_chrf``) and, for ``fairseq-generate`` / ``fairseq-interactive``,
+minimum Bayes risk decoding (``--mbr-candidates N``: ``build_generator``
+returns a :class:`~fairseq_seqlevel.decoding.mbr.MbrGenerator`).
 
-Design: docs/task.md, "What it adds to `translation`".
+Design: docs/task.md, "What it adds to `translation`"; MBR: docs/mbr.md.
 """
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -21,12 +24,16 @@ from fairseq.logging import metrics
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from fairseq_seqlevel.decoding.mbr import SAMPLINGS, MbrGenerator
 from fairseq_seqlevel.errors import InputFileError, check
 from fairseq_seqlevel.rewards.binding import bind_reward, bleu_from_flat_stats, validate_reward_name
 from fairseq_seqlevel.tasks.multi_reference_dataset import MultiReferenceDataset
 
+logger = logging.getLogger(__name__)
+
 REWARD_LEVELS = ChoiceEnum(["token", "word"])
 SUBWORD_STYLES = ChoiceEnum(["auto", "sentencepiece", "subword_nmt", "none"])
+MBR_SAMPLINGS = ChoiceEnum(list(SAMPLINGS))
 
 
 @dataclass
@@ -66,6 +73,33 @@ class SeqlevelTranslationConfig(TranslationConfig):
     eval_reward_max_len_b: int = field(
         default=20, metadata={"help": "greedy validation decoding: max length = a*src_len + b (a=1.2)"}
     )
+    mbr_candidates: int = field(
+        default=0,
+        metadata={"help": "fairseq-generate / fairseq-interactive: minimum Bayes risk decoding over this many "
+                  "candidates per source (0: off, the usual beam search); the output is the candidate of highest "
+                  "mean --mbr-utility against all candidates (itself included, as the mbrs library), --nbest "
+                  "lists the distinct candidates in that order; --beam and --sampling do not apply "
+                  "(docs/mbr.md); fairseq-train refuses it"},
+    )
+    mbr_utility: str = field(
+        default="chrf",
+        metadata={"help": "MBR utility u(candidate, pseudo-reference): a --reward name (bleu, chrf, chrf_pp, edit, "
+                  "...; a mix or python:MODULE:FUNCTION too), scored at --reward-level; chrF: the string utility "
+                  "of sampling-based MBR (Müller & Sennrich 2021), where sentence BLEU between two short samples is "
+                  "mostly its smoothing"},
+    )
+    mbr_sampling: MBR_SAMPLINGS = field(
+        default="epsilon",
+        metadata={"help": "MBR candidates: epsilon sampling (tokens of probability >= --mbr-epsilon, "
+                  "renormalized: Freitag et al. 2023's choice for MBR), multinomial (ancestral) sampling, or the "
+                  "task's beam search with a beam of --mbr-candidates (its n-best); sampling follows "
+                  "--temperature, --max-len-a/b, --min-len and --seed"},
+    )
+    mbr_epsilon: float = field(
+        default=0.02,
+        metadata={"help": "--mbr-sampling epsilon: the probability threshold ε in [0, 1) (0.02: Freitag et al. "
+                  "2023; 0 is multinomial sampling)"},
+    )
 
 
 @register_task("seqlevel_translation", dataclass=SeqlevelTranslationConfig)
@@ -89,6 +123,7 @@ class SeqlevelTranslationTask(TranslationTask):
             check(os.path.isdir(path), f"DATA: data directory not found: {path}")
         # Validate the reward before loading anything (fails at start-up).
         validate_reward_name(cfg.reward, "--reward")
+        check_mbr_flags(cfg)
         return super().setup_task(cfg, **kwargs)
 
     @classmethod
@@ -120,6 +155,45 @@ class SeqlevelTranslationTask(TranslationTask):
         if self.cfg.eval_reward:
             self.eval_chrf = bind_reward("chrf", self.tgt_dict, subword_style=self.cfg.subword_style, flag="chrf")
         return model
+
+    def build_criterion(self, cfg, from_checkpoint=False):
+        # training and validation decode with plain generators (greedy validation,
+        # the criterions' candidates): MBR is a decoding rule of generate / interactive
+        check(getattr(self.cfg, "mbr_candidates", 0) == 0,
+              "--mbr-candidates: minimum Bayes risk is a decoding rule of fairseq-generate / fairseq-interactive; "
+              "drop it from fairseq-train / fairseq-validate")
+        return super().build_criterion(cfg, from_checkpoint)
+
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
+                        prefix_allowed_tokens_fn=None):
+        """fairseq's generator; with ``--mbr-candidates N`` an :class:`MbrGenerator` over it
+        (not for ``--score-reference``, which scores the reference)."""
+        n = getattr(self.cfg, "mbr_candidates", 0)
+        if n <= 0 or getattr(args, "score_reference", False):
+            return super().build_generator(models, args, seq_gen_cls, extra_gen_cls_kwargs, prefix_allowed_tokens_fn)
+        sampling = str(self.cfg.mbr_sampling)
+        check(not getattr(args, "sampling", False),
+              "--sampling: MBR draws its own candidates (--mbr-sampling epsilon|multinomial|beam); drop --sampling")
+        if sampling != "beam":
+            extra = extra_gen_cls_kwargs or {}
+            check(len(models) == 1, f"--path: --mbr-sampling {sampling} samples one model, got an ensemble of "
+                  f"{len(models)}; use --mbr-sampling beam (the ensemble's beam search)")
+            check(not getattr(args, "constraints", False) and prefix_allowed_tokens_fn is None
+                  and extra.get("lm_model") is None,
+                  f"--mbr-sampling {sampling}: sampled candidates take no --constraints, prefix_allowed_tokens_fn "
+                  "or --lm-path; use --mbr-sampling beam")
+        base = super().build_generator(models, _Overridden(args, beam=n) if sampling == "beam" else args,
+                                       seq_gen_cls, extra_gen_cls_kwargs, prefix_allowed_tokens_fn)
+        utility = bind_reward(self.cfg.mbr_utility, self.tgt_dict, self.cfg.reward_level, self.cfg.subword_style,
+                              flag="--mbr-utility")
+        logger.info(f"minimum Bayes risk decoding: {n} candidates per source ({sampling}"
+                    + (f", ε = {self.cfg.mbr_epsilon}" if sampling == "epsilon" else "")
+                    + f"), utility {self.cfg.mbr_utility}")
+        return MbrGenerator(models[0], base, self.tgt_dict, utility, n, sampling, self.cfg.mbr_epsilon,
+                            max_len_a=getattr(args, "max_len_a", 0), max_len_b=getattr(args, "max_len_b", 200),
+                            min_len=getattr(args, "min_len", 1), temperature=getattr(args, "temperature", 1.0),
+                            normalize_scores=not getattr(args, "unnormalized", False),
+                            len_penalty=getattr(args, "lenpen", 1))
 
     def greedy_outputs(self, model, sample):
         """Greedy (beam 1) outputs as a right-padded B x T tensor, eos kept."""
@@ -177,3 +251,24 @@ class SeqlevelTranslationTask(TranslationTask):
             "greedy_bleu",
             lambda meters: round(bleu_from_flat_stats(meters["_gbleu_stats"].sum), 2),
         )
+
+
+def check_mbr_flags(cfg):
+    """One-line errors for the MBR flags, at start-up (before any data is loaded)."""
+    candidates = getattr(cfg, "mbr_candidates", 0)
+    check(candidates >= 0, f"--mbr-candidates: must be >= 0 (0: off), got {candidates}")
+    validate_reward_name(getattr(cfg, "mbr_utility", "chrf"), "--mbr-utility")
+    epsilon = getattr(cfg, "mbr_epsilon", 0.02)
+    check(0 <= epsilon < 1, f"--mbr-epsilon: must be in [0, 1), got {epsilon}")
+
+
+class _Overridden:
+    """``args`` (a generation config) with some attributes replaced."""
+
+    def __init__(self, args, **values):
+        self._args, self._values = args, values
+
+    def __getattr__(self, name):
+        if name in self._values:
+            return self._values[name]
+        return getattr(self._args, name)
