@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_toy, first_batch
-from fairseq_seqlevel.criterions.preference import (first_occurrences, mbr_utilities, preference_loss,
-                                                    preference_pairs)
+from fairseq_seqlevel.criterions.preference import preference_loss, preference_pairs
+from fairseq_seqlevel.decoding.mbr import first_occurrences
 from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
 from fairseq_seqlevel.errors import ConfigError
 
@@ -93,7 +93,7 @@ def test_margin_and_pairs():
     assert chosen.tolist() == [[0], [0]] and rejected.tolist() == [[3], [0]] and valid.tolist() == [[True], [False]]
     assert preference_pairs(u, "best-worst", 0.4)[3].tolist() == [[False], [False]]  # 0.4 is not > 0.4
     candidates = torch.tensor([[[4, 2], [5, 2], [4, 2], [6, 2]], [[4, 2]] * 4])
-    distinct = first_occurrences(candidates)
+    distinct = first_occurrences(candidates, torch.ones(candidates.shape[:2], dtype=torch.bool))
     assert distinct.tolist() == [[True, True, False, True], [True, False, False, False]]
     chosen, rejected, gap, valid = preference_pairs(u, "all", 0.15, distinct)
     got = {(int(c), int(r)) for c, r in zip(chosen[0][valid[0]], rejected[0][valid[0]])}
@@ -104,11 +104,6 @@ def test_margin_and_pairs():
     loss, _ = preference_loss(logp, chosen, rejected, torch.zeros_like(valid), "dpo", 0.1, torch.zeros_like(logp))
     (grad,) = torch.autograd.grad(loss.sum(), logp)
     assert loss.tolist() == [0.0, 0.0] and grad.abs().max() == 0
-
-
-def test_mbr_utilities_leave_the_diagonal_out():
-    matrix = torch.tensor([[[1.0, 0.2, 0.4], [0.6, 1.0, 0.0], [0.3, 0.3, 1.0]]])
-    torch.testing.assert_close(mbr_utilities(matrix), torch.tensor([[0.3, 0.3, 0.3]]))
 
 
 # ------------------------------------------------------------------ the criterion
@@ -148,9 +143,9 @@ def test_mbr_rank_is_reference_free(toy_data):
     rows = found.view(5, 4, -1)
     for b in range(5):
         for j in range(4):
-            others = [float(crit.reward(rows[b, j:j + 1], rows[b, k:k + 1].unsqueeze(1))[0])
-                      for k in range(4) if k != j]
-            assert float(got[b, j]) == pytest.approx(sum(others) / 3, abs=1e-6)
+            every = [float(crit.reward(rows[b, j:j + 1], rows[b, k:k + 1].unsqueeze(1))[0])
+                     for k in range(4)]  # itself included, as MBR decoding (and mbrs) count it
+            assert float(got[b, j]) == pytest.approx(sum(every) / 4, abs=1e-6)
     shuffled = dict(batch, references=batch["references"].flip(0), target=batch["target"].flip(0))
     assert torch.equal(crit.utilities(found, shuffled), got)
 
@@ -184,7 +179,7 @@ def _brute_force(model, ref_model, batch, rows, n, reward, cfg, pad, eos):
         seqs = [r[r.ne(pad)].tolist() for r in rows[b * n:(b + 1) * n]]
         tokens = [torch.tensor([s]) for s in seqs]
         if cfg.preference_rank == "mbr":
-            u = [sum(float(reward(tokens[j], tokens[k].unsqueeze(1))[0]) for k in range(n) if k != j) / (n - 1)
+            u = [sum(float(reward(tokens[j], tokens[k].unsqueeze(1))[0]) for k in range(n)) / n  # itself too
                  for j in range(n)]
         else:
             u = [float(reward(t, refs[b:b + 1])[0]) for t in tokens]

@@ -27,6 +27,7 @@ from torch.func import functional_call
 from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, mle_mix, reference_and_samples,
                                               references_of, scored_part, worker_rng)
 from fairseq_seqlevel.decoding.layout import generate as generate_like_task
+from fairseq_seqlevel.decoding.mbr import expected_utility, first_occurrences, utility_matrix
 from fairseq_seqlevel.decoding.model import eval_mode, forward_through, unwrap
 from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
 from fairseq_seqlevel.decoding.teacher_forcing import rows_objective, sequence_nll
@@ -49,7 +50,8 @@ class PreferenceConfig(FairseqDataclass):
     preference_rank: ChoiceEnum(RANKS) = field(
         default="reward", metadata={"help": "reward: rank the candidates by the reward against the reference(s); "
                                     "mbr: by their MBR expected utility, the mean reward of a candidate against "
-                                    "each other candidate of its source as reference (reference-free: self-training)"})
+                                    "every candidate of its source as reference, itself included, as MBR decoding "
+                                    "(reference-free: self-training)"})
     preference_pairs: ChoiceEnum(PAIRS) = field(
         default="best-worst", metadata={"help": "best-worst: one pair per source, the best and the worst candidate; "
                                         "all: every pair of distinct candidates (each source's loss is the mean "
@@ -113,21 +115,6 @@ def ordered_pairs(n, device=None):
     """(j [P], k [P]): every ordered pair j != k of n candidates, P = n·(n − 1)."""
     j, k = torch.triu_indices(n, n, offset=1, device=device)
     return torch.cat([j, k]), torch.cat([k, j])
-
-
-def mbr_utilities(matrix):
-    """Expected utility of each candidate [B, n] from ``matrix`` [B, n, n] (u(c_j | c_k as
-    reference) at [b, j, k]): the mean over the k != j, the diagonal left out."""
-    n = matrix.size(1)
-    off = ~torch.eye(n, dtype=torch.bool, device=matrix.device)
-    return torch.where(off, matrix.float(), matrix.new_zeros((), dtype=torch.float)).sum(dim=2) / (n - 1)
-
-
-def first_occurrences(candidates):
-    """[B, n] bool: the candidate is not equal to an earlier one of its source (``[B, n, T]``)."""
-    same = (candidates.unsqueeze(2) == candidates.unsqueeze(1)).all(dim=-1)  # [B, n, n]
-    earlier = torch.ones_like(same[0]).tril(diagonal=-1)  # k < j
-    return ~(same & earlier).any(dim=2)
 
 
 def preference_pairs(utilities, mode, margin, distinct=None):
@@ -287,19 +274,15 @@ class PreferenceCriterion(SeqlevelCriterion):
     @torch.no_grad()
     def utilities(self, found, sample):
         """[B, n] fp32: each candidate's reward against the references, or (``mbr``) its
-        mean reward against the source's other candidates as references, one batched call."""
+        mean reward against the source's candidates as references (decoding/mbr.py)."""
         batch_size, n = sample["target"].size(0), self.cfg.preference_candidates
         higher = getattr(self.reward, "higher_is_better", True)
         if self.cfg.preference_rank == "reward":
             values = self.reward(found, references_of(sample).repeat_interleave(n, dim=0))
             return utility(values, higher).view(batch_size, n)
-        grouped = found.view(batch_size, n, -1)
-        j, k = ordered_pairs(n, found.device)
-        width = grouped.size(2)
-        values = utility(self.reward(grouped[:, j].reshape(-1, width), grouped[:, k].reshape(-1, 1, width)), higher)
-        matrix = values.new_zeros((batch_size, n, n))
-        matrix[:, j, k] = values.view(batch_size, -1)
-        return mbr_utilities(matrix)
+        # MBR decoding's expected utility (decoding/mbr.py): the mean over the source's candidates as
+        # references, itself included, as mbrs does (a constant for BLEU/chrF, so the ranking is the same)
+        return expected_utility(utility(utility_matrix(found.view(batch_size, n, -1), self.reward), higher))
 
     # ---- the step ------------------------------------------------------------
     def training_loss(self, model, sample):
@@ -313,7 +296,8 @@ class PreferenceCriterion(SeqlevelCriterion):
         utilities = self.utilities(found, sample)
         rows = reference_and_samples(target, found, n, pad)  # [y*, c_1..c_n] per source
         grouped = rows.view(batch_size, n + 1, -1)[:, 1:]
-        distinct = first_occurrences(grouped) if cfg.preference_pairs == "all" else None
+        distinct = first_occurrences(grouped, torch.ones(grouped.shape[:2], dtype=torch.bool, device=grouped.device)) \
+            if cfg.preference_pairs == "all" else None
         chosen, rejected, gap, valid = preference_pairs(utilities, str(cfg.preference_pairs), cfg.preference_margin,
                                                         distinct)
         scored = scored_part(rows, n, layout.prefix_len, pad)
