@@ -14,6 +14,10 @@ VALID = ("2026-12-02 06:16:16 | INFO | valid | epoch 007 | valid on 'valid' subs
          "reward 0.1615 | ppl 16.69 | greedy_bleu 15.13 | wps 2387.8 | num_updates 1498")
 
 
+EPOCH_END = ("2026-12-02 06:17:40 | INFO | train | epoch 008 | loss 3.701 | nll_loss 3.701 | ppl 13.01 | "
+             "wps 1100 | num_updates 1712 | lr 0.002")
+
+
 def test_progress_fields():
     state = {}
     assert run_demo.progress_fields(TRAIN_INNER, state)
@@ -22,6 +26,8 @@ def test_progress_fields():
     assert not run_demo.progress_fields("2026-12-02 | INFO | fairseq_cli.train | loaded checkpoint", state)
     assert run_demo.progress_fields(VALID, state)
     assert state["valid BLEU"] == "15.13" and state["valid loss"] == "4.061" and state["loss"] == "3.566"
+    # the epoch-end summary repeats the update count with the epoch's mean loss: not a new line
+    assert not run_demo.progress_fields(EPOCH_END, state) and state["loss"] == "3.566"
 
 
 def test_run_shows_progress_and_keeps_the_log(tmp_path, capsys):
