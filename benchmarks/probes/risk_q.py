@@ -60,7 +60,7 @@ def main(argv=None):
         for i, batch in enumerate(setting.batches):
             if i not in drawn:  # one draw of candidates per batch, shared by the settings
                 torch.manual_seed(i)
-                drawn[i] = risk_only.candidates(model, batch)
+                drawn[i] = type(risk_only).candidates(risk_only, model, batch)  # not the lambda below
             risk_only.candidates = lambda model, sample, i=i: drawn[i]
             loss, _, log = risk_only(model, batch)
             g_risk.append((1 - w) * grad_norm(model, loss))
