@@ -173,8 +173,11 @@ class RiskCriterion(SeqlevelCriterion):
             return (1.0 - cfg.risk_mle_weight) * (weight * expected_risk(scores_of(row_nll), costs, valid,
                                                                          cfg.risk_sharpness)[0]).sum()
 
+        # duplicates (and y* when it is no candidate) have Q = 0: not re-scored, except y* for the NLL term
+        keep = valid.clone()
+        keep[:, 0] = True
         loss, row_nll = forward_through(model, self._score, sample["net_input"], rows, n + 1, risk_of, target,
-                                        layout.bos, scored)
+                                        layout.bos, scored, keep.view(-1))
         risk, q = expected_risk(scores_of(row_nll), costs, valid, cfg.risk_sharpness)
         q_max, q_entropy = q_spread(q.detach(), valid)
         spread = ~q_entropy.isnan()
@@ -187,7 +190,7 @@ class RiskCriterion(SeqlevelCriterion):
         }
         return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size, **extra)
 
-    def _score(self, model, net_input, rows, per_source, objective, target, bos, scored):
+    def _score(self, model, net_input, rows, per_source, objective, target, bos, scored, keep=None):
         """The risk (chunked output layer) mixed with the reference's
         label-smoothed NLL (``--risk-mle-weight``, the rule of ``mle_mix``, split:
         (1 − w) scales the objective, w·NLL is added here, the arithmetic of the
@@ -195,7 +198,7 @@ class RiskCriterion(SeqlevelCriterion):
         pad, w = self.padding_idx, self.cfg.risk_mle_weight
         loss, _, row_nll, features = rows_objective(
             model, net_input, rows, per_source, pad, bos, partial(sequence_nll, pad=pad), objective,
-            fused=self.fused, loss_target=scored)
+            fused=self.fused, loss_target=scored, keep=keep)
         if w > 0:
             ref_features = features.view(-1, per_source, *features.shape[1:])[:, 0, :target.size(1)]
             lprobs = model.get_normalized_probs((project_features(model, ref_features), None), log_probs=True)

@@ -446,21 +446,34 @@ def _bucketed_objective(model, encoder_out, rows_source, prev_output_tokens, tar
 
 
 def rows_objective(model, net_input, rows, per_source, pad, eos, loss_fn, objective, fused=None, loss_target=None,
-                   buckets=None):
+                   buckets=None, keep=None):
     """:func:`encoded_rows_objective` of ``rows`` ``[B·m, T]`` (``m = per_source`` rows per
     source, source-major), the encoder run once per source.  Gradient-carrying:
     run it as the model's forward (``forward_through(model, rows_objective, ...)``).
     ``eos``: the start symbol, an int or per source ``[B]``; ``loss_target``:
     the rows as ``loss_fn`` sees them (pad where a token is not scored, e.g. a
     forced prefix), default ``rows``; ``buckets``: as for :func:`encoded_rows_objective`
-    (each bucket reads its rows' sources from the one encoder output)."""
+    (each bucket reads its rows' sources from the one encoder output); ``keep``
+    ``[B·m]`` bool: score only these rows (e.g. not a duplicate candidate), the others
+    reach ``objective`` and the returned tensors as 0 (their gradient must not matter)."""
     batch_size = net_input["src_tokens"].size(0)
     encoder_out = encode(model, net_input)
     device = _first_tensor(encoder_out).device
     rows_source = torch.arange(int(batch_size), device=device).repeat_interleave(per_source)
     prev = prev_output_tokens_from_target(rows, pad, _per_row(eos, per_source))
-    return _rows_objective(model, encoder_out, rows_source, prev, rows if loss_target is None else loss_target, loss_fn,
-                           objective, fused, buckets)
+    target = rows if loss_target is None else loss_target
+    if keep is None or bool(keep.all()):
+        return _rows_objective(model, encoder_out, rows_source, prev, target, loss_fn, objective, fused, buckets)
+    idx = keep.nonzero().squeeze(1)
+    n = rows.size(0)
+
+    def scatter(part):  # kept rows' values back at their places, 0 elsewhere
+        return part.new_zeros((n,) + tuple(part.shape[1:])).index_copy(0, idx, part)
+
+    loss, row_loss, row_nll, features = _rows_objective(
+        model, encoder_out, rows_source[idx], prev[idx], target[idx], loss_fn,
+        lambda kept: objective(scatter(kept)), fused, buckets)
+    return loss, scatter(row_loss), scatter(row_nll), scatter(features)
 
 
 # ---------------------------------------------------------------------------
