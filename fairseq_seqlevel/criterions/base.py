@@ -12,10 +12,12 @@ import math
 import torch
 from fairseq import utils
 from fairseq.criterions import FairseqCriterion
+from fairseq.data import data_utils
 from fairseq.logging import metrics
 
-from fairseq_seqlevel.decoding.layout import batch_layout, task_output
+from fairseq_seqlevel.decoding.layout import batch_layout, generate as generate_like_task, task_output
 from fairseq_seqlevel.decoding.model import check_autoregressive
+from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
 from fairseq_seqlevel.decoding.teacher_forcing import pad_right, token_nll  # noqa: F401 (pad_right: the kit's name)
 from fairseq_seqlevel.rewards.binding import bind_reward
 from fairseq_seqlevel.perturbation.vocab import never_sampled_ids
@@ -245,6 +247,22 @@ class SeqlevelCriterion(FairseqCriterion):
         ``--reward``, else bleu."""
         name = own_name or getattr(getattr(self.task, "cfg", None), "reward", None) or "bleu"
         return bind_reward(name, self.task.target_dictionary, "token", flag=flag, needs_prefix=True)
+
+    def draw_candidates(self, model, sample, n, search, max_len_a, max_len_b, layout=None):
+        """n candidates per source, ``[B·n, T]`` right-padded in the task's layout (no grad):
+        ``search="sample"`` n multinomial samples of the shared sampler; ``"beam"`` the n-best
+        of the task's own generator as its inference_step runs it (prefix, start and end
+        symbols), the last repeated where the beam returns fewer than n.  Lengths at most
+        a·|x| + b, x the source (as fairseq-generate's --max-len-a/b)."""
+        net_input = sample["net_input"]
+        layout = layout if layout is not None else self.output_layout(model, sample)
+        if search == "sample":
+            return sample_outputs(model, net_input, n=n, strategy="multinomial", max_len_a=max_len_a,
+                                  max_len_b=max_len_b, layout=layout).tokens
+        hypos = generate_like_task(self.task, model, {"net_input": net_input}, layout, beam=n,
+                                   max_len_a=max_len_a, max_len_b=max_len_b)
+        rows = [h[min(k, len(h) - 1)]["tokens"] for h in hypos for k in range(n)]
+        return data_utils.collate_tokens(rows, self.padding_idx).to(sample["target"].device)
 
     def output_layout(self, model, sample):
         """The task's layout of this batch's output rows (start symbol, forced

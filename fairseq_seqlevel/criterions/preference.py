@@ -19,17 +19,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from fairseq.criterions import register_criterion
-from fairseq.data import data_utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 from torch.func import functional_call
 
 from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, mle_mix, reference_and_samples,
                                               references_of, scored_part, worker_rng)
-from fairseq_seqlevel.decoding.layout import generate as generate_like_task
 from fairseq_seqlevel.decoding.mbr import expected_utility, first_occurrences, utility_matrix
 from fairseq_seqlevel.decoding.model import eval_mode, forward_through, unwrap
-from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
 from fairseq_seqlevel.decoding.teacher_forcing import rows_objective, sequence_nll
 from fairseq_seqlevel.errors import ConfigError, check
 
@@ -256,20 +253,10 @@ class PreferenceCriterion(SeqlevelCriterion):
 
     # ---- candidates and their ranking --------------------------------------
     def candidates(self, model, sample, layout=None):
-        """[B·n, T] right-padded candidates in the task's layout (no grad)."""
-        cfg, net_input = self.cfg, sample["net_input"]
-        layout = layout if layout is not None else self.output_layout(model, sample)
-        if cfg.preference_search == "sample":
-            return sample_outputs(model, net_input, n=cfg.preference_candidates, strategy="multinomial",
-                                  max_len_a=cfg.preference_max_len_src_a, max_len_b=cfg.preference_max_len_src_b,
-                                  layout=layout).tokens
-        hypos = generate_like_task(self.task, model, {"net_input": net_input}, layout,
-                                   beam=cfg.preference_candidates, max_len_a=cfg.preference_max_len_src_a,
-                                   max_len_b=cfg.preference_max_len_src_b)
-        n = cfg.preference_candidates
-        # beam search may return fewer than n hypotheses: the last repeats (equal utility, no pair)
-        rows = [h[min(k, len(h) - 1)]["tokens"] for h in hypos for k in range(n)]
-        return data_utils.collate_tokens(rows, self.padding_idx).to(sample["target"].device)
+        """[B·n, T] candidates (the kit's draw_candidates, no grad)."""
+        cfg = self.cfg
+        return self.draw_candidates(model, sample, cfg.preference_candidates, cfg.preference_search, cfg.preference_max_len_src_a,
+                                    cfg.preference_max_len_src_b, layout)
 
     @torch.no_grad()
     def utilities(self, found, sample):

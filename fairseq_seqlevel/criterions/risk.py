@@ -15,15 +15,12 @@ from typing import Optional
 import torch
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
-from fairseq.data import data_utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
 from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, reference_and_samples, references_of,
                                               scored_part, worker_rng)
-from fairseq_seqlevel.decoding.layout import generate as generate_like_task
 from fairseq_seqlevel.decoding.model import forward_through
-from fairseq_seqlevel.decoding.sampler import sample as sample_outputs
 from fairseq_seqlevel.decoding.teacher_forcing import project_features, rows_objective, sequence_nll
 from fairseq_seqlevel.errors import check
 
@@ -127,20 +124,10 @@ class RiskCriterion(SeqlevelCriterion):
         self.reward = self.resolve_reward(cfg.risk_reward, "--risk-reward", default="bleu")
 
     def candidates(self, model, sample, layout=None):
-        """U(x) before deduplication: [B·n, T] right-padded, in the task's layout (no grad)."""
-        cfg, net_input = self.cfg, sample["net_input"]
-        layout = layout if layout is not None else self.output_layout(model, sample)
-        if cfg.risk_search == "sample":
-            return sample_outputs(model, net_input, n=cfg.risk_candidates, strategy="multinomial",
-                                  max_len_a=cfg.risk_max_len_src_a, max_len_b=cfg.risk_max_len_src_b,
-                                  layout=layout).tokens
-        # the task's own generator, as its inference_step runs it (prefix, start and end symbols)
-        hypos = generate_like_task(self.task, model, {"net_input": net_input}, layout, beam=cfg.risk_candidates,
-                                   max_len_a=cfg.risk_max_len_src_a, max_len_b=cfg.risk_max_len_src_b)
-        n = cfg.risk_candidates
-        # beam search may return fewer than n hypotheses; repeat the last (deduplicated later)
-        rows = [h[min(k, len(h) - 1)]["tokens"] for h in hypos for k in range(n)]
-        return data_utils.collate_tokens(rows, self.padding_idx).to(sample["target"].device)
+        """U(x) before deduplication (the kit's draw_candidates, no grad)."""
+        cfg = self.cfg
+        return self.draw_candidates(model, sample, cfg.risk_candidates, cfg.risk_search, cfg.risk_max_len_src_a,
+                                    cfg.risk_max_len_src_b, layout)
 
     def training_loss(self, model, sample):
         cfg, pad, target = self.cfg, self.padding_idx, sample["target"]
