@@ -42,7 +42,6 @@ import argparse
 import enum
 import importlib
 import importlib.util
-import json
 import os
 import random
 import statistics
@@ -52,6 +51,8 @@ import types
 from pathlib import Path
 
 import torch
+
+from benchmarks.util import write_json  # noqa: E402
 
 from fairseq_seqlevel.decoding.mbr import rank  # noqa: E402
 from fairseq_seqlevel.rewards.binding import bind_reward  # noqa: E402
@@ -245,9 +246,7 @@ def main():
     args = parser.parse_args()
     results = run(args)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
+        write_json(args.json, results)  # never half-written
         print(f"wrote {args.json}")
 
 

@@ -17,7 +17,6 @@ if __name__ == "__main__" and not __package__:  # python benchmarks/reward_speed
 import argparse
 import gzip
 import io
-import json
 import os
 import random
 import statistics
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.util import write_json  # noqa: E402
 
 from fairseq_seqlevel.rewards import edit_distance, prefix_bleu, sentence_bleu  # noqa: E402
 from fairseq_seqlevel.rewards.chrf import ChrF  # noqa: E402
@@ -431,9 +432,7 @@ def main():
         res["chrf"] = run_chrf(sizes, max(5, args.repeats), args.chrf_prefix_subset)
         report_chrf(res["chrf"], sizes)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2, sort_keys=True)
+        write_json(args.json, res)  # never half-written
         print(f"wrote {args.json}")
 
 
