@@ -183,3 +183,22 @@ def test_q_spread_one_hot_uniform_and_single():
     assert q_max.tolist() == [1.0, 0.25, 0.5, 1.0]
     torch.testing.assert_close(entropy[:3], torch.tensor([0.0, 1.0, 1.0]))  # n = 2 valid for the third
     assert torch.isnan(entropy[3])
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_nll_and_label_smoothed_rows_equal_fairseq(epsilon):
+    """The one-pass loss_fn's two parts are, row by row, the NLL and fairseq's
+    label_smoothed_nll_loss of that row (pad ignored)."""
+    from fairseq_seqlevel.criterions.risk import nll_and_label_smoothed
+
+    gen, pad = torch.Generator().manual_seed(0), 1
+    lprobs = torch.log_softmax(torch.randn(3, 5, 7, generator=gen), dim=-1)
+    target = torch.randint(2, 7, (3, 5), generator=gen)
+    target[0, 3:] = pad
+    target[2, 1:] = pad
+    parts, nll = nll_and_label_smoothed(lprobs, target, pad, epsilon)
+    for n in range(3):
+        ls, ref_nll = label_smoothed_nll_loss(lprobs[n:n + 1], target[n:n + 1], epsilon, ignore_index=pad)
+        torch.testing.assert_close(parts[n, 1], ls)
+        torch.testing.assert_close(parts[n, 0], ref_nll)
+        torch.testing.assert_close(nll[n], ref_nll)

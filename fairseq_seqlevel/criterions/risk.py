@@ -21,7 +21,7 @@ from omegaconf import II
 from fairseq_seqlevel.criterions.base import (SeqlevelCriterion, log_mean, reference_and_samples, references_of,
                                               scored_part, worker_rng)
 from fairseq_seqlevel.decoding.model import forward_through
-from fairseq_seqlevel.decoding.teacher_forcing import project_features, rows_objective, sequence_nll
+from fairseq_seqlevel.decoding.teacher_forcing import rows_objective, token_nll
 from fairseq_seqlevel.errors import check
 
 SEARCHES = ["sample", "beam"]
@@ -88,6 +88,19 @@ def sequence_scores(token_lprobs, tokens, pad, length_normalize):
     return total
 
 
+def nll_and_label_smoothed(lprobs, target, pad, epsilon):
+    """``loss_fn`` with two components per row, ``([n, 2], [n])``: the sequence NLL and
+    fairseq's label-smoothed NLL (``label_smoothed_nll_loss``, ε), both summed over
+    non-pad tokens; then the NLL again. One scoring pass serves the risk (first
+    component, every row) and the reference's NLL term (second, row y* only)."""
+    nll = token_nll(lprobs, target, pad).sum(dim=-1)
+    if epsilon == 0:
+        return torch.stack([nll, nll], dim=-1), nll
+    smooth = (-lprobs.sum(dim=-1)).masked_fill(target.eq(pad), 0.0).sum(dim=-1)
+    eps_i = epsilon / (lprobs.size(-1) - 1)
+    return torch.stack([nll, (1.0 - epsilon - eps_i) * nll + eps_i * smooth], dim=-1), nll
+
+
 def expected_risk(scores, costs, valid, sharpness):
     """Σ_u Q(u)·cost(u) per source [B], Q = softmax(α·s) over the valid candidates
     (scores, costs, valid: [B, m]); also returns Q."""
@@ -152,20 +165,24 @@ class RiskCriterion(SeqlevelCriterion):
         lengths = scored.ne(pad).sum(dim=1).clamp(min=1).view(batch_size, n + 1)
         weight = self.length_weights(target)
 
-        def scores_of(row_nll):  # s(u|x) [B, n+1]
-            scores = -row_nll.view(batch_size, n + 1)
+        def scores_of(log_likelihood):  # s(u|x) [B, n+1]
+            scores = log_likelihood.view(batch_size, n + 1)
             return scores / lengths if cfg.risk_length_normalize else scores
 
-        def risk_of(row_nll):  # (1 − w)·Σ_b weight_b·risk_b: mle_mix's first term, inside the chunked objective
-            return (1.0 - cfg.risk_mle_weight) * (weight * expected_risk(scores_of(row_nll), costs, valid,
-                                                                         cfg.risk_sharpness)[0]).sum()
+        w = cfg.risk_mle_weight
+
+        def objective(row_loss):  # mle_mix, split: (1 − w)·Σ_b weight_b·risk_b + w·label-smoothed NLL(y*)
+            parts = row_loss.view(batch_size, n + 1, 2)
+            risk = expected_risk(scores_of(-parts[..., 0]), costs, valid, cfg.risk_sharpness)[0]
+            total = (1.0 - w) * (weight * risk).sum()
+            return total + w * parts[:, 0, 1].sum() if w > 0 else total
 
         # duplicates (and y* when it is no candidate) have Q = 0: not re-scored, except y* for the NLL term
         keep = valid.clone()
         keep[:, 0] = True
-        loss, row_nll = forward_through(model, self._score, sample["net_input"], rows, n + 1, risk_of, target,
-                                        layout.bos, scored, keep.view(-1))
-        risk, q = expected_risk(scores_of(row_nll), costs, valid, cfg.risk_sharpness)
+        loss, _, row_nll = forward_through(model, self._score, sample["net_input"], rows, n + 1, objective,
+                                           layout.bos, scored, keep.view(-1))
+        risk, q = expected_risk(scores_of(-row_nll), costs, valid, cfg.risk_sharpness)
         q_max, q_entropy = q_spread(q.detach(), valid)
         spread = ~q_entropy.isnan()
         nll = row_nll.view(batch_size, n + 1)[:, 0].sum()
@@ -177,21 +194,17 @@ class RiskCriterion(SeqlevelCriterion):
         }
         return loss, sample_size, self.stock_logging_output(loss, nll, sample, sample_size, **extra)
 
-    def _score(self, model, net_input, rows, per_source, objective, target, bos, scored, keep=None):
-        """The risk (chunked output layer) mixed with the reference's
-        label-smoothed NLL (``--risk-mle-weight``, the rule of ``mle_mix``, split:
-        (1 − w) scales the objective, w·NLL is added here, the arithmetic of the
-        published runs); run as the model's forward (forward_through)."""
-        pad, w = self.padding_idx, self.cfg.risk_mle_weight
-        loss, _, row_nll, features = rows_objective(
-            model, net_input, rows, per_source, pad, bos, partial(sequence_nll, pad=pad), objective,
+    def _score(self, model, net_input, rows, per_source, objective, bos, scored, keep=None):
+        """rows_objective with :func:`nll_and_label_smoothed` (the risk and the
+        reference's NLL term from one pass of the chunked output layer); run as the
+        model's forward (forward_through)."""
+        pad = self.padding_idx
+        epsilon = self.cfg.label_smoothing if self.cfg.risk_mle_weight > 0 else 0.0  # else the part is unused
+        loss, row_loss, row_nll, _ = rows_objective(
+            model, net_input, rows, per_source, pad, bos, partial(nll_and_label_smoothed, pad=pad, epsilon=epsilon),
+            objective,
             fused=self.fused, loss_target=scored, keep=keep)
-        if w > 0:
-            ref_features = features.view(-1, per_source, *features.shape[1:])[:, 0, :target.size(1)]
-            lprobs = model.get_normalized_probs((project_features(model, ref_features), None), log_probs=True)
-            ls_loss, _ = label_smoothed_nll_loss(lprobs, target, self.cfg.label_smoothing, ignore_index=pad)
-            loss = loss + w * ls_loss
-        return loss, row_nll
+        return loss, row_loss, row_nll
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
