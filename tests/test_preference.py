@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_toy, first_batch
-from fairseq_seqlevel.criterions.preference import preference_loss, preference_pairs
+from fairseq_seqlevel.criterions.preference import paired_rows, preference_loss, preference_pairs
 from fairseq_seqlevel.decoding.mbr import first_occurrences
 from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
 from fairseq_seqlevel.errors import ConfigError
@@ -104,6 +104,17 @@ def test_margin_and_pairs():
     loss, _ = preference_loss(logp, chosen, rejected, torch.zeros_like(valid), "dpo", 0.1, torch.zeros_like(logp))
     (grad,) = torch.autograd.grad(loss.sum(), logp)
     assert loss.tolist() == [0.0, 0.0] and grad.abs().max() == 0
+
+
+def test_paired_rows():
+    u = torch.tensor([[0.5, 0.2, 0.5, 0.1], [0.3, 0.3, 0.3, 0.3], [0.1, 0.4, 0.2, 0.3]])
+    chosen, rejected, _, valid = preference_pairs(u, "best-worst", 0.0)
+    assert paired_rows(chosen, rejected, valid, 4).tolist() == [[True, False, False, True], [False] * 4,
+                                                                 [True, True, False, False]]
+    distinct = torch.tensor([[True, True, False, True], [True] * 4, [True] * 4])
+    chosen, rejected, _, valid = preference_pairs(u, "all", 0.15, distinct)
+    assert paired_rows(chosen, rejected, valid, 4).tolist() == [[True, True, False, True], [False] * 4,
+                                                                 [True] * 4]  # (1, 0), (1, 2), (3, 0)
 
 
 # ------------------------------------------------------------------ the criterion
@@ -239,6 +250,92 @@ def test_loss_and_gradient_equal_brute_force(toy_data, arch, flags):
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(got[3][name], p.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def _moved_from_reference(toy_data, flags, arch="lstm"):
+    """A criterion on :func:`_candidates` (n = 5, a duplicate), π_ref the weights at build,
+    π moved away from it; (model, crit, batch, ref_model, n)."""
+    _, task, model, crit = _build(toy_data, *flags, arch=arch)
+    batch = first_batch(task, n=6)
+    d = task.target_dictionary
+    rows = _candidates(batch["target"], d.pad(), d.eos(), [d.index("w1"), d.index("w2")])
+    crit.cfg.preference_candidates = 5
+    crit.candidates = lambda model, sample: rows
+    ref_model = copy.deepcopy(model).eval()
+    crit.ensure_reference(model)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return model, crit, batch, ref_model, 5
+
+
+@pytest.mark.parametrize("arch,flags", [
+    ("lstm", []),
+    ("lstm", ["--preference-pairs", "all", "--preference-mle-weight", "0.3"]),
+    ("lstm", ["--preference-loss", "cpo"]),
+    ("transformer", ["--preference-loss", "cpo", "--preference-pairs", "all"]),
+])
+def test_scoring_only_paired_rows_changes_nothing(toy_data, arch, flags, monkeypatch):
+    """Only y* and the candidates of a valid pair are scored (by π and π_ref): the loss,
+    every gradient and the logged values equal those of scoring every row."""
+    from fairseq_seqlevel.criterions import preference
+    from fairseq_seqlevel.decoding import teacher_forcing
+
+    model, crit, batch, _, n = _moved_from_reference(toy_data, flags, arch=arch)
+    kept = []
+    rows_objective = teacher_forcing.rows_objective
+
+    def counting(*args, keep=None, **kwargs):
+        kept.append(int(keep.sum()))
+        return rows_objective(*args, keep=keep, **kwargs)
+
+    monkeypatch.setattr(preference, "rows_objective", counting)
+    got = _loss_and_grads(model, crit, batch)
+    b = batch["target"].size(0)
+    assert 0 < kept[-1] - b < b * n  # y* and some candidates, not all
+    assert len(kept) == (2 if crit.uses_reference_model else 1) and kept[0] == kept[-1]
+    monkeypatch.setattr(preference, "paired_rows",
+                        lambda chosen, rejected, valid, n: torch.ones(valid.size(0), n, dtype=torch.bool))
+    want = _loss_and_grads(model, crit, batch)
+    assert kept[-1] == b * (n + 1)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    assert got[3].keys() == want[3].keys()
+    for name in want[3]:
+        torch.testing.assert_close(got[3][name], want[3][name], rtol=1e-6, atol=1e-6, msg=name)
+    for key in ("nll_loss", "preference_pairs", "preference_logratio_sum", "preference_accuracy_sum"):
+        torch.testing.assert_close(torch.as_tensor(got[2][key]).float(), torch.as_tensor(want[2][key]).float(),
+                                   rtol=1e-6, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("flags", [["--preference-mle-weight", "0.3"],
+                                   ["--preference-loss", "cpo", "--preference-pairs", "all",
+                                    "--preference-mle-weight", "0.3"]])
+def test_no_pair_skips_reference_and_leaves_the_mle_mix(toy_data, flags, monkeypatch):
+    """All candidates identical: no pair, no π_ref pass, y* alone scored; the loss and
+    gradient are those of w·NLL(y*)."""
+    from fairseq_seqlevel.criterions import preference
+
+    model, crit, batch, _, n = _moved_from_reference(toy_data, flags)
+    crit.candidates = lambda model, sample: sample["target"].repeat_interleave(n, dim=0)
+
+    def no_reference_pass(*args, **kwargs):
+        raise AssertionError("π_ref scored without a pair")
+
+    monkeypatch.setattr(preference, "functional_call", no_reference_pass)
+    loss, _, log, grads = _loss_and_grads(model, crit, batch)
+    assert log["preference_pairs"] == 0 and torch.isfinite(loss)
+    model.zero_grad()
+    d = crit.task.target_dictionary
+    pad, eos, src, src_len, target = (d.pad(), d.eos(), batch["net_input"]["src_tokens"],
+                                      batch["net_input"]["src_lengths"], batch["target"])
+    expected = -0.3 * sum(_sequence_logp(model, src[b][src[b].ne(pad)].unsqueeze(0), src_len[b:b + 1],
+                                         target[b:b + 1, :int(target[b].ne(pad).sum())], pad, eos)
+                          for b in range(target.size(0)))
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_beam_candidates_train(toy_data):

@@ -131,6 +131,14 @@ def preference_pairs(utilities, mode, margin, distinct=None):
     return chosen, rejected, gap, keep & (gap > margin)
 
 
+def paired_rows(chosen, rejected, valid, n):
+    """[B, n] bool: the candidates that are the chosen or the rejected of a valid pair,
+    the only ones whose log-probabilities the loss depends on (the others' pairs are
+    masked by ``valid``, so they need not be scored)."""
+    member = F.one_hot(chosen, n) | F.one_hot(rejected, n)  # [B, P, n]
+    return (member.bool() & valid.unsqueeze(-1)).any(dim=1)
+
+
 def log_ratio_margin(logp, chosen, rejected, ref_logp=None):
     """h [B, P] = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)), or
     log π(y_w) − log π(y_l) without π_ref (CPO); ``logp``, ``ref_logp`` [B, n]."""
@@ -235,11 +243,12 @@ class PreferenceCriterion(SeqlevelCriterion):
         if weights and self.uses_reference_model:
             self._register_reference(weights)
 
-    def reference_log_probs(self, model, net_input, rows, per_source, bos, scored):
+    def reference_log_probs(self, model, net_input, rows, per_source, bos, scored, keep=None):
         """log π_ref [N] of ``rows``: the policy's re-scoring (same code path, so π = π_ref
         gives the same numbers) with π_ref's weights, in eval mode, without gradients.
-        (It runs the chunked output layer twice; the policy's pass needs it once more for
-        its gradients.)"""
+        ``keep`` [N] bool: score only these rows, 0 for the others (rows_objective's).  (It
+        runs the chunked output layer twice; the policy's pass needs it once more for its
+        gradients.)"""
         inner = unwrap(model)
         dtypes = {name: p.dtype for name, p in inner.named_parameters()}
         weights = {"model." + name: w.to(dtype=dtypes[name]) for name, w in self.reference_weights().items()}
@@ -248,7 +257,7 @@ class PreferenceCriterion(SeqlevelCriterion):
             _, _, row_nll, _ = functional_call(
                 _Call(inner, rows_objective), weights,
                 (net_input, rows, per_source, pad, bos, partial(sequence_nll, pad=pad), torch.sum),
-                {"fused": self.fused, "loss_target": scored})
+                {"fused": self.fused, "loss_target": scored, "keep": keep})
         return -row_nll.float()
 
     # ---- candidates and their ranking --------------------------------------
@@ -287,12 +296,19 @@ class PreferenceCriterion(SeqlevelCriterion):
             if cfg.preference_pairs == "all" else None
         chosen, rejected, gap, valid = preference_pairs(utilities, str(cfg.preference_pairs), cfg.preference_margin,
                                                         distinct)
+        # scored: y* (the logged nll, the MLE mix) and the candidates of a valid pair; the others reach the
+        # loss as 0, masked (each of their pairs is invalid).  π_ref scores the same rows (the same length
+        # buckets: π = π_ref gives bit-identical numbers), none without a pair (then every pair is invalid)
+        paired = paired_rows(chosen, rejected, valid, n)
+        keep = F.pad(paired, (1, 0), value=True).view(-1)
         scored = scored_part(rows, n, layout.prefix_len, pad)
         lengths = scored.ne(pad).sum(dim=1).clamp(min=1).view(batch_size, n + 1)[:, 1:].float()
         ref_logp = None
         if self.uses_reference_model:
-            ref_logp = self.reference_log_probs(model, sample["net_input"], rows, n + 1, layout.bos,
-                                                scored).view(batch_size, n + 1)[:, 1:]
+            ref_logp = torch.zeros_like(utilities)
+            if bool(paired.any()):
+                ref_logp = self.reference_log_probs(model, sample["net_input"], rows, n + 1, layout.bos, scored,
+                                                    keep).view(batch_size, n + 1)[:, 1:]
         weight = self.length_weights(target)
 
         def losses_of(row_nll):  # (per-source loss [B], h [B, P])
@@ -307,7 +323,7 @@ class PreferenceCriterion(SeqlevelCriterion):
 
         loss, _, row_nll, _ = forward_through(model, rows_objective, sample["net_input"], rows, n + 1, pad,
                                               layout.bos, partial(sequence_nll, pad=pad), objective,
-                                              fused=self.fused, loss_target=scored)
+                                              fused=self.fused, loss_target=scored, keep=keep)
         with torch.no_grad():
             per_source, h = losses_of(row_nll.float())
         nll = row_nll.view(batch_size, n + 1)[:, 0].sum()
