@@ -355,12 +355,16 @@ def write_outputs(cfg, results, rows, curves, pretrains, speed, skipped, failed,
         "**ahead** only when it excludes 0. Bootstrap: sacrebleu-style paired bootstrap over the test "
         "sentences (1,000 resamples) of each run against its control run, counted as ahead/tie/behind "
         "(– where the translations were not kept). Step time: "
-        "forward+backward vs MLE from `python -m benchmarks.speed` (– if not measured). Hyperparameters "
+        "forward+backward vs MLE from `python -m benchmarks.speed` (– if not measured). chrF (BLEU tasks): "
+        "sacrebleu's corpus chrF of the same translations against every reference, Δ and interval as for "
+        "the metric (– for runs recorded before it was kept). Hyperparameters "
         "and their sources: `benchmarks/config.toml` and `benchmarks/experiments/`.",
         "",
         "",
     ]
-    md = "\n".join(header) + report.markdown_report(cfg, agg, speed, skipped=skipped, failed=failed, bootstrap=boot)
+    chrf = stats.aggregate(report.chrf_rows(cfg, all_rows), controls=controls)
+    md = "\n".join(header) + report.markdown_report(cfg, agg, speed, skipped=skipped, failed=failed, bootstrap=boot,
+                                                    chrf=chrf)
     (results / "quality.md").write_text(md)
     if plots:  # the main rows (config.toml's), not the experiments' variants
         main = set(C.raw_config(cfg["path"])[0].get("criterions") or {})

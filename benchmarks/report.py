@@ -51,23 +51,25 @@ def metric_title(task_cfg):
             f"({'greedy' if task_cfg['beam'] == 1 else 'beam ' + str(task_cfg['beam'])}), lower is better")
 
 
-def markdown_report(cfg, agg, speed=None, skipped=(), failed=(), order=None, bootstrap=None):
+def markdown_report(cfg, agg, speed=None, skipped=(), failed=(), order=None, bootstrap=None, chrf=None):
     """Markdown: one table per task (criterion, mean ± std, Δ vs MLE, its 95% interval over
     pre-trained models, the paired bootstrap's verdicts per run pair (``bootstrap``, from
     significance.bootstrap_counts), runs, fine-tune wall s, step time vs MLE) plus skipped /
-    failed runs."""
+    failed runs. ``chrf``: :func:`stats.aggregate` of :func:`chrf_rows`; a task with such rows
+    gets a last column, corpus chrF and its Δ with the interval ("–" for rows that kept none)."""
     lines = []
     order = order or list(cfg["criterions"])
     for task_name, task_cfg in cfg["tasks"].items():
         if task_name not in agg:
             continue
         by_crit = agg[task_name]
+        task_chrf = (chrf or {}).get(task_name)
         lines.append(f"### {task_name}: {metric_title(task_cfg)}")
         lines.append("")
         lines.append("| criterion | metric (mean ± std) | Δ vs MLE (± std of paired Δ) | 95% CI of Δ over models "
                      "| bootstrap per pair (ahead/tie/behind) | runs (models × seeds) | updates | fine-tune wall s "
-                     "| step time vs MLE |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+                     "| step time vs MLE |" + (" chrF: mean, Δ [95% CI] |" if task_chrf else ""))
+        lines.append("|---|---|---|---|---|---|---|---|---|" + ("---|" if task_chrf else ""))
         if PRETRAIN in by_crit:
             e = by_crit[PRETRAIN]
             own = ", ".join(f"{v:.2f}" for v in e.get("models", {}).values())
@@ -101,7 +103,8 @@ def markdown_report(cfg, agg, speed=None, skipped=(), failed=(), order=None, boo
             runs = f"{e['n']} ({len(e['pretrains'])} × {len(e['seeds'])})"
             ratio = step_ratio(speed, crit, task_name, cfg)
             lines.append(f"| {crit} | {mean_std} | {delta} | {ci} | {boot} | {runs} | {e['updates']} "
-                         f"| {_fmt(e['wall_s'], 0)} | {_fmt(ratio) + '×' if ratio is not None else '–'} |")
+                         f"| {_fmt(e['wall_s'], 0)} | {_fmt(ratio) + '×' if ratio is not None else '–'} |"
+                         + (f" {_chrf_cell(task_chrf.get(crit), crit == CONTROL)} |" if task_chrf else ""))
         lines.append("")
     for what, items in (("Not run (skipped)", skipped), ("Failed", failed)):
         if items:
@@ -109,6 +112,34 @@ def markdown_report(cfg, agg, speed=None, skipped=(), failed=(), order=None, boo
             lines.extend(f"- {item}" for item in items)
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def chrf_rows(cfg, rows):
+    """The rows of BLEU tasks that kept corpus chrF against every reference (details
+    ``chrf_REFS``, as benchmarks.evaluate.bleu_scores names it), with it as their value."""
+    out = []
+    for row in rows:
+        task = cfg["tasks"].get(row["task"])
+        if task is None or task["metric"] != "bleu":
+            continue
+        value = (row.get("details") or {}).get("chrf_" + "+".join(task["refs"]))
+        if value is not None:
+            out.append({**row, "metric": "chrf", "value": value})
+    return out
+
+
+def _chrf_cell(entry, is_control=False):
+    """chrF mean, Δ vs the control and the interval over models (higher is better)."""
+    if entry is None or entry.get("mean") is None:
+        return "–"
+    cell = _fmt(entry["mean"])
+    if not is_control and entry.get("delta") is not None and entry.get("delta_n"):
+        cell += f", {_fmt(entry['delta'], signed=True)}"
+        if entry.get("delta_ci95") is not None:
+            lo, hi = entry["delta"] - entry["delta_ci95"], entry["delta"] + entry["delta_ci95"]
+            word = verdict(entry, True)
+            cell += f" [{_fmt(lo, signed=True)}, {_fmt(hi, signed=True)}]" + (f" {word}" if word != "tie" else "")
+    return cell
 
 
 def step_ratio(speed, criterion, task_name, cfg):

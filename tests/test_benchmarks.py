@@ -755,3 +755,26 @@ def test_speed_update_replaces_only_the_timed_criterions():
     assert next(t for t in out["_targets"] if t["criterion"] == "risk")["ok"] is True
     run = out["_meta"]["remeasured_runs"][-1]
     assert out["_meta"]["date"] == "old" and run["criterions"] == ["risk"] and run["mle_median_s"] == {"bible": 1.3}
+
+
+def test_markdown_report_chrf_column(toy_bench):
+    """BLEU tasks whose rows kept corpus chrF get a chrF column: mean, Δ vs the control and
+    its interval over models, from the details key of every reference together."""
+    cfg = C.load_config(toy_bench["config"])
+    task = cfg["tasks"]["toy"]
+    task["metric"], task["refs"] = "bleu", ["en", "kjv"]
+    rows = [{"task": "toy", "criterion": c, "pretrain": p, "seed": s, "metric": "bleu", "value": 30.0,
+             "updates": 10, "wall_s": 1.0, "details": {"chrf_en+kjv": v, "chrf_en": 0.0}}
+            for c, p, s, v in [("mle", 1, 1, 50.0), ("mle", 1, 2, 50.2), ("mle", 2, 1, 51.0), ("mle", 2, 2, 51.0),
+                               ("raml", 1, 1, 51.0), ("raml", 1, 2, 51.2), ("raml", 2, 1, 52.0), ("raml", 2, 2, 52.0)]]
+    other = next(c for c in cfg["criterions"] if c not in ("mle", "raml"))
+    rows.append({**rows[0], "criterion": other, "details": {}})  # kept no chrF
+    chrf_rows = report.chrf_rows(cfg, rows)
+    assert len(chrf_rows) == 8 and {r["metric"] for r in chrf_rows} == {"chrf"}
+    md = report.markdown_report(cfg, stats.aggregate(rows), chrf=stats.aggregate(chrf_rows))
+    assert "chrF: mean, Δ [95% CI] |" in md
+    assert "| 50.55 |" in md.split("| mle |")[1].split("\n")[0]  # the control: its mean only
+    assert md.split("| raml |")[1].split("\n")[0].endswith(" 51.55, +1.00 [+1.00, +1.00] ahead |")
+    assert md.split(f"| {other} |")[1].split("\n")[0].endswith(" – |")
+    task["metric"] = "edit"  # no chrF for other metrics
+    assert report.chrf_rows(cfg, rows) == []
