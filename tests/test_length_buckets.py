@@ -236,3 +236,28 @@ def test_seq_exploration_in_buckets_equals_one_call(toy_data, arch, monkeypatch)
         for key in ("nll_loss", "sle_entropy_sum"):
             torch.testing.assert_close(many[2][key], one[2][key], atol=1e-6, rtol=1e-6)
         _assert_grads(many[3], one[3])
+
+
+@pytest.mark.parametrize("buckets", [1, None])
+@pytest.mark.parametrize("fused", [None, False])
+def test_rows_objective_without_grad_scores_once(toy_data, buckets, fused, monkeypatch):
+    """Under no_grad (a frozen copy's scores, preference's π_ref) the objective and per-row
+    values equal those of the gradient-carrying call, and no second pass runs: neither the
+    chunked output layer's gradient pass nor a graph over the losses."""
+    task, model = _model(toy_data, "lstm", torch.float64)
+    d = task.target_dictionary
+    pad = d.pad()
+    batch = first_batch(task, n=4)
+    rows = _rows(d, 4 * 3)
+    costs = torch.rand(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    args = (batch["net_input"], rows, 3, pad, d.eos(), partial(tf.sequence_nll, pad=pad),
+            partial(_softmax_risk, per_source=3, costs=costs))
+    model.eval()  # no dropout: both calls see the same model
+    loss, row_loss, row_nll, _ = tf.rows_objective(model, *args, fused=fused, buckets=buckets)
+    fused_calls = []
+    monkeypatch.setattr(tf._FusedRowLoss, "apply", lambda *a: fused_calls.append(a))
+    with torch.no_grad():
+        got = tf.rows_objective(model, *args, fused=fused, buckets=buckets)
+    assert fused_calls == [] and not got[0].requires_grad
+    for a, b in zip((loss.detach(), row_loss, row_nll), got[:3]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

@@ -389,11 +389,21 @@ def _rows_objective(model, encoder_out, rows_source, prev_output_tokens, target,
         graph_loss, row_nll = loss_fn(lprobs, target)
         row_loss, row_nll = graph_loss.detach(), row_nll.detach()
     value, coef = _objective_and_coef(objective, row_loss)
+    if not _needs_grad(features, chunked):  # scoring only (a frozen copy under no_grad): no second pass
+        return value.detach(), row_loss, row_nll, features
     if chunked is not None:
         total, _, _ = _FusedRowLoss.apply(features, *chunked[:2], coef, target, loss_fn, chunked[2])
     else:
         total = (coef.to(graph_loss.dtype) * graph_loss).sum()
     return total - total.detach() + value.detach(), row_loss, row_nll, features
+
+
+def _needs_grad(features, chunked):
+    """Whether a gradient can flow from the losses (into the features or the output layer)."""
+    if not torch.is_grad_enabled():
+        return False
+    return features.requires_grad or (chunked is not None and any(
+        p is not None and p.requires_grad for p in chunked[:2]))
 
 
 def _objective_and_coef(objective, row_loss):
@@ -431,6 +441,8 @@ def _bucketed_objective(model, encoder_out, rows_source, prev_output_tokens, tar
     n = prev_output_tokens.size(0)
     row_loss, row_nll = _scatter_rows(losses, plan, n), _scatter_rows(nlls, plan, n)
     value, coef = _objective_and_coef(objective, row_loss)
+    if not any(_needs_grad(f, chunked) for f in features):
+        return value.detach(), row_loss, row_nll, _scatter_positions(features, plan, n, prev_output_tokens.size(1))
     totals = []
     for k, (idx, _) in enumerate(plan):
         coef_b = coef if idx is None else coef.index_select(0, idx)
