@@ -270,11 +270,11 @@ def fixed_vaml_actor(criterion):
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
 def test_vaml_actor_loss_by_hand(toy_data, alpha):
-    """Actor phase, τ = 0.1 (default), L = 2 fixed samples per source:
+    """Actor phase, τ = 0.4 (default), L = 2 fixed samples per source:
     loss = (1/L)·Σ_rows Σ_t [(1−α)·(−log p(ỹ_t)) − α·Σ_w softmax(Q(t, ·)/τ)_w·log p(w)],
     Q of the snapshot with bos, pad and fairseq's madeupword fillers excluded
     (eos and unk are actions); per row one forward of model and critic."""
-    L, tau = 2, 0.1
+    L, tau = 2, 0.4
     _, task, model, crit = _vaml(toy_data, "--vaml-phase", "actor", "--vaml-alpha", str(alpha),
                                  "--vaml-samples", str(L))
     assert crit.cfg.vaml_tau == tau

@@ -34,7 +34,8 @@ class VamlConfig(CriticConfig):
     vaml_phase: ChoiceEnum(list(PHASES)) = field(
         default="q", metadata={"help": "q: train the critic by soft Q-learning; actor: train the model "
                                "towards softmax(Q/τ) with the critic fixed (start from a q checkpoint)"})
-    vaml_tau: float = field(default=0.1, metadata={"help": "τ of the soft values and of softmax(Q/τ)"})
+    vaml_tau: float = field(default=0.4, metadata={"help": "τ of the soft values and of softmax(Q/τ) (the "
+                                                          "authors' train_q.py; the paper gives none)"})
     vaml_alpha: float = field(default=0.5, metadata={
         "help": "α: weight of softmax(Q/τ) against the one-hot token, actor targets (1 - α)·one-hot + α·softmax(Q/τ)"})
     vaml_samples: int = field(default=5, metadata={"help": "RAML samples per reference (Hamming, V_batch)"})
