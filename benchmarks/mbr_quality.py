@@ -58,14 +58,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--config", default=str(C.DEFAULT_CONFIG))
-    p.add_argument("--tasks", help="comma-separated tasks of the config (default: the config's run.tasks, else all)")
-    p.add_argument("--criterions", help="comma-separated criterions whose checkpoints to decode (default: the "
-                   "config's rows on each task; a variant of benchmarks/experiments/ brings its file)")
-    p.add_argument("--seeds", help="comma-separated fine-tuning seeds (default: the config's)")
-    p.add_argument("--pretrain-seeds", help="comma-separated pre-training seeds, i.e. which run directories "
-                   "(default: the config's run.pretrain_seeds)")
-    p.add_argument("--pretrain-ids", help="the ids mbr.json records the models of --pretrain-seeds under, one "
-                   "per seed, as benchmarks.quality's --pretrain-ids (default: the seeds themselves)")
+    Q.add_run_selection(p, results="mbr.json")
     p.add_argument("--candidates", default="16,32", help="comma-separated MBR candidate counts N (default 16,32)")
     p.add_argument("--utilities", default="chrf,bleu", help="comma-separated MBR utilities, reward names "
                    "(default chrf,bleu)")

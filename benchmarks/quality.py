@@ -32,6 +32,19 @@ from benchmarks.fixtures import quiet  # noqa: E402
 from benchmarks.util import command_text, fmt_duration, read_json, split_list, write_json  # noqa: E402
 
 
+def add_run_selection(p, results="quality.json"):
+    """The flags that select runs (tasks, criterions, seeds, pre-trained models), shared
+    with the scripts that read the runs' checkpoints (benchmarks.mbr_quality)."""
+    p.add_argument("--tasks", help="comma-separated subset of the config's tasks")
+    p.add_argument("--criterions", help="comma-separated subset of the config's criterions (a variant of "
+                   "benchmarks/experiments/ brings its file)")
+    p.add_argument("--seeds", help="comma-separated fine-tuning seeds (default: the config's)")
+    p.add_argument("--pretrain-seeds", help="comma-separated pre-training seeds, one pre-trained MLE model "
+                   "each, i.e. which run directories (default: the config's run.pretrain_seeds)")
+    p.add_argument("--pretrain-ids", help=f"comma-separated ids {results} records the models of "
+                   "--pretrain-seeds under, one per seed (default: the seeds themselves)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -40,14 +53,7 @@ def parse_args(argv=None):
                    "(benchmarks/experiments/NAME.toml), a path, or 'all'; without --criterions, runs "
                    "their rows (and their controls)")
     p.add_argument("--quick", action="store_true", help="1 seed, short pre-training, few updates (~10 min)")
-    p.add_argument("--tasks", help="comma-separated subset of the config's tasks")
-    p.add_argument("--criterions", help="comma-separated subset of the config's criterions (a variant of "
-                   "benchmarks/experiments/ brings its file)")
-    p.add_argument("--seeds", help="comma-separated fine-tuning seeds (default: the config's)")
-    p.add_argument("--pretrain-seeds", help="comma-separated pre-training seeds, one pre-trained MLE model "
-                   "each (default: the config's run.pretrain_seeds)")
-    p.add_argument("--pretrain-ids", help="comma-separated ids quality.json records the models of "
-                   "--pretrain-seeds under, one per seed (default: the seeds themselves)")
+    add_run_selection(p)
     p.add_argument("--merge", help="comma-separated --results directories of earlier pieces: add their rows "
                    "and curves to --results and rewrite the report; runs nothing")
     p.add_argument("--workdir", help="checkpoints and logs (default: work/bench, quick: work/bench_quick)")
