@@ -246,9 +246,8 @@ class PreferenceCriterion(SeqlevelCriterion):
     def reference_log_probs(self, model, net_input, rows, per_source, bos, scored, keep=None):
         """log π_ref [N] of ``rows``: the policy's re-scoring (same code path, so π = π_ref
         gives the same numbers) with π_ref's weights, in eval mode, without gradients.
-        ``keep`` [N] bool: score only these rows, 0 for the others (rows_objective's).  (It
-        runs the chunked output layer twice; the policy's pass needs it once more for its
-        gradients.)"""
+        ``keep`` [N] bool: score only these rows, 0 for the others (rows_objective's).  Under
+        no_grad the chunked output layer runs once (no gradient pass)."""
         inner = unwrap(model)
         dtypes = {name: p.dtype for name, p in inner.named_parameters()}
         weights = {"model." + name: w.to(dtype=dtypes[name]) for name, w in self.reference_weights().items()}
