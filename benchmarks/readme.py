@@ -1,10 +1,11 @@
-"""README.md's generated parts, so they cannot drift from the results and the config: the
-criterion table (Δ vs MLE with its 95% interval over pre-trained models from
-results/quality.json, the step cost from results/speed.json) and one fine-tuning command
-per criterion (the Bible benchmark's flags from config.toml).
+"""README.md's and docs/benchmarks.md's generated parts, so they cannot drift from the results
+and the config: the criterion table (Δ vs MLE with its 95% interval over pre-trained models from
+results/quality.json, the step cost from results/speed.json), one fine-tuning command per
+criterion (the Bible benchmark's flags from config.toml), and the papers' orderings checked on
+quality.json (docs/benchmarks.md).
 
     python -m benchmarks.readme            # rewrite the parts between their markers
-    python -m benchmarks.readme --check    # exit 1 naming a stale part (tests/test_readme.py)
+    python -m benchmarks.readme --check    # exit 1 naming a stale file (tests/test_readme.py)
 """
 
 import argparse
@@ -15,6 +16,7 @@ from benchmarks import config as C, plan as P, stats
 from benchmarks.util import read_json
 
 README = C.REPO / "README.md"
+DOC = C.REPO / "docs" / "benchmarks.md"
 TASKS = (("bible_es_en", "Bible es→en Δ BLEU"), ("spelling_0.3", "spelling p=0.3 Δ edit err."),
          ("spelling_0.5", "spelling p=0.5 Δ edit err."))
 # benchmark row: (criterion as run, paper, when to use it, from the benchmark). Each line
@@ -46,17 +48,44 @@ ROWS = {
 }
 TABLE = "criterions"
 COMMANDS = "commands"
+ORDERINGS_PART = "orderings"
+# what each paper's results table ranks: (claim (paper), its pairs as (better, worse) criterions
+# of quality.json). Hand-written; each pair is checked on every task where the two share runs.
+ORDERINGS = [
+    ("Tok-Seq ≥ RAML ≥ MLE (elbayad2018)",
+     [("tok_seq", "raml"), ("raml", "mle"), ("tok_seq_e4", "raml_e4"), ("raml_e4", "mle_e4")]),
+    ("SeaRNN (KL) > MLE (leblond2018)", [("searnn_kl", "mle")]),
+    ("ERAC > AC > MLE (dai2018)", [("erac", "ac"), ("ac", "mle")]),
+    ("VAML ≥ RAML, VAML > MLE (dai2018)",
+     [("vaml", "raml"), ("vaml_e4", "raml_e4"), ("vaml", "mle"), ("vaml_e4", "mle_e4")]),
+    ("interpolation ≥ RAML > MLE (tan2019)", [("interpolation", "raml"), ("raml", "mle")]),
+    ("interpolation > SS (tan2019)", [("interpolation", "ss")]),
+    ("SLE ≥ SCST > MLE (chen2019)", [("seq_exploration", "scst"), ("scst", "mle")]),
+    ("MRT > MLE (shen2016; edunov2018)", [("risk", "mle"), ("risk_beam", "mle")]),
+    ("the papers' / authors' settings beat ours and MLE (issue 44)",
+     [("risk_lennorm", "risk"), ("risk_lennorm", "mle"), ("vaml_tau04", "vaml"), ("vaml_tau04", "mle"),
+      ("interpolation_rollback", "interpolation"), ("erac_l2", "erac")]),
+    ("DPO > MLE, CPO > MLE (beyond the papers)", [("preference_dpo", "mle"), ("preference_cpo", "mle")]),
+]
+METRICS = {"bleu": "BLEU", "edit_error": "edit error"}
 SHOWN = {"--num-workers", "--no-progress-bar", "--log-format", "--log-interval", "--no-epoch-checkpoints",
          "--no-save-optimizer-state", "--validate-interval-updates", "--user-dir"}  # the harness's own flags, left out
+
+
+def _numbers(entry):
+    """Δ and its 95% interval over models: "+0.12 [-0.30, +0.54]" ("+0.12" with one model)."""
+    text = f"{entry['delta']:+.2f}"
+    if entry.get("delta_ci95") is not None:
+        lo, hi = entry["delta"] - entry["delta_ci95"], entry["delta"] + entry["delta_ci95"]
+        text += f" [{lo:+.2f}, {hi:+.2f}]"
+    return text
 
 
 def _interval(entry, higher_is_better):
     if entry is None or entry.get("delta") is None:
         return "–"
-    text = f"{entry['delta']:+.2f}"
+    text = _numbers(entry)
     if entry.get("delta_ci95") is not None:
-        lo, hi = entry["delta"] - entry["delta_ci95"], entry["delta"] + entry["delta_ci95"]
-        text += f" [{lo:+.2f}, {hi:+.2f}]"
         word = stats.verdict(entry, higher_is_better)
         text = f"**{text}**" if word == "ahead" else f"{text} behind" if word == "behind" else text
     else:
@@ -74,6 +103,37 @@ def criterion_table(cfg, rows, speed):
         cells = [_interval(agg.get(task, {}).get(name), cfg["tasks"][task]["higher_is_better"])
                  for task, _ in TASKS]
         lines.append(f"| {shown} | {paper} | {step} | " + " | ".join(cells) + f" | {when} |")
+    return "\n".join(lines)
+
+
+def orderings_table(cfg, rows):
+    """The papers' orderings (ORDERINGS) on quality.json's ``rows``: per claim, task and pair,
+    Δ = better − worse paired by (pre-trained model, seed), its interval over models, and
+    whether it has the claim's sign (lower is better where the task's metric says so)."""
+    head = ["claim (paper)", "task, metric", "better − worse: Δ [95% CI over models]",
+            "pairs (models × seeds)", "holds?"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for claim, pairs in ORDERINGS:
+        shown = claim
+        for task, t in cfg["tasks"].items():
+            for better, worse in pairs:
+                two = [r for r in rows if r["task"] == task and r["criterion"] in (better, worse)]
+                keys = {c: {stats.run_key(r) for r in two if r["criterion"] == c} for c in (better, worse)}
+                shared = keys[better] & keys[worse]
+                if not shared:
+                    continue
+                entry = stats.aggregate(two, controls={better: worse})[task][better]
+                seeds = [sum(1 for m, _ in shared if m == model) for model in sorted({m for m, _ in shared})]
+                runs = (f"{len(seeds)} × {seeds[0]}" if len(set(seeds)) == 1
+                        else f"{len(seeds)} ({' + '.join(map(str, seeds))} seeds)")
+                hib = t["higher_is_better"]
+                sign = "✓" if (entry["delta"] if hib else -entry["delta"]) > 0 else "✗"
+                word = stats.verdict(entry, hib)
+                holds = {"ahead": "✓ (ahead)", "behind": "✗ (behind)", "tie": sign, None: f"{sign} (1 model)"}[word]
+                metric = METRICS.get(two[0]["metric"], two[0]["metric"])
+                lines.append(f"| {shown} | {task}, {metric} {'↑' if hib else '↓'} | {better} − {worse}: "
+                             f"{_numbers(entry)} | {runs} | {holds} |")
+                shown = ""
     return "\n".join(lines)
 
 
@@ -148,10 +208,12 @@ def commands(cfg, task="bible_es_en"):
 
 
 def parts(cfg=None, rows=None, speed=None):
+    """{file: {part: its generated text}}."""
     cfg = cfg or C.load_config(experiments=C.experiments_defining(ROWS, skip=()))
     rows = rows if rows is not None else read_json(C.DEFAULT_RESULTS / "quality.json", [])
     speed = speed if speed is not None else read_json(C.DEFAULT_RESULTS / "speed.json", {})
-    return {TABLE: criterion_table(cfg, rows, speed), COMMANDS: commands(cfg)}
+    return {README: {TABLE: criterion_table(cfg, rows, speed), COMMANDS: commands(cfg)},
+            DOC: {ORDERINGS_PART: orderings_table(cfg, rows)}}
 
 
 def rewrite(text, generated):
@@ -159,7 +221,7 @@ def rewrite(text, generated):
     for name, body in generated.items():
         start, end = f"<!-- generated:{name} -->", f"<!-- /generated:{name} -->"
         if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-            raise ValueError(f"README.md needs one {start} ... {end} pair")
+            raise ValueError(f"needs one {start} ... {end} pair")
         before, rest = text.split(start)
         _, after = rest.split(end)
         text = f"{before}{start}\n{body}\n{end}{after}"
@@ -168,21 +230,23 @@ def rewrite(text, generated):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if README.md's generated parts are stale")
+    p.add_argument("--check", action="store_true", help="exit 1 if a file's generated parts are stale")
     args = p.parse_args(argv)
-    text = README.read_text()
-    try:
-        new = rewrite(text, parts())
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if args.check:
-        if new != text:
-            print("README.md's generated parts are stale: run python -m benchmarks.readme", file=sys.stderr)
+    stale = []
+    for path, generated in parts().items():
+        name = path.relative_to(C.REPO)
+        text = path.read_text()
+        try:
+            new = rewrite(text, generated)
+        except ValueError as e:
+            print(f"error: {name} {e}", file=sys.stderr)
             return 1
-        return 0
-    README.write_text(new)
-    return 0
+        if args.check and new != text:
+            print(f"{name}'s generated parts are stale: run python -m benchmarks.readme", file=sys.stderr)
+            stale.append(name)
+        elif not args.check:
+            path.write_text(new)
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":
