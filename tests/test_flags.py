@@ -52,18 +52,20 @@ def test_deprecated_flag_names_set_the_new_fields(toy_data, name, caplog):
     from fairseq.registry import REGISTRIES
 
     criterion_class = REGISTRIES["criterion"]["registry"][name]
-    aliases = criterion_class.deprecated_flags
+    # old: new (the same flag renamed), or old: (new, value) (a switch that sets new to value)
+    aliases = {old: new if isinstance(new, tuple) else (new, None)
+               for old, new in criterion_class.deprecated_flags.items()}
     assert aliases
     listed = {flag for flag, _, _ in own_fields(config_class(name))}
-    assert set(aliases.values()) <= listed and not set(aliases) & listed
+    assert {new for new, _ in aliases.values()} <= listed and not set(aliases) & listed
     argv = [str(toy_data), "--user-dir", USER_DIR, "--task", "seqlevel_translation", "--arch", "lstm",
             "--criterion", name]
     parser = options.get_training_parser()
     new = options.parse_args_and_arch(options.get_training_parser(), argv)
     values = {}
-    for old, flag in aliases.items():
+    for old, (flag, fixed) in aliases.items():
         default = getattr(new, flag[2:].replace("-", "_"))
-        values[old] = ("none" if flag.endswith("-anneal") else
+        values[old] = (None if fixed is not None else "none" if flag.endswith("-anneal") else  # switches: their own tests
                        str(default * 2 + 1) if isinstance(default, (int, float)) and not isinstance(default, bool)
                        else "bleu" if flag.endswith("-reward") else None)
     given = [a for old, v in values.items() if v is not None for a in (old, v)]
@@ -72,9 +74,10 @@ def test_deprecated_flag_names_set_the_new_fields(toy_data, name, caplog):
     for old, v in values.items():
         if v is None:
             continue
-        got = getattr(args, aliases[old][2:].replace("-", "_"))
+        flag = aliases[old][0]
+        got = getattr(args, flag[2:].replace("-", "_"))
         assert str(got) == v or got == type(got)(v), (old, got, v)
-        assert f"{old} is deprecated: use {aliases[old]}" in caplog.text
+        assert f"{old} is deprecated: use {flag}" in caplog.text
 
 
 def test_the_flag_tables_of_docs_flags_md_are_the_generated_ones():

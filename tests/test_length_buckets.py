@@ -186,7 +186,7 @@ def test_risk_in_buckets_equals_one_call(toy_data, arch, monkeypatch):
     """risk end to end (the reference's label-smoothed term reads the bucketed features)."""
     monkeypatch.setattr(tf, "CHUNK_LOGITS", 500)
     _, task, model, risk = build_toy(toy_data, "--criterion", "risk", "--risk-candidates", "5", "--risk-mle-weight",
-                                     "0.3", "--label-smoothing", "0.1", "--risk-length-normalize",
+                                     "0.3", "--label-smoothing", "0.1", "--risk-score", "mean",
                                      "--risk-include-reference", arch=arch)
     model.double()
     batch = first_batch(task, n=6)

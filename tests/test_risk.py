@@ -7,7 +7,7 @@ import pytest
 import torch
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
-from conftest import build_toy, first_batch
+from conftest import USER_DIR, build_toy, first_batch
 from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target
 from fairseq_seqlevel.errors import ConfigError
 from test_raml import _assert_same, _loss_and_grads
@@ -88,7 +88,7 @@ def _brute_force(model, batch, candidates, reward, pad, eos, sharpness, length_n
 def test_loss_and_gradient_equal_brute_force(toy_data, arch, normalize, w):
     sharpness = 2.0
     flags = ["--criterion", "risk", "--risk-sharpness", str(sharpness), "--risk-mle-weight", str(w),
-             "--label-smoothing", "0.1", *(["--risk-length-normalize"] if normalize else [])]
+             "--label-smoothing", "0.1", "--risk-score", "mean" if normalize else "sum"]
     _, task, model, risk = _build(toy_data, *flags, arch=arch)
     batch = first_batch(task, n=6)
     d = task.target_dictionary
@@ -130,6 +130,21 @@ def test_bad_flags(toy_data, flag, value):
         _build(toy_data, "--criterion", "risk", flag, value)
 
 
+def test_score_default_is_length_normalized_and_the_old_switch_still_sets_it(toy_data, caplog):
+    """Q over s(u|x) = log-probability / length by default (Edunov et al. 2018; issue 44: at
+    sharpness 1 the summed scores make Q nearly one-hot); --risk-score sum is the old default,
+    and --risk-length-normalize, the old switch, still means mean (after sum: the last wins)."""
+    from fairseq import options
+
+    argv = [str(toy_data), "--user-dir", USER_DIR, "--task", "seqlevel_translation", "--arch", "lstm",
+            "--criterion", "risk"]
+    parse = lambda *flags: options.parse_args_and_arch(options.get_training_parser(), [*argv, *flags])  # noqa: E731
+    assert parse().risk_score == "mean" and parse("--risk-score", "sum").risk_score == "sum"
+    with caplog.at_level("WARNING"):
+        assert parse("--risk-score", "sum", "--risk-length-normalize").risk_score == "mean"
+    assert "--risk-length-normalize is deprecated: use --risk-score mean" in caplog.text
+
+
 @pytest.mark.parametrize("arch", ["lstm", "transformer"])
 def test_chunked_output_layer_equals_autograd(toy_data, arch, monkeypatch):
     """The two-stage chunked pass (losses first, then Σ ∂risk/∂loss_n ∇loss_n)
@@ -138,7 +153,7 @@ def test_chunked_output_layer_equals_autograd(toy_data, arch, monkeypatch):
 
     monkeypatch.setattr(teacher_forcing, "CHUNK_LOGITS", 300)  # several chunks
     _, task, model, risk = _build(toy_data, "--criterion", "risk", "--risk-candidates", "5", "--risk-mle-weight",
-                                  "0.3", "--label-smoothing", "0.1", "--risk-length-normalize",
+                                  "0.3", "--label-smoothing", "0.1", "--risk-score", "mean",
                                   "--risk-include-reference", arch=arch)
     batch = first_batch(task)
     fixed = risk.candidates(model, batch)

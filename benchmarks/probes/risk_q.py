@@ -16,9 +16,9 @@ from benchmarks import config as C
 from benchmarks.fixtures import Setting, parse_fairseq, quiet
 
 SETTINGS = {  # name: risk flags beside the candidates and the weight
-    "alpha 1, summed (benchmark)": ["--risk-sharpness", "1"],
-    "alpha 5e-3, summed (Shen et al.)": ["--risk-sharpness", "0.005"],
-    "alpha 1, length-normalized": ["--risk-sharpness", "1", "--risk-length-normalize"],
+    "alpha 1, summed (benchmark)": ["--risk-sharpness", "1", "--risk-score", "sum"],
+    "alpha 5e-3, summed (Shen et al.)": ["--risk-sharpness", "0.005", "--risk-score", "sum"],
+    "alpha 1, length-normalized (default)": ["--risk-sharpness", "1", "--risk-score", "mean"],
 }
 
 

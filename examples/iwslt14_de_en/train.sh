@@ -140,10 +140,10 @@ ERAC_CRITIC=(--criterion erac --erac-phase critic --erac-samples 2 --erac-target
              --erac-var-weight 0.001 --erac-reward bleu_add1 --lr 1e-3)
 ERAC_JOINT=(--criterion erac --erac-phase joint --erac-samples 1 --erac-target-rate 0.001
             --erac-var-weight 0.001 --erac-mle-weight 0.1 --erac-reward bleu_add1 --lr 1e-4)
-# dai2018 sec. 4.1 with the authors' code's vaml_coeff 0.2 and 4 samples
-VAML_Q=(--criterion vaml --vaml-phase q --vaml-tau 0.1 --vaml-samples 4 --vaml-sample-temperature 0.1
+# dai2018 sec. 4.1 with the authors' code's tau 0.4 (train_q.py), vaml_coeff 0.2 and 4 samples
+VAML_Q=(--criterion vaml --vaml-phase q --vaml-tau 0.4 --vaml-samples 4 --vaml-sample-temperature 0.1
         --vaml-reward bleu_add1 --lr 1e-3)
-VAML_ACTOR=(--criterion vaml --vaml-phase actor --vaml-tau 0.1 --vaml-alpha 0.2 --vaml-samples 4
+VAML_ACTOR=(--criterion vaml --vaml-phase actor --vaml-tau 0.4 --vaml-alpha 0.2 --vaml-samples 4
             --vaml-sample-temperature 0.1 --vaml-reward bleu_add1 --lr 1e-4)
 
 for name in "${NAMES[@]}"; do
@@ -174,7 +174,9 @@ for name in "${NAMES[@]}"; do
         --searnn-mix-prob 0.5 --searnn-loss kl --searnn-scale 200 --searnn-cells 0 --searnn-tokens 15 \
         --searnn-token-sampling topk --searnn-neighbours 5 --searnn-ref-policy best-suffix \
         --searnn-reward bleu_add1 ;;
-    erac) two_phase erac critic "${ERAC_CRITIC[@]}" --erac-tau 0.045 -- "${ERAC_JOINT[@]}" --erac-tau 0.045 ;;
+    # tau 0.045 is the authors' with their L2-normalized entropy signal (docs/criterions/erac.md)
+    erac) two_phase erac critic "${ERAC_CRITIC[@]}" --erac-tau 0.045 -- "${ERAC_JOINT[@]}" --erac-tau 0.045 \
+            --erac-entropy-scale l2 ;;
     ac) two_phase ac critic "${ERAC_CRITIC[@]}" --erac-tau 0 -- "${ERAC_JOINT[@]}" --erac-tau 0 ;;
     vaml) two_phase vaml q "${VAML_Q[@]}" -- "${VAML_ACTOR[@]}" ;;
     interpolation)
@@ -192,7 +194,7 @@ for name in "${NAMES[@]}"; do
     risk)
       # Edunov et al. 2018: 16 beam candidates, length-normalized scores, weighted with
       # label-smoothed NLL (0.3, eps 0.1)
-      from_mle risk --criterion risk --risk-candidates 16 --risk-search beam --risk-length-normalize \
+      from_mle risk --criterion risk --risk-candidates 16 --risk-search beam --risk-score mean \
         --risk-mle-weight 0.3 --label-smoothing 0.1 ;;
   esac
 done

@@ -116,13 +116,18 @@ class _DeprecatedFlag(argparse.Action):
 
 def add_deprecated_flags(parser, aliases):
     """Each ``old: new`` flag of ``aliases`` as a hidden option setting new's field
-    (same type, choices); recipes written with the old name keep running."""
+    (same type, choices); ``old: (new, value)``: a switch that sets new's field to value.
+    Recipes written with the old name keep running."""
     for old, new in aliases.items():
+        new, value = new if isinstance(new, tuple) else (new, None)
         action = parser._option_string_actions.get(new)
         if action is None or old in parser._option_string_actions:
             continue
         kwargs = dict(dest=action.dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, new_flag=new)
-        if action.nargs == 0:
+        if value is not None:
+            parser.add_argument(old, action=_DeprecatedFlag, nargs=0, const=value,
+                                **{**kwargs, "new_flag": f"{new} {value}"})
+        elif action.nargs == 0:
             parser.add_argument(old, action=_DeprecatedFlag, nargs=0, const=action.const, **kwargs)
         else:
             parser.add_argument(old, action=_DeprecatedFlag, type=action.type, choices=action.choices, **kwargs)

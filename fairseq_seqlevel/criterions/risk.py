@@ -25,6 +25,7 @@ from fairseq_seqlevel.decoding.teacher_forcing import rows_objective, token_nll
 from fairseq_seqlevel.errors import check
 
 SEARCHES = ["sample", "beam"]
+SCORES = ["mean", "sum"]
 
 
 @dataclass
@@ -36,8 +37,11 @@ class RiskConfig(FairseqDataclass):
                                     "beam: the n-best of fairseq's beam search (beam n)"})
     risk_include_reference: bool = field(default=False, metadata={"help": "add the reference y* to U(x)"})
     risk_sharpness: float = field(default=1.0, metadata={"help": "α of Q(u|x) ∝ exp(α·s(u|x)) over U(x)"})
-    risk_length_normalize: bool = field(
-        default=False, metadata={"help": "s(u|x) = log-probability / length (Edunov et al. 2018)"})
+    risk_score: ChoiceEnum(SCORES) = field(
+        default="mean", metadata={"help": "s(u|x): mean = log-probability / length (Edunov et al. 2018, as fairseq's "
+                                  "classic_seqlevel risk: Q spreads over U(x)); sum = the summed log-probability "
+                                  "(Shen et al. 2016, with their sharpness 5e-3; at sharpness 1 Q is nearly "
+                                  "one-hot). The default was sum before issue 44"})
     risk_mle_weight: float = field(
         default=0.0, metadata={"help": "w: (1-w)·risk + w·label-smoothed NLL of the reference (1 = stock "
                                "label_smoothed_cross_entropy)"})
@@ -57,6 +61,7 @@ class RiskConfig(FairseqDataclass):
 
 def check_risk_config(cfg):
     check(cfg.risk_candidates >= 1, f"--risk-candidates must be >= 1, got {cfg.risk_candidates}")
+    check(str(cfg.risk_score) in SCORES, f"--risk-score must be one of {', '.join(SCORES)}, got {cfg.risk_score}")
     check(str(cfg.risk_search) in SEARCHES, f"--risk-search must be one of {', '.join(SEARCHES)}, got {cfg.risk_search}")
     check(math.isfinite(cfg.risk_sharpness) and cfg.risk_sharpness > 0,
           f"--risk-sharpness must be > 0, got {cfg.risk_sharpness}")
@@ -77,15 +82,6 @@ def distinct_candidates(candidates, valid):
     earlier = torch.ones_like(same[0]).tril(diagonal=-1)  # j < i
     duplicate = (same & earlier & valid.unsqueeze(1)).any(dim=2)
     return valid & ~duplicate
-
-
-def sequence_scores(token_lprobs, tokens, pad, length_normalize):
-    """s(u|x) [N]: Σ_t log p(u_t | u_<t, x) over non-pad tokens (eos included), or its mean."""
-    mask = tokens.ne(pad)
-    total = token_lprobs.masked_fill(~mask, 0.0).sum(dim=-1)
-    if length_normalize:
-        total = total / mask.sum(dim=-1).clamp(min=1)
-    return total
 
 
 def nll_and_label_smoothed(lprobs, target, pad, epsilon):
@@ -126,9 +122,10 @@ def q_spread(q, valid):
 
 @register_criterion("risk", dataclass=RiskConfig)
 class RiskCriterion(SeqlevelCriterion):
-    deprecated_flags = {  # the names before issue 41
+    deprecated_flags = {  # the names before issue 41 (44: the score flag)
         "--risk-max-len-a": "--risk-max-len-src-a",
         "--risk-max-len-b": "--risk-max-len-src-b",
+        "--risk-length-normalize": ("--risk-score", "mean"),
     }
 
     def __init__(self, task, cfg: RiskConfig):
@@ -167,7 +164,7 @@ class RiskCriterion(SeqlevelCriterion):
 
         def scores_of(log_likelihood):  # s(u|x) [B, n+1]
             scores = log_likelihood.view(batch_size, n + 1)
-            return scores / lengths if cfg.risk_length_normalize else scores
+            return scores / lengths if str(cfg.risk_score) == "mean" else scores
 
         w = cfg.risk_mle_weight
 

@@ -36,9 +36,11 @@ class VamlConfig(CriticConfig):
                                "towards softmax(Q/τ) with the critic fixed (start from a q checkpoint)"})
     vaml_tau: float = field(default=0.4, metadata={"help": "τ of the soft values and of softmax(Q/τ) (the "
                                                           "authors' train_q.py; the paper gives none)"})
-    vaml_alpha: float = field(default=0.5, metadata={
-        "help": "α: weight of softmax(Q/τ) against the one-hot token, actor targets (1 - α)·one-hot + α·softmax(Q/τ)"})
-    vaml_samples: int = field(default=5, metadata={"help": "RAML samples per reference (Hamming, V_batch)"})
+    vaml_alpha: float = field(default=0.2, metadata={
+        "help": "α: weight of softmax(Q/τ) against the one-hot token, actor targets (1 - α)·one-hot + α·softmax(Q/τ) "
+                "(0.2: the authors' train_vaml.py)"})
+    vaml_samples: int = field(default=4, metadata={"help": "RAML samples per reference (Hamming, V_batch; 4: the "
+                                                           "authors' train_vaml.py)"})
     vaml_sample_temperature: float = field(default=0.1, metadata={"help": "temperature of the Hamming RAML sampler"})
     vaml_actor_reference: bool = field(
         default=False, metadata={"help": "actor phase: train on y* too, one row beside the L samples of each "
