@@ -32,15 +32,19 @@ ROWS = {
     "erac": ("`erac`", "Dai et al. 2018", "not at the authors' settings here: the critic teaches the actor "
              "not to stop (Bible)"),
     "ac": ("`erac --erac-tau 0` (AC)", "Bahdanau et al. 2017 as Dai et al. 2018", "as erac"),
-    "vaml": ("`vaml`", "Dai et al. 2018", "ahead on Bible, +1.13 at four epochs; needs a "
+    "vaml": ("`vaml --vaml-tau 0.1`", "Dai et al. 2018", "ahead on Bible, +1.13 at four epochs; needs a "
              "critic phase first"),
+    "vaml_tau04": ("`vaml` (τ = 0.4, the authors')", "Dai et al. 2018", "the default since issue 44: beat τ = 0.1 "
+                   "in every spelling run"),
     "interpolation": ("`interpolation`", "Tan et al. 2019", "a tie at one epoch; its validation-driven "
                       "annealing moves on noise from a converged model"),
     "ss": ("`interpolation` (scheduled sampling)", "Bengio et al. 2015 as Tan et al. 2019", "a tie"),
-    "risk": ("`risk`", "Shen et al. 2016; Edunov et al. 2018", "a tie with sampled candidates "
-             "(Q is nearly one-hot: see risk_q_max)"),
-    "risk_beam": ("`risk --risk-search beam`", "Edunov et al. 2018", "beam candidates: ahead on both "
-                  "Bible models"),
+    "risk": ("`risk --risk-score sum`", "Shen et al. 2016", "the default until issue 44: "
+             "summed scores at α = 1 make Q nearly one-hot (risk_q_max ≈ 0.9); a tie"),
+    "risk_lennorm": ("`risk` (length-normalized scores)", "Edunov et al. 2018", "the default since issue 44: Q "
+                     "spreads over the candidates; ahead of summed scores on Bible and spelling"),
+    "risk_beam": ("`risk --risk-search beam --risk-score sum`", "Edunov et al. 2018", "beam candidates: ahead on "
+                  "both Bible models"),
     "seq_exploration": ("`seq_exploration`", "Chen et al. 2019", "noisy short outputs (spelling p=0.5); "
                         "~3 BLEU behind on Bible (most samples score below the greedy baseline)"),
     "scst": ("`seq_exploration --seq-exploration-alpha 1` (SCST)", "Rennie et al. 2017 as Chen et al. 2019",

@@ -93,7 +93,7 @@ def test_every_generated_command_parses(toy_data):
     from fairseq import options
 
     runs = _command_lines()
-    assert len(runs) == 1 + len(readme.ROWS) + 3  # MLE, each row, and the three critic/q phases
+    assert len(runs) == 1 + len(readme.ROWS) + 4  # MLE, each row, and the four critic/q phases (erac, ac, vaml, vaml_tau04)
     for argv in runs:
         assert argv[0] == "data-bin/bible_es_en"
         # the toy data stands in for the Bible data (parsing reads its dictionaries, not its size)
