@@ -49,7 +49,7 @@ class SearnnConfig(FairseqDataclass):
     )
     searnn_scale: float = field(
         default=200.0, metadata={"help": "α of eq. 4 (the paper uses 200 with 1 - BLEU costs; "
-                                 "~10-20 suits normalized edit costs)"}
+                                 "on spelling's normalized edit costs 20 did worse than MLE, 200 better)"}
     )
     searnn_roll_in: ChoiceEnum(POLICIES) = field(
         default="learned", metadata={"help": "roll-in policy, the prefix the cells are taken from: reference "
