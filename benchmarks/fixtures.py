@@ -29,6 +29,19 @@ def log(msg=""):
     print(msg, flush=True)
 
 
+def probe_setting(name="bible", batches=None, criterions=(), experiments=None):
+    """A speed setting built for a probe (benchmarks/probes): the task's model and ``batches``
+    fixed training batches (None: the setting's own count); ``experiments="all"`` makes every
+    experiment's row a criterion the probe can build."""
+    from benchmarks import config as C
+
+    setting = Setting(C.load_config(C.DEFAULT_CONFIG, experiments=experiments), name, C.DEFAULT_WORKDIR)
+    if batches is not None:
+        setting.num_batches = batches
+    setting.prepare_files(list(criterions))
+    return setting.build()
+
+
 class Setting:
     """One speed setting: fairseq task + model + fixed batches (built once)."""
 

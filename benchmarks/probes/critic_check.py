@@ -13,8 +13,7 @@ import argparse
 
 import torch
 
-from benchmarks import config as C
-from benchmarks.fixtures import Setting, quiet
+from benchmarks.fixtures import probe_setting, quiet
 
 
 def main(argv=None):
@@ -34,10 +33,7 @@ def main(argv=None):
     from fairseq_seqlevel.decoding.sampler import sample
     from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs
 
-    cfg = C.load_config(C.DEFAULT_CONFIG, experiments="all")  # any row, experiments' too
-    setting = Setting(cfg, args.setting, C.DEFAULT_WORKDIR)
-    setting.prepare_files([])
-    setting.build()
+    setting = probe_setting(args.setting, experiments="all")  # any row, experiments' too
     model = setting.model
     if args.actor:
         model.load_state_dict(torch.load(args.actor, map_location="cpu", weights_only=False)["model"])

@@ -12,8 +12,7 @@ import argparse
 
 import torch
 
-from benchmarks import config as C
-from benchmarks.fixtures import Setting, quiet
+from benchmarks.fixtures import probe_setting, quiet
 
 
 def corr(a, b):
@@ -31,11 +30,7 @@ def main(argv=None):
     from fairseq_seqlevel.decoding.sampler import sample
     from fairseq_seqlevel.rewards.binding import bind_reward
 
-    cfg = C.load_config()
-    setting = Setting(cfg, "bible", C.DEFAULT_WORKDIR)
-    setting.num_batches = args.batches
-    setting.prepare_files([])
-    setting.build()
+    setting = probe_setting("bible", args.batches)
     model, d = setting.model, setting.task.target_dictionary
     pad, s = d.pad(), args.samples
     rewards = {name: bind_reward(name, d, needs_prefix=True) for name in ("bleu", "bleu_add1")}

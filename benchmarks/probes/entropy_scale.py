@@ -11,8 +11,7 @@ import argparse
 
 import torch
 
-from benchmarks import config as C
-from benchmarks.fixtures import Setting, quiet
+from benchmarks.fixtures import probe_setting, quiet
 
 
 def main(argv=None):
@@ -22,13 +21,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     quiet()
     from fairseq_seqlevel.decoding.sampler import sample
-    from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs
+    from fairseq_seqlevel.decoding.teacher_forcing import rows_lprobs
 
-    cfg = C.load_config()
-    setting = Setting(cfg, args.setting, C.DEFAULT_WORKDIR)
-    setting.num_batches = args.batches
-    setting.prepare_files([])
-    setting.build()
+    setting = probe_setting(args.setting, args.batches)
     model, d = setting.model, setting.task.target_dictionary
     model.eval()
     norms = []

@@ -11,8 +11,7 @@ import argparse
 
 import torch
 
-from benchmarks import config as C
-from benchmarks.fixtures import Setting, parse_fairseq, quiet
+from benchmarks.fixtures import probe_setting, parse_fairseq, quiet
 
 
 def main(argv=None):
@@ -24,11 +23,7 @@ def main(argv=None):
     quiet()
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    cfg = C.load_config()
-    setting = Setting(cfg, "bible", C.DEFAULT_WORKDIR)
-    setting.num_batches = args.batches
-    setting.prepare_files([])
-    setting.build()
+    setting = probe_setting("bible", args.batches)
     L = args.samples
     print(f"Bible, {args.batches} training batches, L = {L}, τ = τ_r = {args.tau}, reward bleu "
           f"(ESS in [1, {L}]; 'worst' = the weight on the sample farthest from y*)")

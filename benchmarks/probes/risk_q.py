@@ -12,8 +12,7 @@ import argparse
 
 import torch
 
-from benchmarks import config as C
-from benchmarks.fixtures import Setting, parse_fairseq, quiet
+from benchmarks.fixtures import probe_setting, parse_fairseq, quiet
 
 SETTINGS = {  # name: risk flags beside the candidates and the weight
     "alpha 1, summed (benchmark)": ["--risk-sharpness", "1", "--risk-score", "sum"],
@@ -37,11 +36,7 @@ def main(argv=None):
     quiet()
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    cfg = C.load_config()
-    setting = Setting(cfg, "bible", C.DEFAULT_WORKDIR)
-    setting.num_batches = args.batches
-    setting.prepare_files([])
-    setting.build()
+    setting = probe_setting("bible", args.batches)
     model, w = setting.model, args.mle_weight
     print(f"Bible, {args.batches} batches, model {setting.trained_from or 'UNTRAINED'}, n = {args.candidates}, "
           f"risk weight {1 - w:g}, NLL weight {w:g} (label smoothing 0.1)")

@@ -14,7 +14,7 @@ import sys
 import time
 
 from benchmarks import config as C
-from benchmarks.fixtures import Setting, quiet
+from benchmarks.fixtures import probe_setting, quiet
 
 
 def draw_of(name, criterion):
@@ -37,10 +37,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     quiet()
-    cfg = C.load_config(C.DEFAULT_CONFIG, experiments="all")  # any row, experiments' too
-    setting = Setting(cfg, args.setting, C.DEFAULT_WORKDIR)
-    setting.prepare_files([])
-    setting.build()
+    setting = probe_setting(args.setting, experiments="all")  # any row, experiments' too
     model, batch = setting.model, setting.batches[0]
     pad = setting.task.target_dictionary.pad()
 

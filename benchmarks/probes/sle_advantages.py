@@ -15,7 +15,7 @@ import sys
 import torch
 
 from benchmarks import config as C
-from benchmarks.fixtures import Setting, quiet
+from benchmarks.fixtures import probe_setting, quiet
 
 
 def main(argv=None):
@@ -28,11 +28,7 @@ def main(argv=None):
     quiet()
     from fairseq_seqlevel.criterions.base import references_of
 
-    cfg = C.load_config(C.DEFAULT_CONFIG, experiments="all")  # any row, experiments' too
-    setting = Setting(cfg, "bible", C.DEFAULT_WORKDIR)
-    setting.num_batches = args.batches
-    setting.prepare_files([args.criterion])
-    setting.build()
+    setting = probe_setting("bible", args.batches, [args.criterion], experiments="all")  # any row
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     setting.model.load_state_dict(state["model"])
     crit = setting.build_criterion(args.criterion)
@@ -41,7 +37,7 @@ def main(argv=None):
     for batch in setting.batches:
         with torch.no_grad():
             samples, greedy = crit.draw(setting.model, batch)
-            refs, k = references_of(batch), crit.cfg.sle_samples
+            refs, k = references_of(batch), crit.cfg.seq_exploration_samples
             rows = batch["target"].size(0)
             reward = crit.reward(samples, refs.repeat_interleave(k, dim=0)).float().view(rows, k)
             adv = reward - crit.reward(greedy, refs).float().unsqueeze(1)
@@ -50,7 +46,7 @@ def main(argv=None):
     adv, best = torch.cat(advantages), torch.cat(best)
     print(f"{args.checkpoint}: {adv.numel()} samples of {best.numel()} sources; above the greedy reward "
           f"{float((adv > 0).float().mean()):.3f}; mean advantage {float(adv.mean()):+.3f} "
-          f"(median {float(adv.median()):+.3f}); sources whose best of {crit.cfg.sle_samples} beats greedy "
+          f"(median {float(adv.median()):+.3f}); sources whose best of {crit.cfg.seq_exploration_samples} beats greedy "
           f"{float(best.float().mean()):.3f}")
     return 0
 
