@@ -42,7 +42,7 @@ ROWS = {
     "risk": ("`risk --risk-score sum`", "Shen et al. 2016", "the default until issue 44: "
              "summed scores at α = 1 make Q nearly one-hot (risk_q_max ≈ 0.9); a tie"),
     "risk_lennorm": ("`risk` (length-normalized scores)", "Edunov et al. 2018", "the default since issue 44: Q "
-                     "spreads over the candidates; ahead of summed scores on Bible and spelling"),
+                     "spreads over the candidates; above summed scores in all 4 Bible runs (+0.44)"),
     "risk_beam": ("`risk --risk-search beam --risk-score sum`", "Edunov et al. 2018", "beam candidates: ahead on "
                   "both Bible models"),
     "seq_exploration": ("`seq_exploration`", "Chen et al. 2019", "noisy short outputs (spelling p=0.5); "
