@@ -1,8 +1,8 @@
-"""README.md's and docs/benchmarks.md's generated parts, so they cannot drift from the results
-and the config: the criterion table (Δ vs MLE with its 95% interval over pre-trained models from
+"""The generated parts of README.md and docs/, so they cannot drift from the results and the
+config: README's criterion table (Δ vs MLE with its 95% interval over pre-trained models from
 results/quality.json, the step cost from results/speed.json), one fine-tuning command per
-criterion (the Bible benchmark's flags from config.toml), and the papers' orderings checked on
-quality.json (docs/benchmarks.md).
+criterion (docs/commands.md: the Bible benchmark's flags from config.toml), and the papers'
+orderings checked on quality.json (docs/benchmarks.md).
 
     python -m benchmarks.readme            # rewrite the parts between their markers
     python -m benchmarks.readme --check    # exit 1 naming a stale file (tests/test_readme.py)
@@ -17,6 +17,7 @@ from benchmarks.util import read_json
 
 README = C.REPO / "README.md"
 DOC = C.REPO / "docs" / "benchmarks.md"
+COMMANDS_DOC = C.REPO / "docs" / "commands.md"
 TASKS = (("bible_es_en", "Bible es→en Δ BLEU"), ("spelling_0.3", "spelling p=0.3 Δ edit err."),
          ("spelling_0.5", "spelling p=0.5 Δ edit err."))
 # benchmark row: (criterion as run, paper, when to use it, from the benchmark). Each line
@@ -216,7 +217,7 @@ def parts(cfg=None, rows=None, speed=None):
     cfg = cfg or C.load_config(experiments=C.experiments_defining(ROWS, skip=()))
     rows = rows if rows is not None else read_json(C.DEFAULT_RESULTS / "quality.json", [])
     speed = speed if speed is not None else read_json(C.DEFAULT_RESULTS / "speed.json", {})
-    return {README: {TABLE: criterion_table(cfg, rows, speed), COMMANDS: commands(cfg)},
+    return {README: {TABLE: criterion_table(cfg, rows, speed)}, COMMANDS_DOC: {COMMANDS: commands(cfg)},
             DOC: {ORDERINGS_PART: orderings_table(cfg, rows)}}
 
 

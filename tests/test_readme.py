@@ -1,4 +1,4 @@
-"""README.md's generated parts (criterion table, one command per criterion) and
+"""README.md's generated part (criterion table), docs/commands.md's (one command per criterion) and
 docs/benchmarks.md's (the papers' orderings) equal what benchmarks/readme.py generates from the
 checked-in results and config, the orderings table computes Δ, its interval and the verdict as
 by hand, and every generated command is one fairseq-train parses with the criterion's flags, as
@@ -15,7 +15,7 @@ from conftest import REPO, USER_DIR
 
 def test_generated_parts_are_current():
     generated = readme.parts()
-    assert set(generated) == {readme.README, readme.DOC}
+    assert set(generated) == {readme.README, readme.COMMANDS_DOC, readme.DOC}
     for path, parts in generated.items():
         text = path.read_text()
         assert readme.rewrite(text, parts) == text, f"{path.name}: run python -m benchmarks.readme"
@@ -80,7 +80,7 @@ def test_rewrite_refuses_a_missing_marker():
 
 def _command_lines():
     """Each seqlevel-train line of the commands block, as bash word-splits it."""
-    text = readme.README.read_text()
+    text = readme.COMMANDS_DOC.read_text()
     block = text.split("<!-- generated:commands -->")[1].split("<!-- /generated:commands -->")[0]
     script = re.search(r"```bash\n(.*)```", block, re.S).group(1)
     # a seqlevel-train that prints its arguments, one run per line, NUL between words
