@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from benchmarks.checks import import_plugin
-from benchmarks.config import CONTROL, REPO, USER_DIR
+from benchmarks.config import CONTROL, DEFAULT_CONFIG, DEFAULT_WORKDIR, REPO, USER_DIR, load_config
 from benchmarks.plan import criterion_flags, pre_phase_of, pre_phase_speed_name, speed_entry
 from benchmarks.runs import ensure_data, ensure_token_embeddings, expand, placeholders, task_mapping
 
@@ -33,9 +33,7 @@ def probe_setting(name="bible", batches=None, criterions=(), experiments=None):
     """A speed setting built for a probe (benchmarks/probes): the task's model and ``batches``
     fixed training batches (None: the setting's own count); ``experiments="all"`` makes every
     experiment's row a criterion the probe can build."""
-    from benchmarks import config as C
-
-    setting = Setting(C.load_config(C.DEFAULT_CONFIG, experiments=experiments), name, C.DEFAULT_WORKDIR)
+    setting = Setting(load_config(DEFAULT_CONFIG, experiments=experiments), name, DEFAULT_WORKDIR)
     if batches is not None:
         setting.num_batches = batches
     setting.prepare_files(list(criterions))
