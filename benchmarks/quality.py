@@ -268,6 +268,7 @@ def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False, 
         shutil.rmtree(rdir)  # a fresh start: fairseq would otherwise resume from checkpoint_last.pt
     rdir.mkdir(parents=True)
     (rdir / "command.txt").write_text(text + "\n")
+    code_version = R.plugin_commit()  # at the start: the code the run imports
     pre_info = None
     if pre_cfg:
         pdir.mkdir()
@@ -298,6 +299,7 @@ def finetune(cfg, task_name, crit, seed, workdir, pre, force=False, keep=False, 
                 # the cost of the method: a pre-phase (critic pre-training) counts
                 "wall_s": round(wall + (pre_info["wall_s"] if pre_info else 0.0), 1),
                 "details": {**scores, "eval_s": round(time.time() - t0, 1), "omp_threads": R.omp_threads(),
+                            "plugin_commit": code_version,
                             **({"pre_phase": pre_info} if pre_info else {})}},
         "curve": logs.curve(parsed["valid"], task["curve_key"], task.get("curve_scale", 1.0)),
         "train_loss": [(e.get("num_updates"), e.get("loss")) for e in parsed["train"]],

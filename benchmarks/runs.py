@@ -165,6 +165,21 @@ def omp_threads():
     return os.environ.get("OMP_NUM_THREADS") or "unset"
 
 
+def plugin_commit():
+    """The last commit that changed the plugin's code (``fairseq_seqlevel/``), "+dirty" when
+    the tree differs from it, or "unknown" outside a git checkout. Recorded with every row, so
+    rows can be shown to come from one version of the criterion code whatever else (results,
+    docs, benchmarks) was committed in between."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout
+    try:
+        commit = git("log", "-1", "--format=%h", "--", USER_DIR.name).strip()
+        dirty = git("status", "--porcelain", "--", USER_DIR.name).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return (commit or "unknown") + ("+dirty" if dirty else "")
+
+
 def run_logged(cmd, log_path):
     """Run ``cmd`` with stdout+stderr to ``log_path``; (returncode, wall seconds)."""
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import textwrap
 import tomllib
@@ -460,6 +461,27 @@ def test_speed_summaries(toy_bench):
                         "max_ratio": 1.5, "ok": False}]
 
 
+def test_plugin_commit_is_the_last_change_to_the_plugin(tmp_path, monkeypatch):
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    monkeypatch.setattr(R, "REPO", tmp_path)
+    monkeypatch.setattr(R, "USER_DIR", tmp_path / "fairseq_seqlevel")
+    assert R.plugin_commit() == "unknown"  # not a git checkout
+    git("init", "-q")
+    (tmp_path / "fairseq_seqlevel").mkdir()
+    (tmp_path / "fairseq_seqlevel" / "risk.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "criterion")
+    code = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "results.json").write_text("{}\n")  # a later results-only commit does not count
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results")
+    assert code != git("rev-parse", "--short", "HEAD") and R.plugin_commit() == code
+    (tmp_path / "fairseq_seqlevel" / "risk.py").write_text("x = 2\n")
+    assert R.plugin_commit() == code + "+dirty"
+
+
 # ------------------------------------------------------------ end to end
 
 def test_quality_end_to_end(toy_run):
@@ -473,6 +495,8 @@ def test_quality_end_to_end(toy_run):
         assert row["updates"] == 2 and row["wall_s"] > 0
         # the thread count is part of what makes a run reproducible (float summation order)
         assert row["details"]["omp_threads"] == (os.environ.get("OMP_NUM_THREADS") or "unset")
+        if row["criterion"] != C.PRETRAIN:  # which version of the criterion code trained it
+            assert row["details"]["plugin_commit"] == R.plugin_commit() != "unknown"
     md = (results / "quality.md").read_text()
     assert "| mle |" in md and "| raml |" in md
     assert "--raml-samplez (did you mean --raml-samples?)" in md and "no_such_criterion" in md
