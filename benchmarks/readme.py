@@ -47,6 +47,9 @@ ROWS = {
                      "spreads over the candidates; above summed scores in all 4 Bible runs (+0.44)"),
     "risk_beam": ("`risk --risk-search beam --risk-score sum`", "Edunov et al. 2018", "beam candidates: ahead on "
                   "both Bible models"),
+    "risk_beam_mean": ("`risk --risk-search beam`", "Edunov et al. 2018", "beam candidates at the default "
+                       "score: ahead of MLE on Bible, the two models within 0.03 (+0.62, +0.65); Q near uniform "
+                       "over the beam; on spelling behind sampled candidates"),
     "seq_exploration": ("`seq_exploration`", "Chen et al. 2019", "noisy short outputs (spelling p=0.5); "
                         "~3 BLEU behind on Bible (most samples score below the greedy baseline)"),
     "scst": ("`seq_exploration --seq-exploration-alpha 1` (SCST)", "Rennie et al. 2017 as Chen et al. 2019",
