@@ -33,6 +33,7 @@ def main(argv=None):
     quiet()
     from fairseq_seqlevel.critics import taken
     from fairseq_seqlevel.criterions.base import unforced
+    from fairseq_seqlevel.criterions.vaml import value_targets_loss
     from fairseq_seqlevel.decoding.teacher_forcing import prev_output_tokens_from_target, rows_lprobs
 
     setting = probe_setting(args.setting, args.batches, experiments="all")
@@ -54,16 +55,15 @@ def main(argv=None):
         prev = prev_output_tokens_from_target(rows, pad, layout.bos.repeat_interleave(L))
         with torch.no_grad():
             q = crit.q_values(batch["target"].repeat_interleave(L, dim=0), prev, fixed=False, end=layout.eos)
-        lprobs = rows_lprobs(model, batch["net_input"], rows, L, pad, layout.bos).float()
-        safe = lprobs.masked_fill(lprobs.isinf(), 0.0)
-        nll = -taken(safe, rows).masked_fill(~mask, 0.0).sum()
+        lprobs = rows_lprobs(model, batch["net_input"], rows, L, pad, layout.bos)
+        # the criterion's own eq. 17 loss, split: α = 0 is its NLL term, α = 1 its soft-target term
+        nll, _ = value_targets_loss(lprobs, q, rows, mask, 0.0, 1.0, pad)
         g_nll += flat_grad((1 - alpha) * nll, params)
         for t in taus:
-            soft = torch.softmax(q / t, dim=-1)
-            soft = torch.where(mask.unsqueeze(-1), soft, soft.new_zeros(()))
-            ce = -(soft * safe).sum()
+            ce, _ = value_targets_loss(lprobs, q, rows, mask, 1.0, t, pad)
             g_soft[t] = g_soft[t] + flat_grad(alpha * ce, params)
             with torch.no_grad():
+                soft = torch.softmax(q / t, dim=-1)
                 ent = -(soft * soft.clamp(min=1e-30).log()).sum(-1)
                 stats[t]["entropy"].append(ent[mask])
                 stats[t]["taken"].append(taken(soft, rows)[mask])
